@@ -1,0 +1,39 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   create .venv, install genrecal, run the main job on the embedded default
+#   make test   install the test extras and run the test suite
+# torch is installed first as the CPU build 2.13.0 where none is present: a bare `torch`
+# requirement would pull a multi-GB CUDA build. torchvision is never installed.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: demo test install clean
+
+demo: $(VENV)/.installed
+	$(BIN)/genrecal inspect-vocab zoo:tiny-teacher zoo:tiny-student
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q
+
+install: $(VENV)/.installed
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.torch: | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH)"
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(PIP) install -e '.[test]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

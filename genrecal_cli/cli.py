@@ -1,0 +1,132 @@
+"""The `genrecal` command line: parse, load the recipe, call one core function, render with rich.
+
+Heavy libraries (torch, transformers) are imported inside command bodies only, so that
+`genrecal --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import __version__
+from .errors import GenrecalError, NotBuiltYet
+
+app = typer.Typer(
+    name="genrecal",
+    help="Distill a large vision-language model into a small one, across different token types (GenRecal).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+SetOption = typer.Option(
+    None, "--set", "-s", metavar="KEY=VALUE", help="Override a recipe value, e.g. --set train.seed=3 (repeatable)."
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"genrecal {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
+) -> None:
+    """Distill a large VLM into a small one across token types (GenRecal, arXiv 2506.15681)."""
+
+
+@app.command()
+def distill(
+    recipe: Path = typer.Argument(..., help="A TOML recipe, e.g. recipes/tiny-shapes.toml."),
+    overrides: Optional[List[str]] = SetOption,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate the recipe, show the plan and stop."),
+) -> None:
+    """Run the recipe's stages (align -> distill -> finetune) and export the student."""
+    from .recipe import load_recipe
+
+    loaded = load_recipe(recipe, overrides or [])
+    console = _console()
+    console.print(_plan_table(loaded))
+    teacher = loaded.teacher.path if loaded.teacher else "-"
+    console.print(f"teacher [bold]{teacher}[/]\nstudent [bold]{loaded.student.path}[/]\ndata    {loaded.data.source}\noutput  {loaded.train.output_dir}")
+    if dry_run:
+        return
+    raise NotBuiltYet("the training engine (`genrecal distill`) is not built yet; --dry-run validates a recipe")
+
+
+@app.command("inspect-vocab", context_settings=_PASS_THROUGH)
+def inspect_vocab(ctx: typer.Context) -> None:
+    """Compare the token types of two models or tokenizers (sizes, overlap, splits, image tokens)."""
+    raise NotBuiltYet("`genrecal inspect-vocab` is not built yet")
+
+
+@app.command("eval", context_settings=_PASS_THROUGH)
+def eval_(ctx: typer.Context) -> None:
+    """Run benchmarks (lm-eval) on teacher and students side by side."""
+    raise NotBuiltYet("`genrecal eval` is not built yet")
+
+
+@app.command(context_settings=_PASS_THROUGH)
+def chat(ctx: typer.Context) -> None:
+    """Talk to a model (an exported student or any supported VLM), with images."""
+    raise NotBuiltYet("`genrecal chat` is not built yet")
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def _plan_table(recipe):
+    from rich.table import Table
+
+    table = Table(title=f"recipe {recipe.origin}", show_header=True, header_style="bold")
+    for col in ("stage", "steps", "lr", "batch", "accum"):
+        table.add_column(col)
+    for name in recipe.stages.enabled():
+        st = getattr(recipe.stages, name)
+        length = f"{st.steps}" if st.steps is not None else f"{st.epochs:g} epochs"
+        table.add_row(name, length, f"{st.lr:g} -> {st.lr_end:g} ({st.schedule})", str(st.batch_size), str(st.grad_accum))
+    return table
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console-script entry point: one red line and exit 1 for user errors, unless --debug."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in args
+    try:
+        result = app(args=args, prog_name="genrecal", standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        if debug:
+            raise
+        _console(stderr=True).print("[red]interrupted[/red]")
+        sys.exit(130)
+    except typer.TyperException as exc:  # usage errors: typer's own message, exit 2
+        exc.show()
+        sys.exit(exc.exit_code)
+    except GenrecalError as exc:
+        if debug:
+            raise
+        _console(stderr=True).print(f"[red]error:[/red] {exc}", markup=True, soft_wrap=True)
+        sys.exit(getattr(exc, "exit_code", 1))
+    except Exception as exc:  # a bug, not a user mistake: still one line unless asked
+        if debug:
+            raise
+        _console(stderr=True).print(
+            f"[red]internal error:[/red] {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+            soft_wrap=True,
+        )
+        sys.exit(1)
+    sys.exit(result if isinstance(result, int) else 0)

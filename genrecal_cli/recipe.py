@@ -1,0 +1,395 @@
+"""Recipes: one TOML file read once into frozen dataclasses and validated strictly at load.
+
+Every problem in a recipe is collected and reported together, each with its full key path;
+unknown keys get a did-you-mean. Standard library only, so `genrecal --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+from .errors import RecipeError
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Schedule = Literal["linear", "cosine", "constant"]
+AnswerInput = Literal["hidden", "embeddings"]
+
+# A hub id is "name" or "org/name"; anything else that does not exist locally is a missing path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow", ".toml", ".safetensors", ".model", ".tiktoken")
+ZOO_PREFIX = "zoo:"  # built-in tiny offline models, built on first use (see zoo.py)
+
+
+def looks_like_hub_id(source: str) -> bool:
+    """True when `source` reads as a hub id ("org/name") rather than a filesystem path."""
+    return (
+        bool(_HUB_ID.match(source))
+        and not source.lower().endswith(_FILE_SUFFIXES)
+        and not Path(source).exists()
+    )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model comes from and how to load it."""
+
+    path: str  # local folder, hub id ("org/name") or a built-in tiny model ("zoo:NAME")
+    revision: Optional[str] = None  # hub revision (branch, tag or commit); local folders ignore it
+    dtype: Dtype = "auto"
+    trust_remote_code: bool = False  # runs code from the model repo: only for repos you trust
+
+    def _check(self, key: str, problems: list[str]) -> None:
+        _check_source(self.path, f"{key}.path", problems)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The training data: one image (or none), a question and an answer per item."""
+
+    source: str = "shapes"  # "shapes" (built-in), a .jsonl/.parquet file, a datasets folder or a hub id
+    image_column: str = "image"
+    question_column: str = "question"
+    answer_column: str = "answer"
+    max_length: int = 512  # tokens per item on each side; items whose image or answer would be cut are skipped
+    train_split: str = "train"
+    eval_split: str = "validation"
+    num_train: Optional[int] = None  # use only the first N training items
+    shapes_size: int = 2000  # items in the built-in shapes train split (source = "shapes" only)
+
+    def _check(self, key: str, problems: list[str]) -> None:
+        if self.source != "shapes":
+            _check_source(self.source, f"{key}.source", problems)
+        _positive(self.max_length, f"{key}.max_length", problems)
+        _positive(self.shapes_size, f"{key}.shapes_size", problems)
+        if self.num_train is not None:
+            _positive(self.num_train, f"{key}.num_train", problems)
+
+
+@dataclass(frozen=True)
+class RecalibratorSpec:
+    """The Recalibrator: proj_pre -> rec_body (student decoder blocks) -> proj_post -> LayerNorm."""
+
+    num_blocks: int = 2  # decoder blocks in rec_body (paper: 1 < 2 = 5 = 10)
+    answer_input: AnswerInput = "hidden"  # what stands for the teacher's answer (METHOD.md)
+    new_positions: bool = True  # fresh position ids 0..n-1 with its own rotary (the paper's NPE)
+
+    def _check(self, key: str, problems: list[str]) -> None:
+        _positive(self.num_blocks, f"{key}.num_blocks", problems)
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """Weights of the loss terms (paper: plain sum) and the KL temperature."""
+
+    ar: float = 1.0
+    kl: float = 1.0
+    reg: float = 1.0
+    sft: float = 1.0
+    temperature: float = 1.0
+
+    def _check(self, key: str, problems: list[str]) -> None:
+        for name in ("ar", "kl", "reg", "sft"):
+            if getattr(self, name) < 0:
+                problems.append(f"{key}.{name}: weight {getattr(self, name)} is negative; use 0 to switch a term off")
+        if self.temperature <= 0:
+            problems.append(f"{key}.temperature: {self.temperature} must be > 0")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One training stage: how long, how fast, how big a batch."""
+
+    enabled: bool = True
+    steps: Optional[int] = None  # optimizer updates; exactly one of steps / epochs
+    epochs: Optional[float] = None
+    max_steps: Optional[int] = None  # cap on updates when training by epochs
+    lr: float = 1e-4  # paper: 1e-4 decayed linearly to 1e-5 in each stage
+    lr_end: float = 1e-5
+    schedule: Schedule = "linear"
+    warmup_steps: int = 0
+    batch_size: int = 8  # items per device per micro-batch
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 switches clipping off
+    train_projector: bool = False  # distill only: also train the student's vision projector
+    reg: bool = True  # distill only: keep L_reg in the distill stage
+
+    def _check(self, key: str, problems: list[str]) -> None:
+        if not self.enabled:
+            return
+        if (self.steps is None) == (self.epochs is None):
+            problems.append(f"{key}: give exactly one of `steps` or `epochs`")
+        if self.steps is not None:
+            _positive(self.steps, f"{key}.steps", problems)
+        if self.epochs is not None and self.epochs <= 0:
+            problems.append(f"{key}.epochs: {self.epochs} must be > 0")
+        if self.max_steps is not None:
+            _positive(self.max_steps, f"{key}.max_steps", problems)
+        if self.lr <= 0:
+            problems.append(f"{key}.lr: learning rate {self.lr} must be > 0")
+        elif self.lr_end < 0 or self.lr_end > self.lr:
+            problems.append(f"{key}.lr_end: {self.lr_end} must be between 0 and lr ({self.lr})")
+        if self.warmup_steps < 0:
+            problems.append(f"{key}.warmup_steps: {self.warmup_steps} must be >= 0")
+        _positive(self.batch_size, f"{key}.batch_size", problems)
+        _positive(self.grad_accum, f"{key}.grad_accum", problems)
+        if self.weight_decay < 0:
+            problems.append(f"{key}.weight_decay: {self.weight_decay} must be >= 0")
+        if self.max_grad_norm < 0:
+            problems.append(f"{key}.max_grad_norm: {self.max_grad_norm} must be >= 0 (0 = no clipping)")
+
+
+@dataclass(frozen=True)
+class StagesSpec:
+    """The three GenRecal stages, run in this order when enabled."""
+
+    align: StageSpec = field(default_factory=lambda: StageSpec(enabled=False))
+    distill: StageSpec = field(default_factory=lambda: StageSpec(enabled=False))
+    finetune: StageSpec = field(default_factory=lambda: StageSpec(enabled=False))
+
+    def enabled(self) -> list[str]:
+        return [name for name in ("align", "distill", "finetune") if getattr(self, name).enabled]
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Run-wide settings."""
+
+    seed: int = 0
+    output_dir: str = "runs/genrecal"
+    precision: Precision = "auto"  # auto = fp32 on CPU (bf16 autocast is slow there), bf16 on GPU
+    log_every: int = 10  # steps between logged lines / metrics.jsonl rows
+    eval_items: int = 200  # validation items for the before/after accuracy table
+
+    def _check(self, key: str, problems: list[str]) -> None:
+        _positive(self.log_every, f"{key}.log_every", problems)
+        if self.eval_items < 0:
+            problems.append(f"{key}.eval_items: {self.eval_items} must be >= 0")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A whole distillation recipe. `teacher` may be absent for finetune-only recipes."""
+
+    student: ModelSpec
+    teacher: Optional[ModelSpec] = None
+    data: DataSpec = field(default_factory=DataSpec)
+    recalibrator: RecalibratorSpec = field(default_factory=RecalibratorSpec)
+    loss: LossSpec = field(default_factory=LossSpec)
+    stages: StagesSpec = field(default_factory=StagesSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    origin: str = field(default="<memory>", compare=False)  # the file it came from
+
+    def _check(self, key: str, problems: list[str]) -> None:
+        if not self.stages.enabled():
+            problems.append("stages: every stage is disabled; enable at least one of align, distill, finetune")
+        needs_teacher = [s for s in ("align", "distill") if getattr(self.stages, s).enabled]
+        if needs_teacher and self.teacher is None:
+            problems.append(
+                f"teacher: stage{'s' if len(needs_teacher) > 1 else ''} {', '.join(needs_teacher)} "
+                "need a teacher; add a [teacher] table with a `path`"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe as plain data (stored with every checkpoint)."""
+        out = dataclasses.asdict(self)
+        out.pop("origin")
+        return _drop_none(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override (`key.path=value`) and validate a recipe; raise RecipeError listing all problems."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(str(path), [f"recipe file not found: {path}"])
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:  # its message carries "(at line L, column C)"
+        raise RecipeError(str(path), [f"TOML syntax error: {exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(str(path), [f"not a UTF-8 text file ({exc.reason})"]) from None
+    return recipe_from_dict(raw, overrides, source=str(path))
+
+
+def recipe_from_dict(raw: dict[str, Any], overrides=(), *, source: str = "<memory>") -> Recipe:
+    """Validate plain data (as read from TOML) into a Recipe; used by load_recipe and tests."""
+    problems: list[str] = []
+    raw = _apply_overrides(raw, overrides, problems)
+    recipe = _build(Recipe, raw, "", problems)
+    if problems or recipe is None:
+        raise RecipeError(source, problems)
+    return dataclasses.replace(recipe, origin=source)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.seed=3` -> (["train", "seed"], 3); the value is read as TOML, else as a plain string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override {text!r} is not of the form key.path=value")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return [k.strip() for k in key.split(".")], parsed
+
+
+def _apply_overrides(raw: dict[str, Any], overrides, problems: list[str]) -> dict[str, Any]:
+    raw = _deep_copy(raw)
+    for text in overrides:
+        try:
+            keys, value = parse_override(text)
+        except ValueError as exc:
+            problems.append(f"--set: {exc}")
+            continue
+        node = raw
+        for k in keys[:-1]:
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                problems.append(f"--set {text}: `{k}` is a value, not a table")
+                break
+            node = child
+        else:
+            node[keys[-1]] = value  # unknown keys are reported by validation, with did-you-mean
+    return raw
+
+
+def _deep_copy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deep_copy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deep_copy(v) for v in d]
+    return d
+
+
+def _build(cls: type, raw: Any, key: str, problems: list[str]) -> Any:
+    """Build dataclass `cls` from a TOML table, appending every problem found to `problems`."""
+    where = key or "recipe"
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: expected a table, got {_type_name(raw)} {raw!r}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "origin"}
+    for name in raw:
+        if name not in fields:
+            near = difflib.get_close_matches(name, list(fields), n=1, cutoff=0.6)
+            hint = f"; did you mean `{near[0]}`?" if near else f"; valid keys: {', '.join(fields)}"
+            problems.append(f"unknown key `{_join(key, name)}`{hint}")
+    kwargs: dict[str, Any] = {}
+    ok = True
+    for name, f in fields.items():
+        sub = _join(key, name)
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                if _is_optional(hints[name]):
+                    continue
+                problems.append(f"missing required key `{sub}`")
+                ok = False
+            continue
+        value = _convert(hints[name], raw[name], sub, problems)
+        if value is _BAD:
+            ok = False
+        else:
+            kwargs[name] = value
+    if not ok:
+        return None
+    obj = cls(**kwargs)
+    check = getattr(obj, "_check", None)
+    if check is not None:  # value checks run on every table that built, so all problems surface
+        check(key, problems)
+    return obj
+
+
+_BAD = object()
+
+
+def _convert(hint: Any, value: Any, key: str, problems: list[str]) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _convert(args[0], value, key, problems)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint_txt = f"; did you mean {near[0]!r}?" if near else ""
+            problems.append(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}{hint_txt}")
+            return _BAD
+        return value
+    if dataclasses.is_dataclass(hint):
+        # A stage table that is present but says nothing about `enabled` means "run it".
+        if hint is StageSpec and isinstance(value, dict) and "enabled" not in value:
+            value = {**value, "enabled": True}
+        built = _build(hint, value, key, problems)
+        return _BAD if built is None else built
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a schema mistake, not a user mistake
+        raise TypeError(f"unsupported recipe type {hint!r} at {key}")
+    problems.append(f"{key}: expected {_type_name_of(hint)}, got {_type_name(value)} {value!r}")
+    return _BAD
+
+
+def _check_source(source: str, key: str, problems: list[str]) -> None:
+    if not source.strip():
+        problems.append(f"{key}: empty")
+    elif source.startswith(ZOO_PREFIX) or Path(source).expanduser().exists() or looks_like_hub_id(source):
+        return
+    else:
+        problems.append(f"{key}: path not found: {source}")
+
+
+def _positive(value: int, key: str, problems: list[str]) -> None:
+    if value <= 0:
+        problems.append(f"{key}: {value} must be > 0")
+
+
+def _is_optional(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "an array", dict: "a table"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _type_name_of(hint: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _drop_none(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _drop_none(v) for k, v in d.items() if v is not None}
+    return d

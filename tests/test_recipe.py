@@ -1,0 +1,150 @@
+"""Recipes: shipped ones validate; every kind of bad input is reported with its key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from genrecal_cli.errors import RecipeError
+from genrecal_cli.recipe import Recipe, StageSpec, load_recipe, parse_override, recipe_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.toml"))
+
+MINIMAL = {"student": {"path": "zoo:tiny-student"}, "stages": {"finetune": {"steps": 5}}}
+
+
+def problems_of(raw, overrides=()):
+    with pytest.raises(RecipeError) as info:
+        recipe_from_dict(raw, overrides)
+    return info.value.problems
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert isinstance(recipe, Recipe)
+    assert recipe.stages.enabled(), "a shipped recipe runs at least one stage"
+    assert recipe.origin == str(path)
+
+
+def test_shipped_recipes_exist():
+    names = {p.name for p in RECIPES}
+    assert {"tiny-shapes.toml", "internvl-to-qwen.toml"} <= names
+
+
+def test_minimal_recipe_gets_defaults_and_is_frozen():
+    recipe = recipe_from_dict(MINIMAL)
+    assert recipe.teacher is None
+    assert recipe.stages.enabled() == ["finetune"]
+    assert recipe.stages.align.enabled is False
+    assert recipe.recalibrator.num_blocks == 2 and recipe.recalibrator.answer_input == "hidden"
+    assert recipe.loss.temperature == 1.0
+    with pytest.raises(Exception):
+        recipe.train.seed = 3  # frozen dataclass
+
+
+def test_int_is_accepted_for_float_but_not_bool_for_int():
+    recipe = recipe_from_dict({**MINIMAL, "loss": {"kl": 2}})
+    assert recipe.loss.kl == 2.0 and isinstance(recipe.loss.kl, float)
+    probs = problems_of({**MINIMAL, "train": {"seed": True}})
+    assert probs == ["train.seed: expected an integer, got a boolean True"]
+
+
+def test_all_problems_are_collected_with_full_key_paths():
+    raw = {
+        "student": {"path": "./definitely/not/here", "dtyp": "float32"},
+        "data": {"max_length": "long"},
+        "stages": {"align": {"lr": -1.0, "steps": 0}, "distil": {"steps": 3}},
+        "train": {"lerning_rate": 3},
+    }
+    probs = problems_of(raw)
+    text = "\n".join(probs)
+    assert "unknown key `student.dtyp`; did you mean `dtype`?" in text
+    assert "student.path: path not found: ./definitely/not/here" in text
+    assert "data.max_length: expected an integer, got a string 'long'" in text
+    assert "stages.align.steps: 0 must be > 0" in text
+    assert "stages.align.lr: learning rate -1.0 must be > 0" in text
+    assert "unknown key `stages.distil`; did you mean `distill`?" in text
+    assert "unknown key `train.lerning_rate`" in text
+    assert len(probs) == 7
+
+
+def test_literal_choices_get_did_you_mean():
+    probs = problems_of({**MINIMAL, "recalibrator": {"answer_input": "embedding"}})
+    assert probs == ["recalibrator.answer_input: 'embedding' is not one of 'hidden', 'embeddings'; did you mean 'embeddings'?"]
+
+
+def test_missing_student_and_all_stages_disabled():
+    probs = problems_of({"stages": {"finetune": {"enabled": False}}})
+    assert "missing required key `student`" in probs
+
+
+def test_all_stages_disabled_is_an_error():
+    probs = problems_of({"student": {"path": "zoo:x"}, "stages": {"finetune": {"enabled": False, "steps": 1}}})
+    assert any("every stage is disabled" in p for p in probs)
+
+
+def test_align_without_teacher_is_an_error():
+    probs = problems_of({"student": {"path": "zoo:x"}, "stages": {"align": {"steps": 3}}})
+    assert probs == ["teacher: stage align need a teacher; add a [teacher] table with a `path`"] or any(
+        "need a teacher" in p for p in probs
+    )
+    assert len(probs) == 1
+
+
+def test_stage_needs_exactly_one_of_steps_or_epochs():
+    probs = problems_of({**MINIMAL, "stages": {"finetune": {"steps": 3, "epochs": 1}}})
+    assert probs == ["stages.finetune: give exactly one of `steps` or `epochs`"]
+    probs = problems_of({**MINIMAL, "stages": {"finetune": {}}})
+    assert probs == ["stages.finetune: give exactly one of `steps` or `epochs`"]
+
+
+def test_a_present_stage_table_is_enabled_by_default():
+    recipe = recipe_from_dict(MINIMAL)
+    assert recipe.stages.finetune == StageSpec(enabled=True, steps=5)
+
+
+def test_hub_ids_pass_and_missing_files_fail():
+    ok = recipe_from_dict({**MINIMAL, "student": {"path": "Qwen/Qwen2-VL-2B-Instruct"}})
+    assert ok.student.path == "Qwen/Qwen2-VL-2B-Instruct"
+    probs = problems_of({**MINIMAL, "data": {"source": "data/train.jsonl"}})
+    assert probs == ["data.source: path not found: data/train.jsonl"]
+
+
+def test_overrides_apply_parse_types_and_are_validated():
+    recipe = recipe_from_dict(MINIMAL, ["train.seed=3", "stages.finetune.lr=2e-4", "train.output_dir=out/x"])
+    assert recipe.train.seed == 3
+    assert recipe.stages.finetune.lr == 2e-4
+    assert recipe.train.output_dir == "out/x"
+    probs = problems_of(MINIMAL, ["train.sed=3"])
+    assert probs == ["unknown key `train.sed`; did you mean `seed`?"]
+    probs = problems_of(MINIMAL, ["train.seed=three"])
+    assert probs == ["train.seed: expected an integer, got a string 'three'"]
+    probs = problems_of(MINIMAL, ["noequals"])
+    assert probs and probs[0].startswith("--set:")
+
+
+def test_parse_override():
+    assert parse_override("a.b=1") == (["a", "b"], 1)
+    assert parse_override("a=true") == (["a"], True)
+    assert parse_override('a="x y"') == (["a"], "x y")
+    assert parse_override("a=plain") == (["a"], "plain")
+
+
+def test_load_recipe_errors_name_the_file(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[student\npath = 'x'\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(bad)
+    assert str(bad) in str(info.value)
+    assert "line 1, column" in str(info.value)
+
+
+def test_to_dict_round_trips(tmp_path):
+    recipe = load_recipe(ROOT / "recipes" / "tiny-shapes.toml")
+    again = recipe_from_dict(recipe.to_dict())
+    assert again == recipe
