@@ -1,0 +1,114 @@
+"""GenRecal's loss terms as pure functions over answer positions only (METHOD.md, "Losses").
+
+Logits are never formed for question positions: callers select the rows that predict answer
+tokens (`answer_rows`), and the head is applied chunk by chunk, recomputed in backward, so
+a 150k vocabulary costs [chunk, V] floats at a time rather than [batch, tokens, V].
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+Head = Callable[[torch.Tensor], torch.Tensor]
+
+
+def answer_rows(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of `hidden` [B, L, d] that predict each answer token, with those tokens as targets.
+
+    labels [B, L]: answer token ids, -100 elsewhere. With the next-token shift, position t-1
+    predicts token t, so the first answer token is predicted from the last question position.
+    Returns (rows [N, d], targets [N]) for the N answer tokens of the batch, in reading order.
+    """
+    targets = labels[:, 1:]
+    keep = targets != -100
+    return hidden[:, :-1][keep], targets[keep]
+
+
+def ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy. logits [N, V], targets [N] -> scalar."""
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def kl(teacher_logits: torch.Tensor, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Summed forward KL(teacher || model) at a temperature, scaled by T^2 (Hinton) so that its
+    gradient scale does not shrink with T. teacher_logits, logits [N, V] -> scalar."""
+    t = temperature
+    log_p = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    log_q = F.log_softmax(logits.float() / t, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum() * (t * t)
+
+
+def recalibration_terms(
+    head: Head,
+    recalibrated: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_ar, L_kl), each the mean over N answer tokens.
+
+    recalibrated [N, d_l]: the Recalibrator's rows that predict each answer token;
+    teacher_hidden [N, d_l]: the teacher's own rows at the same shift (no grad needed);
+    targets [N]: the teacher's answer ids. L_ar = CE(head(recalibrated), targets);
+    L_kl = KL(softmax(head(teacher_hidden)) || softmax(head(recalibrated))).
+    """
+    n = targets.numel()
+    if n == 0:
+        zero = recalibrated.sum() * 0.0
+        return zero, zero
+    ar_sum = recalibrated.new_zeros((), dtype=torch.float32)
+    kl_sum = recalibrated.new_zeros((), dtype=torch.float32)
+    for s in range(0, n, chunk_size):
+        rec, tch, tgt = recalibrated[s : s + chunk_size], teacher_hidden[s : s + chunk_size], targets[s : s + chunk_size]
+        with torch.no_grad():
+            teacher_logits = head(tch)
+        a, k = _maybe_checkpoint(_ar_kl_chunk, head, rec, teacher_logits, tgt, temperature)
+        ar_sum = ar_sum + a
+        kl_sum = kl_sum + k
+    return ar_sum / n, kl_sum / n
+
+
+def _ar_kl_chunk(head, rec, teacher_logits, targets, temperature):
+    logits = head(rec)
+    return ce(logits, targets), kl(teacher_logits, logits, temperature)
+
+
+def sft(head: Head, rows: torch.Tensor, targets: torch.Tensor, *, chunk_size: int = 1024) -> torch.Tensor:
+    """The student's own L_sft: mean CE of head(rows) [N, d_s] against its answer ids [N]."""
+    n = targets.numel()
+    if n == 0:
+        return rows.sum() * 0.0
+    total = rows.new_zeros((), dtype=torch.float32)
+    for s in range(0, n, chunk_size):
+        total = total + _maybe_checkpoint(_ce_chunk, head, rows[s : s + chunk_size], targets[s : s + chunk_size])
+    return total / n
+
+
+def _ce_chunk(head, rows, targets):
+    return ce(head(rows), targets)
+
+
+def _maybe_checkpoint(fn, head, rows, *args):
+    # Recompute the chunk's logits in backward instead of keeping [chunk, V] floats alive.
+    if torch.is_grad_enabled() and rows.requires_grad:
+        return checkpoint(fn, head, rows, *args, use_reentrant=False)
+    return fn(head, rows, *args)
+
+
+def top1_agreement(head: Head, recalibrated: torch.Tensor, teacher_hidden: torch.Tensor, chunk_size: int = 1024) -> float:
+    """Share of answer rows where the recalibrated top-1 token equals the teacher's top-1."""
+    if recalibrated.shape[0] == 0:
+        return float("nan")
+    agree = 0
+    with torch.no_grad():
+        for s in range(0, recalibrated.shape[0], chunk_size):
+            r = head(recalibrated[s : s + chunk_size]).argmax(-1)
+            t = head(teacher_hidden[s : s + chunk_size]).argmax(-1)
+            agree += int((r == t).sum())
+    return agree / recalibrated.shape[0]

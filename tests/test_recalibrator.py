@@ -1,0 +1,137 @@
+"""The Recalibrator: shapes, padding invariance, causality, rotary, initialisation, both paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from genrecal_cli.recalibrator import Recalibrator, Rotary1D
+
+
+def _llama():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=2, vocab_size=100, initializer_range=0.05)
+    return cfg, LlamaDecoderLayer
+
+
+def _qwen2vl():
+    from transformers import Qwen2VLConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLDecoderLayer
+
+    cfg = Qwen2VLConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                        num_key_value_heads=2, num_hidden_layers=2, vocab_size=100,
+                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}))
+    return cfg.text_config, Qwen2VLDecoderLayer
+
+
+BUILDERS = {"llama": _llama, "qwen2_vl": _qwen2vl}
+
+
+def _batch(seed=0, d_s=32, d_l=48):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(3, 7, d_s, generator=g)
+    qm = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 5 + [0] * 2])
+    a = torch.randn(3, 5, d_l, generator=g)
+    am = torch.tensor([[1] * 5, [1] * 2 + [0] * 3, [1] * 4 + [0]])
+    return q, qm, a, am
+
+
+@pytest.fixture(params=list(BUILDERS))
+def rec(request):
+    torch.manual_seed(0)
+    cfg, layer = BUILDERS[request.param]()
+    return Recalibrator(48, cfg, layer, num_blocks=2).eval()
+
+
+def test_shapes_and_parts(rec):
+    q, qm, a, am = _batch()
+    out = rec(q, qm, a, am)
+    assert out.shape == (3, 5, 48)
+    assert rec.proj_pre.weight.shape == (32, 48) and rec.proj_pre.bias is None
+    assert rec.proj_post.weight.shape == (48, 32) and rec.proj_post.bias is None
+    assert len(rec.rec_body) == 2 and isinstance(rec.norm, torch.nn.LayerNorm)
+
+
+def test_batched_equals_one_by_one(rec):
+    q, qm, a, am = _batch()
+    with torch.no_grad():
+        out = rec(q, qm, a, am)
+        for i in range(3):
+            lq, la = int(qm[i].sum()), int(am[i].sum())
+            alone = rec(q[i : i + 1, :lq], qm[i : i + 1, :lq], a[i : i + 1, :la], am[i : i + 1, :la])
+            assert torch.allclose(alone[0], out[i, :la], atol=1e-5)
+
+
+def test_causal_no_answer_leak(rec):
+    """Changing answer token k may change only rows > k (row k+1 is predicted from position k)."""
+    q, qm, a, am = _batch()
+    with torch.no_grad():
+        base = rec(q, qm, a, am)
+        a2 = a.clone()
+        a2[0, 2] += 3.0
+        moved = rec(q, qm, a2, am)
+    diff = (moved[0] - base[0]).abs().amax(-1)
+    assert torch.all(diff[:3] == 0), diff
+    assert torch.all(diff[3:] > 1e-4), diff
+    # and the first row (predicting answer token 0) depends on the student's question
+    q2 = q.clone()
+    q2[0, 6] += 3.0
+    with torch.no_grad():
+        assert (rec(q2, qm, a, am)[0, 0] - base[0, 0]).abs().max() > 1e-4
+
+
+def test_padding_values_do_not_matter(rec):
+    q, qm, a, am = _batch()
+    q2, a2 = q.clone(), a.clone()
+    q2[1, 4:] = 99.0
+    a2[1, 2:] = -99.0
+    with torch.no_grad():
+        assert torch.allclose(rec(q, qm, a, am)[1, :2], rec(q2, qm, a2, am)[1, :2], atol=1e-6)
+
+
+def test_teacher_only_path_applies_proj_pre_to_the_question(rec):
+    g = torch.Generator().manual_seed(3)
+    zq = torch.randn(2, 4, 48, generator=g)
+    za = torch.randn(2, 3, 48, generator=g)
+    m_q, m_a = torch.ones(2, 4, dtype=torch.long), torch.ones(2, 3, dtype=torch.long)
+    with torch.no_grad():
+        via_flag = rec(zq, m_q, za, m_a, question_from_teacher=True)
+        by_hand = rec(rec.proj_pre(zq), m_q, za, m_a)
+    assert torch.allclose(via_flag, by_hand, atol=1e-6)
+
+
+def test_new_positions_off_uses_the_teachers_answer_offsets():
+    torch.manual_seed(0)
+    cfg, layer = _llama()
+    rec_npe = Recalibrator(48, cfg, layer, new_positions=True).eval()
+    rec_old = Recalibrator(48, cfg, layer, new_positions=False).eval()
+    rec_old.load_state_dict(rec_npe.state_dict())
+    q, qm, a, am = _batch()
+    with torch.no_grad():
+        same = rec_old(q, qm, a, am, answer_offset=qm.sum(1))
+        shifted = rec_old(q, qm, a, am, answer_offset=qm.sum(1) + 40)
+        assert torch.allclose(same, rec_npe(q, qm, a, am), atol=1e-6)
+        assert not torch.allclose(shifted[0, 1:], same[0, 1:], atol=1e-3)
+
+
+def test_rotary_1d_matches_mrope_with_equal_rows():
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding
+
+    cfg, _ = _qwen2vl()
+    x = torch.zeros(1, 6, 32)
+    pos = torch.arange(6)[None]
+    cos, sin = Rotary1D(cfg)(x, pos)
+    cos3, sin3 = Qwen2VLRotaryEmbedding(cfg)(x, pos[None].expand(3, -1, -1))
+    assert torch.allclose(cos, cos3, atol=1e-6) and torch.allclose(sin, sin3, atol=1e-6)
+
+
+def test_linear_layers_use_the_configs_initializer_range():
+    torch.manual_seed(0)
+    cfg, layer = _llama()  # initializer_range 0.05
+    rec = Recalibrator(256, cfg, layer)
+    std = rec.proj_pre.weight.std().item()
+    assert 0.04 < std < 0.06, std
+    assert abs(rec.rec_body[0].mlp.up_proj.weight.std().item() - 0.05) < 0.01
