@@ -33,3 +33,19 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Built-in tiny models are built once per test session into a private cache."""
+    os.environ["GENRECAL_CACHE"] = str(tmp_path_factory.mktemp("genrecal-cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(_private_cache):
+    """The default teacher (Qwen2-VL, BPE) and student (LLaVA, SentencePiece-style) as VLM views."""
+    from genrecal_cli.models import load_vlm
+    from genrecal_cli.zoo import resolve_source
+
+    return load_vlm(resolve_source("zoo:tiny-teacher")), load_vlm(resolve_source("zoo:tiny-student"))

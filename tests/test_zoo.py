@@ -1,0 +1,131 @@
+"""Tiny tokenizers and models: deterministic, deliberately different across styles, real file layout."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from genrecal_cli import zoo
+
+SENTENCE = "How many purple triangles are in the top left?"
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return zoo.build_tokenizer("qwen2_vl")
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return zoo.build_tokenizer("llava")
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return zoo.build_tokenizer("idefics3")
+
+
+def test_tokenizers_are_deterministic(qwen, llama):
+    for family, tok in (("qwen2_vl", qwen), ("llava", llama)):
+        again = zoo.build_tokenizer(family)
+        assert again.get_vocab() == tok.get_vocab()
+        assert again(SENTENCE)["input_ids"] == tok(SENTENCE)["input_ids"]
+
+
+def test_styles_differ_in_size_ids_and_splits(qwen, llama, smol):
+    assert len({len(qwen), len(llama), len(smol)}) == 3
+    ids = [tuple(t(" circle", add_special_tokens=False)["input_ids"]) for t in (qwen, llama, smol)]
+    assert len(set(ids)) == 3
+    # Not just renumbered: the same sentence is cut into different pieces.
+    pieces = [
+        tuple(t.convert_ids_to_tokens(t(SENTENCE, add_special_tokens=False)["input_ids"])) for t in (qwen, llama, smol)
+    ]
+    lengths = {len(p) for p in pieces}
+    assert len(lengths) > 1
+    for tok in (qwen, llama, smol):
+        assert tok.decode(tok(SENTENCE, add_special_tokens=False)["input_ids"]).strip() == SENTENCE
+
+
+def test_special_tokens_stay_whole(qwen, llama, smol):
+    for tok, specials in (
+        (qwen, ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]),
+        (llama, ["<s>", "</s>", "<unk>", "<image>"]),
+        (smol, ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]),
+    ):
+        for s in specials:
+            assert tok(s, add_special_tokens=False)["input_ids"] == [tok.convert_tokens_to_ids(s)], s
+
+
+def test_internvl_tokens_and_named_attributes():
+    tok = zoo.build_tokenizer("internvl")
+    assert (tok.start_image_token, tok.context_image_token, tok.end_image_token) == ("<img>", "<IMG_CONTEXT>", "</img>")
+    assert tok.context_image_token_id == tok.convert_tokens_to_ids("<IMG_CONTEXT>")
+
+
+def _chat(tok, answer="red"):
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+    ]
+    return tok.apply_chat_template(messages, tokenize=False)
+
+
+def test_chat_templates(qwen, llama, smol):
+    assert _chat(qwen) == (
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What colour?<|im_end|>\n"
+        "<|im_start|>assistant\nred<|im_end|>\n"
+    )
+    assert _chat(llama) == "USER: <image>\nWhat colour? ASSISTANT: red</s>"
+    assert _chat(smol) == "<|im_start|>User:<image>What colour?<end_of_utterance>\nAssistant: red<end_of_utterance>\n"
+    # Llama style: BOS comes from the tokenizer, not the template; the others add none.
+    assert llama("USER: hi")["input_ids"][0] == llama.bos_token_id
+    assert qwen("hi")["input_ids"] == qwen("hi", add_special_tokens=False)["input_ids"]
+
+
+def test_style_can_be_chosen_per_family():
+    tok = zoo.build_tokenizer("qwen2_vl", "llama", corpus=["a red circle", "a blue square"] * 20)
+    assert _chat(tok).startswith("USER: <|vision_start|><|image_pad|><|vision_end|>What")
+    assert tok.image_token == "<|image_pad|>"
+
+
+def test_unknown_names_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown family 'gpt2'"):
+        zoo.build_tiny_vlm("gpt2", tmp_path)
+    with pytest.raises(ValueError, match="unknown tokenizer style 'bert'"):
+        zoo.build_tokenizer("llava", "bert")
+
+
+def test_build_writes_a_checkpoint_and_is_seeded(tmp_path, llama):
+    a = zoo.build_tiny_vlm("llava", tmp_path / "a", tokenizer=llama, seed=1)
+    b = zoo.build_tiny_vlm("llava", tmp_path / "b", tokenizer=llama, seed=1)
+    c = zoo.build_tiny_vlm("llava", tmp_path / "c", tokenizer=llama, seed=2)
+    assert {p.name for p in a.iterdir()} == {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "processor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    }
+    wa, wb, wc = (load_file(d / "model.safetensors") for d in (a, b, c))
+    assert all((wa[k] == wb[k]).all() for k in wa)
+    assert any((wa[k] != wc[k]).any() for k in wa)
+
+
+def test_build_sizes(tmp_path):
+    from genrecal_cli.models import load_vlm
+
+    vlm = load_vlm(str(zoo.build_tiny_vlm("qwen2_vl", tmp_path, hidden_size=128, num_layers=3)))
+    assert (vlm.hidden_size, len(vlm.language_model.layers)) == (128, 3)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        zoo.build_tiny_vlm("qwen2_vl", tmp_path / "odd", image_size=60)
+
+
+def test_importing_zoo_stays_light():
+    code = "import sys, genrecal_cli.zoo; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.stdout.strip() == "[]", run.stderr
