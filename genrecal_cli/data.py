@@ -9,7 +9,6 @@ only the answer's tail may be cut, and an item with no answer token left is skip
 from __future__ import annotations
 
 import io
-import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +16,6 @@ from typing import Any, Mapping, Sequence
 
 from .errors import DataError
 from .recipe import DataSpec, looks_like_hub_id
-
-log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 _PER_TOKEN_KEYS = ("mm_token_type_ids", "token_type_ids")
@@ -155,6 +152,7 @@ class Encoded:
     answer_start: int  # index of the first answer token in input_ids
     answer_text: str  # the rendered answer, template end-of-turn markup included
     answer_offsets: list[tuple[int, int]]  # char span of each answer token within answer_text
+    answer_span: tuple[int, int] = (0, 0)  # where the plain answer lies within answer_text
     image_inputs: dict[str, Any] = field(default_factory=dict)  # pixel_values and friends
     token_inputs: dict[str, list[int]] = field(default_factory=dict)  # per-token extras, e.g. mm_token_type_ids
 
@@ -215,7 +213,8 @@ def encode(processor, image, question: str, answer: str, max_length: int) -> Enc
             token_inputs[key] = value[0].tolist() + [0] * len(answer_ids)
         else:
             image_inputs[key] = value
-    return Encoded(prompt_ids + answer_ids, len(prompt_ids), suffix, offsets, image_inputs, token_inputs)
+    at = suffix.index(answer)
+    return Encoded(prompt_ids + answer_ids, len(prompt_ids), suffix, offsets, (at, at + len(answer)), image_inputs, token_inputs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,9 +251,13 @@ class PairDataset:
                 f"{self.spec.source}: every item was skipped ({_reasons(skipped)}); check data.max_length and the images"
             )
         self.keep, self.skipped = keep, skipped
-        if skipped:
-            log.warning("skipped %d of %d items: %s", sum(skipped.values()), len(self.rows), _reasons(skipped))
         return self
+
+    def skip_summary(self) -> str | None:
+        """One line on what `scan` skipped and why (None when nothing was skipped)."""
+        if not self.skipped:
+            return None
+        return f"skipped {sum(self.skipped.values())} of {len(self.rows)} items: {_reasons(self.skipped)}"
 
     def __len__(self) -> int:
         return len(self.keep)
@@ -306,6 +309,7 @@ def collate_side(items: Sequence[Encoded], pad_id: int) -> dict[str, Any]:
         "answer_mask": labels != IGNORE_INDEX,
         "answer_text": [e.answer_text for e in items],
         "answer_offsets": [e.answer_offsets for e in items],
+        "answer_span": [e.answer_span for e in items],
     }
     for key in sorted({k for e in items for k in e.token_inputs}):
         extra = torch.zeros((n, width), dtype=torch.long)
@@ -350,7 +354,7 @@ class Collator:
         return {side: collate_side([it[side] for it in items], pad) for side, pad in self.pad_ids.items()}
 
 
-_NOT_MODEL_INPUTS = ("labels", "answer_mask", "answer_start", "answer_text", "answer_offsets")
+_NOT_MODEL_INPUTS = ("labels", "answer_mask", "answer_start", "answer_text", "answer_offsets", "answer_span")
 
 
 def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:

@@ -89,3 +89,25 @@ def test_usage_error_exits_2(cli):
     out = cli("distill")
     assert out.returncode == 2
     assert "Missing argument" in out.stderr
+
+
+def test_inspect_vocab_json_on_the_tiny_pair(cli, tmp_path):
+    import json
+
+    env = {"GENRECAL_CACHE": str(tmp_path / "cache")}
+    out = cli("inspect-vocab", "zoo:tiny-teacher", "zoo:tiny-student", "--json", "-", env=env)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["teacher"]["len_tokenizer"] != report["student"]["len_tokenizer"]
+    assert report["verdict"]["same"] is False
+    assert report["teacher"]["image"]["image_token"] != report["student"]["image"]["image_token"]
+
+
+def test_inspect_vocab_bad_inputs_are_one_line(cli, tmp_path):
+    out = cli("inspect-vocab", "zoo:tiny-teacher")
+    assert out.returncode == 1 and "needs TEACHER and STUDENT" in out.stderr
+    out = cli("inspect-vocab", "zoo:tiny-teacher", "zoo:tiny-student", "--text", str(tmp_path / "nope.txt"),
+              env={"GENRECAL_CACHE": str(tmp_path / "cache")})
+    assert out.returncode == 1 and "nope.txt" in out.stderr and "Traceback" not in out.stderr
+    out = cli("inspect-vocab", str(tmp_path), "zoo:tiny-student")
+    assert out.returncode == 1 and str(tmp_path) in out.stderr

@@ -75,7 +75,7 @@ def test_long_answers_are_cut_but_never_the_question(tiny_pair):
         encode(teacher.processor, row["image"].convert("RGB"), row["question"], row["answer"], full.answer_start)
 
 
-def test_items_are_skipped_and_counted(tiny_pair, tmp_path, caplog):
+def test_items_are_skipped_and_counted(tiny_pair, tmp_path):
     teacher, student = tiny_pair
     img = tmp_path / "img.png"
     load_split(DataSpec(shapes_size=5), "train")[0]["image"].save(img)
@@ -90,10 +90,11 @@ def test_items_are_skipped_and_counted(tiny_pair, tmp_path, caplog):
     data.write_text("\n".join(json.dumps(r) for r in rows))
     spec = DataSpec(source=str(data))
     ds = PairDataset(load_split(spec, "train"), spec, {"teacher": teacher.processor, "student": student.processor})
-    with caplog.at_level("WARNING"):
-        ds.scan()
+    ds.scan()
     assert len(ds) == 2 and sum(ds.skipped.values()) == 2
-    assert any("skipped 2 of 4 items" in r.getMessage() and "unreadable image" in r.getMessage() for r in caplog.records)
+    assert ds.skipped["unreadable image (UnidentifiedImageError)"] == 1
+    assert ds.skipped["unreadable image (FileNotFoundError)"] == 1
+    assert ds.skip_summary().startswith("skipped 2 of 4 items: ")
 
 
 def test_missing_column_names_file_and_column(tmp_path):

@@ -1,0 +1,191 @@
+"""The engine on tiny models: what trains in each stage, losses, checkpoints, export, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from genrecal_cli.errors import GenrecalError
+from genrecal_cli.recipe import recipe_from_dict
+from genrecal_cli.train import distill
+
+from .conftest import run_cli
+
+
+def _recipe(out, stages=("align", "distill", "finetune"), steps=3, **train):
+    raw = {
+        "teacher": {"path": "zoo:tiny-teacher"},
+        "student": {"path": "zoo:tiny-student"},
+        "data": {"shapes_size": 32, "max_length": 256},
+        "stages": {s: {"steps": steps, "batch_size": 4, "lr": 1e-3, "lr_end": 1e-4} for s in stages},
+        "train": {"output_dir": str(out), "log_every": 1, **train},
+    }
+    return recipe_from_dict(raw)
+
+
+class Recorder:
+    """A reporter that keeps every logged metric (and can interrupt like Ctrl-C)."""
+
+    def __init__(self, stop_at=None):
+        self.rows, self.notes, self.stop_at = [], [], stop_at
+
+    def stage_start(self, *a):
+        pass
+
+    def step(self, stage, step, metrics):
+        self.rows.append((stage, step, dict(metrics)))
+        if self.stop_at == (stage, step):
+            raise KeyboardInterrupt
+
+    def stage_end(self, *a):
+        pass
+
+    def note(self, text, style=""):
+        self.notes.append(text)
+
+
+def _student_weights(path):
+    """The saved student's parameters, reloaded the way a user would (names as in state_dict)."""
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(path).state_dict()
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tiny_pair):
+    out = tmp_path_factory.mktemp("run")
+    rec = Recorder()
+    result = distill(_recipe(out), reporter=rec)
+    return out, result, rec
+
+
+def test_stage_checkpoints_have_the_exact_file_set(full_run):
+    out, _, _ = full_run
+    for stage in ("align", "distill"):
+        assert sorted(p.name for p in (out / stage).iterdir()) == sorted(
+            ["student", "recalibrator.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "recipe.json", "meta.json"]
+        )
+    assert not (out / "finetune" / "recalibrator.safetensors").exists()
+    meta = json.loads((out / "distill" / "meta.json").read_text())
+    assert meta["step"] == meta["total_steps"] == 3 and meta["finished"] is True
+    assert {"genrecal", "torch", "transformers"} <= set(meta["versions"])
+
+
+def test_align_trains_only_the_recalibrator(full_run, tiny_pair):
+    out, _, _ = full_run
+    _, student = tiny_pair  # the untouched built-in student
+    before = student.model.state_dict()
+    after_align = _student_weights(out / "align" / "student")
+    assert all(torch.equal(before[k], v) for k, v in after_align.items())
+    rec_align = load_file(str(out / "align" / "recalibrator.safetensors"))
+    rec_distill = load_file(str(out / "distill" / "recalibrator.safetensors"))
+    assert any(not torch.equal(rec_align[k], rec_distill[k]) for k in rec_align)
+
+
+def test_distill_trains_the_language_body_not_the_vision_encoder(full_run):
+    out, _, _ = full_run
+    a = _student_weights(out / "align" / "student")
+    d = _student_weights(out / "distill" / "student")
+    vision = [k for k in a if "vision_tower" in k]
+    language = [k for k in a if "language_model" in k]
+    assert vision and language
+    assert all(torch.equal(a[k], d[k]) for k in vision)
+    assert sum(not torch.equal(a[k], d[k]) for k in language) > len(language) // 2
+
+
+def test_finetune_trains_the_projector_but_not_the_vision_encoder(full_run):
+    out, _, _ = full_run
+    d = _student_weights(out / "distill" / "student")
+    f = _student_weights(out / "finetune" / "student")
+    assert all(torch.equal(d[k], f[k]) for k in d if "vision_tower" in k)
+    assert any(not torch.equal(d[k], f[k]) for k in d if "multi_modal_projector" in k)
+
+
+def test_losses_are_finite_and_logged(full_run):
+    out, _, rec = full_run
+    stages = {s for s, _, _ in rec.rows}
+    assert stages == {"align", "distill", "finetune"}
+    for stage, _, m in rec.rows:
+        expected = {"align": {"ar", "kl", "reg"}, "distill": {"ar", "kl", "reg", "sft"}, "finetune": {"sft"}}[stage]
+        assert expected <= set(m) and all(torch.isfinite(torch.tensor(m[k])) for k in expected)
+        if stage != "finetune":
+            assert 0.0 <= m["boundary_agreement"] <= 1.0 and 0.0 <= m["top1"] <= 1.0
+
+
+def test_exported_student_is_plain_and_generates(full_run):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    out, result, _ = full_run
+    assert result.student_dir == out / "student"
+    saved = load_file(str(out / "student" / "model.safetensors"))
+    assert not any("recalibrator" in k or "rec_body" in k or "proj_pre" in k for k in saved)
+    weights = _student_weights(out / "student")
+    assert torch.equal(weights["lm_head.weight"], _student_weights(out / "finetune" / "student")["lm_head.weight"])
+    model = AutoModelForImageTextToText.from_pretrained(out / "student")
+    processor = AutoProcessor.from_pretrained(out / "student")
+    assert processor.chat_template
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": "How many shapes are there?"}]}], add_generation_prompt=True
+    )
+    ids = processor(text=[prompt], return_tensors="pt")
+    gen = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert gen.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_align_loss_falls(tmp_path, tiny_pair):
+    raw = _recipe(tmp_path, stages=("align",), steps=25).to_dict()
+    raw["stages"]["align"].update(lr=3e-3, lr_end=3e-3, batch_size=8)
+    raw["data"]["shapes_size"] = 16
+    rec = Recorder()
+    distill(recipe_from_dict(raw), reporter=rec)
+    ar = [m["ar"] for _, _, m in rec.rows]
+    assert sum(ar[-5:]) / 5 < 0.8 * sum(ar[:5]) / 5, ar
+
+
+def test_finetune_only_loads_no_teacher(tmp_path, monkeypatch):
+    import genrecal_cli.models as models
+
+    loaded = []
+    real = models.load_vlm
+    monkeypatch.setattr(models, "load_vlm", lambda path, **kw: loaded.append(path) or real(path, **kw))
+    raw = _recipe(tmp_path, stages=("finetune",), steps=2).to_dict()
+    raw.pop("teacher")
+    distill(recipe_from_dict(raw), reporter=Recorder())
+    assert len(loaded) == 1 and loaded[0].endswith("tiny-student")
+
+
+def test_interrupt_then_resume_reaches_the_same_weights(tmp_path, tiny_pair):
+    straight = tmp_path / "straight"
+    distill(_recipe(straight, stages=("align", "distill"), steps=4), reporter=Recorder())
+    broken = tmp_path / "broken"
+    with pytest.raises(GenrecalError, match="interrupted at step 2/4"):
+        distill(_recipe(broken, stages=("align", "distill"), steps=4), reporter=Recorder(stop_at=("distill", 2)))
+    assert json.loads((broken / "distill" / "meta.json").read_text())["finished"] is False
+    with pytest.raises(GenrecalError, match="--resume"):
+        distill(_recipe(broken, stages=("align", "distill"), steps=4), reporter=Recorder())
+    rec = Recorder()
+    distill(_recipe(broken, stages=("align", "distill"), steps=4), resume=True, reporter=rec)
+    assert [s for s, *_ in rec.rows] == ["distill", "distill"]
+    a, b = _student_weights(straight / "student"), _student_weights(broken / "student")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    ra = load_file(str(straight / "distill" / "recalibrator.safetensors"))
+    rb = load_file(str(broken / "distill" / "recalibrator.safetensors"))
+    assert all(torch.allclose(ra[k], rb[k], atol=1e-6) for k in ra)
+
+
+def test_cli_distill_plain_output_and_metrics(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        '[teacher]\npath = "zoo:tiny-teacher"\n[student]\npath = "zoo:tiny-student"\n[data]\nshapes_size = 16\n'
+        f'[stages.align]\nsteps = 2\nbatch_size = 4\n[train]\noutput_dir = "{tmp_path / "out"}"\nlog_every = 1\n'
+    )
+    out = run_cli("distill", str(recipe))
+    assert out.returncode == 0, out.stderr
+    assert "align  2/2" in out.stdout and "student exported to" in out.stdout
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all("boundary_agreement" in r for r in rows)
+    again = run_cli("distill", str(recipe))
+    assert again.returncode == 1 and "already holds a run" in again.stderr
