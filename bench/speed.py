@@ -1,0 +1,155 @@
+"""Speed of the engine's steps on random text models of fixed sizes (no data, no processors).
+
+Median milliseconds per step of: teacher forward alone, student SFT step, Recalibrator
+forward+backward alone (student-question path and teacher-only path), align step, distill step;
+then (a) distill / SFT step, what distillation costs a user, and (b) distill / (teacher forward
++ SFT step + Recalibrator alone), the glue overhead above the compute the method needs.
+
+    .venv/bin/python bench/speed.py                          # CPU, small models
+    python bench/speed.py --device cuda --dtype bfloat16 --preset large
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from types import SimpleNamespace
+
+import torch
+
+from genrecal_cli import losses
+from genrecal_cli.recalibrator import Recalibrator
+from genrecal_cli.recipe import recipe_from_dict
+from genrecal_cli.train import GenRecal, teacher_features
+
+PRESETS = {
+    # teacher (hidden, layers, vocab), student (hidden, layers, vocab), batch, question/answer tokens
+    "small": dict(t=(256, 4, 3000), s=(128, 2, 2000), batch=8, tq=96, ta=24, sq=110, sa=28),
+    "large": dict(t=(2048, 16, 151_936), s=(1024, 8, 32_000), batch=8, tq=512, ta=128, sq=600, sa=150),
+}
+
+
+def build(kind, hidden, layers, vocab, dtype, device):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    cfg_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if kind == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    cfg = cfg_cls(hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers, vocab_size=vocab,
+                  num_attention_heads=max(2, hidden // 64), num_key_value_heads=max(1, hidden // 256),
+                  max_position_embeddings=4096, tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    model = model_cls(cfg).to(device=device, dtype=dtype)
+    layer_cls = type(model.model.layers[0])
+    # The same attributes the engine reads off a VLM view.
+    return SimpleNamespace(model=model, head=model.get_output_embeddings(), input_embeddings=model.get_input_embeddings(),
+                           hidden_size=hidden, text_config=cfg, decoder_layer_class=layer_cls,
+                           body=lambda **kw: model.model(**kw).last_hidden_state)
+
+
+def batch(vocab, b, q, a, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    qlen = torch.randint(q * 3 // 4, q + 1, (b,), generator=g)
+    alen = torch.randint(a // 2, a + 1, (b,), generator=g)
+    width = int((qlen + alen).max())
+    ids = torch.zeros(b, width, dtype=torch.long)
+    att = torch.zeros(b, width, dtype=torch.long)
+    labels = torch.full((b, width), -100)
+    for r in range(b):
+        n = int(qlen[r] + alen[r])
+        ids[r, :n] = torch.randint(5, vocab, (n,), generator=g)
+        att[r, :n] = 1
+        labels[r, qlen[r]:n] = ids[r, qlen[r]:n]
+    out = {"input_ids": ids, "attention_mask": att, "labels": labels, "answer_mask": labels != -100, "answer_start": qlen}
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def timed(fn, reps, sync):
+    for _ in range(2):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=PRESETS, default="small")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--json", help="also write the figures to this file")
+    args = ap.parse_args()
+    p, dev, dtype = PRESETS[args.preset], torch.device(args.device), getattr(torch, args.dtype)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    torch.manual_seed(0)
+    teacher = build("qwen2", *p["t"], dtype, dev)
+    student = build("llama", *p["s"], dtype, dev)
+    teacher.model.requires_grad_(False)
+    rec = Recalibrator(teacher.hidden_size, student.text_config, student.decoder_layer_class).to(dev, dtype)
+    tb = batch(p["t"][2], p["batch"], p["tq"], p["ta"], dev, 1)
+    sb = batch(p["s"][2], p["batch"], p["sq"], p["sa"], dev, 2)
+    recipe = recipe_from_dict({"teacher": {"path": "zoo:x"}, "student": {"path": "zoo:y"},
+                               "stages": {s: {"steps": 1} for s in ("align", "distill", "finetune")}})
+    module = GenRecal(student.model, rec, teacher.head)
+    opt = torch.optim.AdamW([p_ for p_ in module.parameters()], lr=1e-5)
+
+    def step(stage):
+        student.model.requires_grad_(stage != "align")
+        tf = teacher_features(teacher, tb, "hidden") if stage != "finetune" else None
+        loss = module(sb, tf, stage, recipe)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def teacher_forward():
+        teacher_features(teacher, tb, "hidden")
+
+    tf_fixed = teacher_features(teacher, tb, "hidden")
+    with torch.no_grad():
+        zs = student.body(input_ids=sb["input_ids"], attention_mask=sb["attention_mask"])
+    lq = int(sb["answer_start"].max())
+    qmask = (torch.arange(lq, device=dev)[None] < sb["answer_start"][:, None]).long()
+
+    def rec_alone(teacher_only):
+        def f():
+            if teacher_only:
+                r = rec(tf_fixed.question, tf_fixed.question_mask, tf_fixed.answer_in, tf_fixed.answer_mask, question_from_teacher=True)
+            else:
+                r = rec(zs[:, :lq], qmask, tf_fixed.answer_in, tf_fixed.answer_mask)
+            ar, kl = losses.recalibration_terms(teacher.head, r[tf_fixed.answer_mask.bool()], tf_fixed.rows, tf_fixed.targets)
+            (ar + kl).backward()
+            rec.zero_grad(set_to_none=True)
+        return f
+
+    results = {}
+    for name, fn in [("teacher_forward", teacher_forward), ("sft_step", lambda: step("finetune")),
+                     ("rec_student_path", rec_alone(False)), ("rec_teacher_path", rec_alone(True)),
+                     ("align_step", lambda: step("align")), ("distill_step", lambda: step("distill"))]:
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        results[name] = {"ms": timed(fn, args.reps, sync)}
+        if dev.type == "cuda":
+            results[name]["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    ms = {k: v["ms"] for k, v in results.items()}
+    tokens = int(sb["attention_mask"].sum())
+    summary = {
+        "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__, "preset": args.preset, "dtype": args.dtype, "sizes": p, "steps": results,
+        "ratio_a_distill_over_sft": ms["distill_step"] / ms["sft_step"],
+        "ratio_b_glue": ms["distill_step"] / (ms["teacher_forward"] + ms["sft_step"] + ms["rec_student_path"] + ms["rec_teacher_path"]),
+        "distill_student_tokens_per_s": tokens / (ms["distill_step"] / 1000),
+    }
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
