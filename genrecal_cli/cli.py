@@ -71,6 +71,8 @@ def distill(
     with Reporter(out, console=console, log_every=loaded.train.log_every, enabled=accelerator.is_main_process) as rep:
         result = run_distill(loaded, resume=resume, overwrite=overwrite, reporter=rep, accelerator=accelerator)
     if accelerator.is_main_process:
+        if result.accuracy:
+            console.print(_accuracy_table(result.accuracy, loaded.data.eval_split))
         console.print(f"[bold green]done[/]: student exported to [bold]{result.student_dir}[/]")
 
 
@@ -169,6 +171,18 @@ def _plan_table(recipe):
         st = getattr(recipe.stages, name)
         length = f"{st.steps}" if st.steps is not None else f"{st.epochs:g} epochs"
         table.add_row(name, length, f"{st.lr:g} -> {st.lr_end:g} ({st.schedule})", str(st.batch_size), str(st.grad_accum))
+    return table
+
+
+def _accuracy_table(accuracy: dict, split: str):
+    from rich.table import Table
+
+    groups = sorted({g for a in accuracy.values() for g in a["groups"] if g.startswith("form:")})
+    table = Table(title=f"accuracy on the {split} split (greedy answers)", header_style="bold")
+    for col in ("model", "accuracy", "n", *[g.split(":", 1)[1] for g in groups]):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for name, a in accuracy.items():
+        table.add_row(name, f"{a['accuracy']:.1%}", str(a["n"]), *[f"{a['groups'].get(g, float('nan')):.0%}" for g in groups])
     return table
 
 

@@ -63,6 +63,8 @@ def _load_external(source: str, split: str):
             kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix.lower())
             if kind is None:
                 raise DataError(f"{source}: unsupported file type '{path.suffix}' (use .jsonl, .json, .parquet or .csv)")
+            if path.stat().st_size == 0:
+                raise DataError(f"{source}: the file is empty")
             ds = datasets.load_dataset(kind, data_files={split: str(path)}, split=split)
             return ds
         if path.is_dir():
@@ -87,7 +89,14 @@ def _load_external(source: str, split: str):
                 "set data.source to the local folder or file"
             ) from None
         raise DataError(f"{source}: cannot read the data ({exc})") from None
+    except Exception as exc:  # datasets raises many types for malformed files
+        raise DataError(f"{source}: cannot read the data ({type(exc).__name__}: {_first_line(exc)})") from None
     raise DataError(f"{source}: path not found")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def image_root(source: str) -> str | None:

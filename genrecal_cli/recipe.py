@@ -51,9 +51,13 @@ class ModelSpec:
     revision: Optional[str] = None  # hub revision (branch, tag or commit); local folders ignore it
     dtype: Dtype = "auto"
     trust_remote_code: bool = False  # runs code from the model repo: only for repos you trust
+    recipe: Optional[str] = None  # a recipe whose exported student is this model, run first if `path` is missing
 
     def _check(self, key: str, problems: list[str]) -> None:
-        _check_source(self.path, f"{key}.path", problems)
+        if self.recipe is None:
+            _check_source(self.path, f"{key}.path", problems)
+        elif not Path(self.recipe).is_file():
+            problems.append(f"{key}.recipe: recipe file not found: {self.recipe}")
 
 
 @dataclass(frozen=True)

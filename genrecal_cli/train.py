@@ -167,6 +167,7 @@ class RunResult:
     output_dir: Path
     student_dir: Path
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    accuracy: dict[str, Any] = field(default_factory=dict)  # "teacher", "student before", "student after"
 
 
 def make_accelerator(recipe: Recipe):
@@ -183,12 +184,15 @@ def distill(
     overwrite: bool = False,
     reporter=None,
     accelerator=None,
+    prefix: str = "",
 ) -> RunResult:
-    """Run the recipe's enabled stages in order, checkpoint each, export the student."""
+    """Run the recipe's enabled stages in order, checkpoint each, export the student.
+
+    `prefix` labels the stages in the display (a prerequisite run shows as "teacher/finetune").
+    """
     from accelerate.utils import set_seed
 
     from .models import load_vlm
-    from .zoo import resolve_source
 
     out = Path(recipe.train.output_dir)
     accelerator = accelerator or make_accelerator(recipe)
@@ -207,11 +211,11 @@ def distill(
         if reporter is not None:
             reporter.note(f"resuming after {stage} step {meta.get('step')}/{meta.get('total_steps')}")
 
-    student = load_vlm(resolve_source(recipe.student.path), revision=recipe.student.revision,
+    student = load_vlm(ensure_built(recipe.student, "student", reporter, accelerator), revision=recipe.student.revision,
                        dtype=recipe.student.dtype, trust_remote_code=recipe.student.trust_remote_code)
     teacher = rec = None
     if any(s in TEACHER_STAGES for s in remaining):
-        teacher = load_vlm(resolve_source(recipe.teacher.path), revision=recipe.teacher.revision,
+        teacher = load_vlm(ensure_built(recipe.teacher, "teacher", reporter, accelerator), revision=recipe.teacher.revision,
                            dtype=recipe.teacher.dtype, trust_remote_code=recipe.teacher.trust_remote_code)
         teacher.model.requires_grad_(False)
         teacher.model.to(accelerator.device)
@@ -224,11 +228,56 @@ def distill(
         _load_state(from_dir, student, rec)
 
     result = RunResult(out, out / "student")
+    val_rows = _validation_rows(recipe)
+    if val_rows is not None and accelerator.is_main_process:
+        if teacher is not None:
+            result.accuracy["teacher"] = _accuracy(teacher, val_rows, recipe)
+        if found is None:  # the student as it came in, before any stage of this run
+            result.accuracy["student before"] = _accuracy(student, val_rows, recipe)
     for stage in remaining:
         set_seed(recipe.train.seed + ckpt.STAGES.index(stage))
         meta = resume_meta if (resume_meta and resume_meta["stage"] == stage) else None
-        result.stages[stage] = run_stage(stage, recipe, teacher, student, rec, accelerator, reporter, resume_meta=meta)
+        result.stages[stage] = run_stage(stage, recipe, teacher, student, rec, accelerator, reporter,
+                                         resume_meta=meta, label=prefix + stage)
+    if val_rows is not None and accelerator.is_main_process:
+        result.accuracy["student after"] = _accuracy(student, val_rows, recipe)
     return _export(recipe, student, out, result, accelerator, reporter)
+
+
+def ensure_built(spec, role: str, reporter, accelerator) -> str:
+    """The local folder or hub id of a model; a `zoo:` model is built, and a model whose
+    `recipe` says how to make it is trained first (resuming where an earlier try stopped)."""
+    from .recipe import load_recipe
+    from .zoo import resolve_source
+
+    path = resolve_source(spec.path)
+    if spec.recipe is None or Path(path).exists():
+        return path
+    if reporter is not None:
+        reporter.note(f"{role} {path} does not exist yet: building it with {spec.recipe}")
+    built = distill(load_recipe(spec.recipe), resume=True, reporter=reporter, accelerator=accelerator, prefix=f"{role}/")
+    if not Path(path).exists():
+        raise GenrecalError(f"{role}.recipe {spec.recipe} exported its student to {built.student_dir}, not to "
+                            f"{role}.path {path}; make the two agree")
+    return path
+
+
+def _validation_rows(recipe: Recipe):
+    if recipe.train.eval_items == 0:
+        return None
+    rows = load_split(recipe.data, recipe.data.eval_split, seed=recipe.train.seed)
+    return rows.select(range(min(recipe.train.eval_items, len(rows))))
+
+
+def _accuracy(vlm, rows, recipe: Recipe) -> dict:
+    from .validate import accuracy
+
+    was_training = vlm.model.training
+    vlm.model.eval()
+    acc = accuracy(vlm, rows, image_column=recipe.data.image_column, question_column=recipe.data.question_column,
+                   answer_column=recipe.data.answer_column)
+    vlm.model.train(was_training)
+    return acc.to_dict()
 
 
 def _mixed_precision(recipe: Recipe) -> str:
@@ -258,16 +307,17 @@ def _warn_if_swapped(teacher, student, reporter) -> None:
         )
 
 
-def run_stage(stage, recipe: Recipe, teacher, student, rec, accelerator, reporter, resume_meta=None) -> dict:
+def run_stage(stage, recipe: Recipe, teacher, student, rec, accelerator, reporter, resume_meta=None, label=None) -> dict:
     """One stage: AdamW + schedule, gradient accumulation, logging, checkpoint at the end."""
     st: StageSpec = getattr(recipe.stages, stage)
+    label = label or stage
     sides = {"student": student.processor}
     if stage in TEACHER_STAGES:
         sides = {"teacher": teacher.processor, **sides}
     rows = load_split(recipe.data, recipe.data.train_split, seed=recipe.train.seed)
     dataset = PairDataset(rows, recipe.data, sides).scan()
     if dataset.skip_summary() and reporter is not None:
-        reporter.note(f"{stage}: {dataset.skip_summary()}", style="yellow")
+        reporter.note(f"{label}: {dataset.skip_summary()}", style="yellow")
     generator = torch.Generator().manual_seed(recipe.train.seed + ckpt.STAGES.index(stage))
     loader = torch.utils.data.DataLoader(dataset, batch_size=st.batch_size, shuffle=True, generator=generator,
                                          collate_fn=Collator(sides), drop_last=len(dataset) >= st.batch_size)
@@ -291,7 +341,7 @@ def run_stage(stage, recipe: Recipe, teacher, student, rec, accelerator, reporte
     module.train()
 
     if reporter is not None:
-        reporter.stage_start(stage, total, start_step)
+        reporter.stage_start(label, total, start_step)
     step, micro, metrics = start_step, 0, {}
     epoch = start_step * st.grad_accum // batches_per_epoch
     skip = start_step * st.grad_accum % batches_per_epoch
@@ -309,10 +359,11 @@ def run_stage(stage, recipe: Recipe, teacher, student, rec, accelerator, reporte
                     terms = module(batch["student"], tf, stage, recipe)
                     loss = terms["loss"]
                     if not torch.isfinite(loss):
-                        raise _NonFinite(stage, step + 1, {k: float(v) for k, v in terms.items() if v.dim() == 0})
+                        raise _NonFinite(label, step + 1, {k: float(v.detach()) for k, v in terms.items() if v.dim() == 0})
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and st.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(params, st.max_grad_norm)
+                    lr = optimizer.param_groups[0]["lr"]  # the rate this update used
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -327,12 +378,12 @@ def run_stage(stage, recipe: Recipe, teacher, student, rec, accelerator, reporte
                 step += 1
                 if reporter is not None:
                     metrics = {k: v / micro for k, v in acc.items()}
-                    metrics["lr"] = scheduler.get_last_lr()[0]
+                    metrics["lr"] = lr
                     dt = time.perf_counter() - t0
                     metrics["items_per_s"], metrics["tokens_per_s"] = items / dt, tokens / dt
                     if tf is not None:
                         metrics.update(alignment_stats(batch, tf, terms, teacher))
-                    reporter.step(stage, step, metrics)
+                    reporter.step(label, step, metrics)
                 acc, micro = {}, 0
                 if step >= total:
                     break
@@ -350,7 +401,7 @@ def run_stage(stage, recipe: Recipe, teacher, student, rec, accelerator, reporte
     if stopped:
         raise GenrecalError(f"{stage}: interrupted at step {step}/{total}; checkpoint saved, run again with --resume to continue")
     if reporter is not None:
-        reporter.stage_end(stage, metrics)
+        reporter.stage_end(label, metrics)
     return {"steps": step, "metrics": metrics}
 
 
@@ -373,7 +424,7 @@ def _export(recipe, student, out, result, accelerator, reporter) -> RunResult:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         ckpt.export_student(out, student.model, student.processor,
-                            {"recipe": recipe.to_dict(), "stages": result.stages})
+                            {"recipe": recipe.to_dict(), "stages": result.stages, "accuracy": result.accuracy})
         if reporter is not None:
             reporter.note(f"student exported to {out / 'student'}")
     accelerator.wait_for_everyone()

@@ -15,13 +15,13 @@ from genrecal_cli.train import distill
 from .conftest import run_cli
 
 
-def _recipe(out, stages=("align", "distill", "finetune"), steps=3, **train):
+def _recipe(out, stages=("align", "distill", "finetune"), steps=3, eval_items=0, **train):
     raw = {
         "teacher": {"path": "zoo:tiny-teacher"},
         "student": {"path": "zoo:tiny-student"},
         "data": {"shapes_size": 32, "max_length": 256},
         "stages": {s: {"steps": steps, "batch_size": 4, "lr": 1e-3, "lr_end": 1e-4} for s in stages},
-        "train": {"output_dir": str(out), "log_every": 1, **train},
+        "train": {"output_dir": str(out), "log_every": 1, "eval_items": eval_items, **train},
     }
     return recipe_from_dict(raw)
 
@@ -58,8 +58,15 @@ def _student_weights(path):
 def full_run(tmp_path_factory, tiny_pair):
     out = tmp_path_factory.mktemp("run")
     rec = Recorder()
-    result = distill(_recipe(out), reporter=rec)
+    result = distill(_recipe(out, eval_items=6), reporter=rec)
     return out, result, rec
+
+
+def test_accuracy_is_measured_before_and_after(full_run):
+    _, result, _ = full_run
+    assert set(result.accuracy) == {"teacher", "student before", "student after"}
+    for acc in result.accuracy.values():
+        assert acc["n"] == 6 and 0.0 <= acc["accuracy"] <= 1.0
 
 
 def test_stage_checkpoints_have_the_exact_file_set(full_run):
@@ -180,12 +187,94 @@ def test_cli_distill_plain_output_and_metrics(tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text(
         '[teacher]\npath = "zoo:tiny-teacher"\n[student]\npath = "zoo:tiny-student"\n[data]\nshapes_size = 16\n'
-        f'[stages.align]\nsteps = 2\nbatch_size = 4\n[train]\noutput_dir = "{tmp_path / "out"}"\nlog_every = 1\n'
+        f'[stages.align]\nsteps = 2\nbatch_size = 4\n[train]\noutput_dir = "{tmp_path / "out"}"\nlog_every = 1\neval_items = 4\n'
     )
     out = run_cli("distill", str(recipe))
     assert out.returncode == 0, out.stderr
     assert "align  2/2" in out.stdout and "student exported to" in out.stdout
+    assert "accuracy on the validation split" in out.stdout and "student after" in out.stdout
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all("boundary_agreement" in r for r in rows)
     again = run_cli("distill", str(recipe))
     assert again.returncode == 1 and "already holds a run" in again.stderr
+
+
+def test_two_process_data_parallel_run(tmp_path):
+    """`accelerate launch --cpu --num_processes 2` runs the same command data-parallel."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        '[teacher]\npath = "zoo:tiny-teacher"\n[student]\npath = "zoo:tiny-student"\n[data]\nshapes_size = 16\n'
+        '[stages.align]\nsteps = 2\nbatch_size = 2\n[stages.distill]\nsteps = 2\nbatch_size = 2\n'
+        f'[train]\noutput_dir = "{tmp_path / "out"}"\nlog_every = 1\neval_items = 0\n'
+    )
+    launcher = Path(sys.executable).with_name("accelerate")
+    cmd = [str(launcher), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "genrecal_cli", "distill", str(recipe)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("student exported to") == 2  # the reporter's note and the final line, once each
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in rows] == [("align", 1), ("align", 2), ("distill", 1), ("distill", 2)]
+    assert (tmp_path / "out" / "student" / "model.safetensors").exists()
+
+
+def test_non_finite_loss_stops_and_names_the_step(tmp_path, monkeypatch):
+    import genrecal_cli.train as train
+
+    real = train.losses.sft
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        value = real(*args, **kwargs)
+        return value * float("nan") if len(calls) == 2 else value
+
+    monkeypatch.setattr(train.losses, "sft", poisoned)
+    raw = _recipe(tmp_path, stages=("finetune",), steps=3).to_dict()
+    raw.pop("teacher")
+    with pytest.raises(GenrecalError, match=r"finetune: loss became non-finite at step 2"):
+        distill(recipe_from_dict(raw), reporter=Recorder())
+
+
+def test_swapped_teacher_and_student_warns_but_runs(tmp_path):
+    raw = _recipe(tmp_path, stages=("align",), steps=1).to_dict()
+    raw["teacher"]["path"], raw["student"]["path"] = "zoo:tiny-student", "zoo:tiny-teacher"
+    rec = Recorder()
+    distill(recipe_from_dict(raw), reporter=rec)
+    assert any("smaller than the student" in n and "swapped" in n for n in rec.notes)
+
+
+def test_empty_data_split_is_a_clear_error(tmp_path):
+    from genrecal_cli.errors import DataError
+
+    data = tmp_path / "empty.jsonl"
+    data.write_text("")
+    raw = _recipe(tmp_path / "out", stages=("finetune",), steps=1).to_dict()
+    raw.pop("teacher")
+    raw["data"] = {"source": str(data)}
+    with pytest.raises(DataError, match="empty"):
+        distill(recipe_from_dict(raw), reporter=Recorder())
+
+
+def test_prerequisite_recipe_builds_a_missing_teacher(tmp_path):
+    """A model whose `recipe` says how to make it is trained first, then used."""
+    teacher_out = tmp_path / "teacher-run"
+    teacher_recipe = tmp_path / "teacher.toml"
+    teacher_recipe.write_text(
+        '[student]\npath = "zoo:tiny-teacher"\n[data]\nshapes_size = 16\n[stages.finetune]\nsteps = 2\nbatch_size = 4\n'
+        f'[train]\noutput_dir = "{teacher_out}"\neval_items = 0\n'
+    )
+    raw = _recipe(tmp_path / "out", stages=("align",), steps=1).to_dict()
+    raw["teacher"] = {"path": str(teacher_out / "student"), "recipe": str(teacher_recipe)}
+    rec = Recorder()
+    distill(recipe_from_dict(raw), reporter=rec)
+    assert [s for s, *_ in rec.rows] == ["teacher/finetune", "teacher/finetune", "align"]
+    assert (teacher_out / "student" / "model.safetensors").exists()
+    rec2 = Recorder()  # second time: the teacher exists and is reused
+    distill(recipe_from_dict(raw), reporter=rec2, overwrite=True)
+    assert [s for s, *_ in rec2.rows] == ["align"]
