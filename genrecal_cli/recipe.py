@@ -51,7 +51,7 @@ class ModelSpec:
     revision: Optional[str] = None  # hub revision (branch, tag or commit); local folders ignore it
     dtype: Dtype = "auto"
     trust_remote_code: bool = False  # runs code from the model repo: only for repos you trust
-    recipe: Optional[str] = None  # a recipe whose exported student is this model, run first if `path` is missing
+    recipe: Optional[str] = None  # a recipe (relative to this one) whose exported student is this model, run first if `path` is missing
 
     def _check(self, key: str, problems: list[str]) -> None:
         if self.recipe is None:
@@ -230,6 +230,11 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise RecipeError(str(path), [f"TOML syntax error: {exc}"]) from None
     except UnicodeDecodeError as exc:
         raise RecipeError(str(path), [f"not a UTF-8 text file ({exc.reason})"]) from None
+    # A recipe that names another recipe (to build its teacher, say) names it relative to itself.
+    for role in ("teacher", "student"):
+        table = raw.get(role)
+        if isinstance(table, dict) and isinstance(table.get("recipe"), str) and not Path(table["recipe"]).is_absolute():
+            table["recipe"] = str(path.parent / table["recipe"])
     return recipe_from_dict(raw, overrides, source=str(path))
 
 

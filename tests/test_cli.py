@@ -52,7 +52,7 @@ def test_dry_run_validates_and_shows_the_plan(cli):
     assert out.returncode == 0, out.stderr
     for stage in ("align", "distill", "finetune"):
         assert stage in out.stdout
-    assert "zoo:tiny-teacher" in out.stdout
+    assert "runs/shapes-teacher/student" in out.stdout and "zoo:tiny-student" in out.stdout
 
 
 def test_missing_recipe_is_one_line_exit_1(cli, tmp_path):
@@ -91,11 +91,10 @@ def test_usage_error_exits_2(cli):
     assert "Missing argument" in out.stderr
 
 
-def test_inspect_vocab_json_on_the_tiny_pair(cli, tmp_path):
+def test_inspect_vocab_json_on_the_tiny_pair(cli, tiny_pair):
     import json
 
-    env = {"GENRECAL_CACHE": str(tmp_path / "cache")}
-    out = cli("inspect-vocab", "zoo:tiny-teacher", "zoo:tiny-student", "--json", "-", env=env)
+    out = cli("inspect-vocab", "zoo:tiny-teacher", "zoo:tiny-student", "--json", "-")
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["teacher"]["len_tokenizer"] != report["student"]["len_tokenizer"]
@@ -103,11 +102,10 @@ def test_inspect_vocab_json_on_the_tiny_pair(cli, tmp_path):
     assert report["teacher"]["image"]["image_token"] != report["student"]["image"]["image_token"]
 
 
-def test_inspect_vocab_bad_inputs_are_one_line(cli, tmp_path):
+def test_inspect_vocab_bad_inputs_are_one_line(cli, tmp_path, tiny_pair):
     out = cli("inspect-vocab", "zoo:tiny-teacher")
     assert out.returncode == 1 and "needs TEACHER and STUDENT" in out.stderr
-    out = cli("inspect-vocab", "zoo:tiny-teacher", "zoo:tiny-student", "--text", str(tmp_path / "nope.txt"),
-              env={"GENRECAL_CACHE": str(tmp_path / "cache")})
+    out = cli("inspect-vocab", "zoo:tiny-teacher", "zoo:tiny-student", "--text", str(tmp_path / "nope.txt"))
     assert out.returncode == 1 and "nope.txt" in out.stderr and "Traceback" not in out.stderr
     out = cli("inspect-vocab", str(tmp_path), "zoo:tiny-student")
     assert out.returncode == 1 and str(tmp_path) in out.stderr

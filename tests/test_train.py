@@ -161,7 +161,7 @@ def test_finetune_only_loads_no_teacher(tmp_path, monkeypatch):
     raw = _recipe(tmp_path, stages=("finetune",), steps=2).to_dict()
     raw.pop("teacher")
     distill(recipe_from_dict(raw), reporter=Recorder())
-    assert len(loaded) == 1 and loaded[0].endswith("tiny-student")
+    assert len(loaded) == 1 and "tiny-student" in loaded[0]
 
 
 def test_interrupt_then_resume_reaches_the_same_weights(tmp_path, tiny_pair):

@@ -6,9 +6,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from genrecal_cli import zoo
+from genrecal_cli.models import FAMILIES, load_vlm
 
 SENTENCE = "How many purple triangles are in the top left?"
 
@@ -117,8 +119,6 @@ def test_build_writes_a_checkpoint_and_is_seeded(tmp_path, llama):
 
 
 def test_build_sizes(tmp_path):
-    from genrecal_cli.models import load_vlm
-
     vlm = load_vlm(str(zoo.build_tiny_vlm("qwen2_vl", tmp_path, hidden_size=128, num_layers=3)))
     assert (vlm.hidden_size, len(vlm.language_model.layers)) == (128, 3)
     with pytest.raises(ValueError, match="multiple of 16"):
@@ -129,3 +129,58 @@ def test_importing_zoo_stays_light():
     code = "import sys, genrecal_cli.zoo; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.stdout.strip() == "[]", run.stderr
+
+
+def test_cell_labels():
+    from genrecal_cli.shapes import Obj
+
+    labels = zoo.cell_labels((Obj("circle", "red", 0), Obj("triangle", "orange", 8)))
+    assert labels == [1, 0, 0, 0, 0, 0, 0, 0, 1 + 5 * 3 + 2]
+
+
+def _split(state: dict, vlm) -> tuple[dict, dict]:
+    """(vision encoder and projector weights, all other weights) of a state dict."""
+    family = FAMILIES[vlm.family]
+    prefixes = tuple(f"model.{p}." for p in (family.vision_encoder, family.vision_projector))
+    vision = {k: v for k, v in state.items() if k.startswith(prefixes)}
+    return vision, {k: v for k, v in state.items() if k not in vision}
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_pretrain_vision_trains_only_vision_and_makes_it_see(tmp_path, family):
+    vlm = load_vlm(str(zoo.build_tiny_vlm(family, tmp_path)))
+    before = {k: v.clone() for k, v in vlm.model.state_dict().items()}
+    metrics = zoo.pretrain_vision(vlm, steps=120, batch_size=8, eval_size=32)
+
+    assert metrics["after"]["loss"] < metrics["before"]["loss"]
+    assert metrics["after"]["feature_variation"] > metrics["before"]["feature_variation"]
+    vision_before, rest_before = _split(before, vlm)
+    vision_after, rest_after = _split(vlm.model.state_dict(), vlm)
+    assert all(torch.equal(rest_before[k], rest_after[k]) for k in rest_before)  # LM and lm_head untouched
+    changed = {k for k in vision_before if not torch.equal(vision_before[k], vision_after[k])}
+    projector = f"model.{FAMILIES[family].vision_projector}."
+    assert any(k.startswith(projector) for k in changed)  # for Qwen, inside the encoder
+    assert any(not k.startswith(projector) for k in changed)
+    assert all(p.grad is None for p in vlm.model.parameters())
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "internvl", "idefics3"])
+def test_image_features_match_the_image_tokens(tmp_path, family):
+    from PIL import Image
+
+    vlm = load_vlm(str(zoo.build_tiny_vlm(family, tmp_path)))
+    features = zoo.image_features(vlm, [Image.new("RGB", (64, 64))] * 3)
+    assert features.shape == (3, vlm.image_tokens_per_image(), vlm.hidden_size)
+
+
+def test_build_with_pretraining_is_seeded_and_changes_only_vision(tmp_path, llama):
+    plain = zoo.build_tiny_vlm("llava", tmp_path / "plain", tokenizer=llama)
+    a = zoo.build_tiny_vlm("llava", tmp_path / "a", tokenizer=llama, pretrain_steps=3)
+    b = zoo.build_tiny_vlm("llava", tmp_path / "b", tokenizer=llama, pretrain_steps=3)
+    wa, wb = (load_file(d / "model.safetensors") for d in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    vlm0, vlma = load_vlm(str(plain)), load_vlm(str(a))
+    vision0, rest0 = _split(vlm0.model.state_dict(), vlm0)
+    visiona, resta = _split(vlma.model.state_dict(), vlma)
+    assert all(torch.equal(rest0[k], resta[k]) for k in rest0)
+    assert any(not torch.equal(vision0[k], visiona[k]) for k in vision0)
