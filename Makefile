@@ -1,5 +1,8 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   create .venv, install genrecal, run the main job on the embedded default
+#   make demo   create .venv, install genrecal, run the main job on the embedded default:
+#               distill the built-in tiny teacher (trained first, then reused from runs/) into
+#               the built-in tiny student on the shapes data; a second run starts the
+#               distillation over (--overwrite) but keeps the trained teacher
 #   make test   install the test extras and run the test suite
 # torch is installed first as the CPU build 2.13.0 where none is present: a bare `torch`
 # requirement would pull a multi-GB CUDA build. torchvision is never installed.
@@ -13,7 +16,7 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 .PHONY: demo test install clean
 
 demo: $(VENV)/.installed
-	$(BIN)/genrecal inspect-vocab zoo:tiny-teacher zoo:tiny-student
+	$(BIN)/genrecal distill recipes/tiny-shapes.toml --overwrite
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q

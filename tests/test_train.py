@@ -278,3 +278,26 @@ def test_prerequisite_recipe_builds_a_missing_teacher(tmp_path):
     rec2 = Recorder()  # second time: the teacher exists and is reused
     distill(recipe_from_dict(raw), reporter=rec2, overwrite=True)
     assert [s for s, *_ in rec2.rows] == ["align"]
+
+
+def test_distill_stage_leaves_the_teacher_bit_identical(tmp_path, tiny_pair):
+    """run_stage on a loaded teacher: its weights and the student's vision encoder do not move."""
+    from accelerate import Accelerator
+
+    from genrecal_cli.models import load_vlm
+    from genrecal_cli.recalibrator import Recalibrator
+    from genrecal_cli.train import run_stage
+    from genrecal_cli.zoo import resolve_source
+
+    teacher = load_vlm(resolve_source("zoo:tiny-teacher"))
+    student = load_vlm(resolve_source("zoo:tiny-student"))
+    teacher.model.requires_grad_(False)
+    before_t = {k: v.clone() for k, v in teacher.model.state_dict().items()}
+    before_s = {k: v.clone() for k, v in student.model.state_dict().items()}
+    rec = Recalibrator(teacher.hidden_size, student.text_config, student.decoder_layer_class)
+    recipe = _recipe(tmp_path, stages=("distill",), steps=2)
+    run_stage("distill", recipe, teacher, student, rec, Accelerator(cpu=True), None)
+    after_t, after_s = teacher.model.state_dict(), student.model.state_dict()
+    assert all(torch.equal(before_t[k], after_t[k]) for k in before_t)
+    assert all(torch.equal(before_s[k], after_s[k]) for k in before_s if "vision_tower" in k)
+    assert any(not torch.equal(before_s[k], after_s[k]) for k in before_s if "language_model" in k)
