@@ -109,3 +109,20 @@ def test_inspect_vocab_bad_inputs_are_one_line(cli, tmp_path, tiny_pair):
     assert out.returncode == 1 and "nope.txt" in out.stderr and "Traceback" not in out.stderr
     out = cli("inspect-vocab", str(tmp_path), "zoo:tiny-student")
     assert out.returncode == 1 and str(tmp_path) in out.stderr
+
+
+def test_inspect_vocab_with_data_answers_and_bad_files(cli, tmp_path, tiny_pair):
+    import json
+
+    out = cli("inspect-vocab", "zoo:tiny-teacher", "zoo:tiny-student", "--data", "shapes", "--samples", "20", "--json", "-")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["text"]["texts"] == 20 and report["text"]["source"] == "shapes"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    out = cli("inspect-vocab", "zoo:tiny-teacher", "zoo:tiny-student", "--text", str(empty))
+    assert out.returncode == 1 and "empty" in out.stderr and "Traceback" not in out.stderr
+    corrupt = tmp_path / "broken.tiktoken"
+    corrupt.write_text("this is not base64 rank data\n")
+    out = cli("inspect-vocab", str(corrupt), "zoo:tiny-student")
+    assert out.returncode == 1 and "broken.tiktoken" in out.stderr and "Traceback" not in out.stderr
