@@ -120,16 +120,57 @@ def inspect_vocab(
         Path(json_out).write_text(report.to_json(), encoding="utf-8")
 
 
-@app.command("eval", context_settings=_PASS_THROUGH)
-def eval_(ctx: typer.Context) -> None:
-    """Run benchmarks (lm-eval) on teacher and students side by side."""
-    raise NotBuiltYet("`genrecal eval` is not built yet")
+@app.command("eval")
+def eval_(
+    models: Optional[List[str]] = typer.Argument(None, help="Model folders or zoo:NAME, first the baseline (e.g. teacher, then students); none: the student of the latest distill run here."),
+    bench: str = typer.Option("shapes", "--bench", "-b", help="Benchmarks, comma-separated: shapes, mmmu, lm-eval:TASK."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N items of each task."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Items generated at once."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write results and protocol as JSON here."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="A local copy of MMMU/MMMU (for --bench mmmu offline)."),
+) -> None:
+    """Run benchmarks through lm-eval (hf-multimodal) on teacher and students side by side."""
+    from .evaluate import evaluate, latest_student, parse_benchmarks
+
+    benches = parse_benchmarks(bench)
+    console = _console()
+    if not models:
+        models = [str(latest_student())]
+        console.print(f"no MODEL given: evaluating the student of the latest distill run, [bold]{models[0]}[/]")
+    _quiet_libraries()
+    from .zoo import resolve_source
+
+    paths = [resolve_source(m) for m in models]
+    report = evaluate(
+        paths, benches, limit=limit, batch_size=batch_size, device=device, data_dir=data_dir,
+        labels=[m.rstrip("/") for m in models], on_model=lambda label: console.print(f"evaluating [bold]{label}[/] on {', '.join(benches)}"),
+    )
+    for model in report.models:
+        console.print(_results_table(model))
+    if len(report.models) > 1:
+        console.print(_comparison_table(report))
+    if output is not None:
+        output.write_text(report.to_json(), encoding="utf-8")
+        console.print(f"results and protocol written to [bold]{output}[/]")
 
 
-@app.command(context_settings=_PASS_THROUGH)
-def chat(ctx: typer.Context) -> None:
-    """Talk to a model (an exported student or any supported VLM), with images."""
-    raise NotBuiltYet("`genrecal chat` is not built yet")
+@app.command()
+def chat(
+    model: str = typer.Argument(..., help="Model folder (an exported student, a teacher), hub id or zoo:NAME."),
+    image: Optional[List[Path]] = typer.Option(None, "--image", help="Attach an image to the first message (repeatable)."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Longest answer, in tokens."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 answers greedily (reproducible); above 0 samples."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, mps... (default: cuda when available)."),
+    context: Optional[int] = typer.Option(None, "--context", min=16, help="Token window for history + answer (default: the model's, at most 8192)."),
+) -> None:
+    """Talk to a model (an exported student or any supported VLM), with images; one turn per line when piped."""
+    _quiet_libraries()
+    from .chat import run_chat
+
+    run_chat(model, images=[str(p) for p in image or []], system=system, max_new_tokens=max_new_tokens,
+             temperature=temperature, device=device, context=context)
 
 
 def _answers(source: str, spec, samples: int) -> list[str]:
@@ -183,6 +224,37 @@ def _accuracy_table(accuracy: dict, split: str):
         table.add_column(col, justify="left" if col == "model" else "right")
     for name, a in accuracy.items():
         table.add_row(name, f"{a['accuracy']:.1%}", str(a["n"]), *[f"{a['groups'].get(g, float('nan')):.0%}" for g in groups])
+    return table
+
+
+def _results_table(model):
+    from rich.table import Table
+
+    table = Table(title=f"{model.label} ({model.seconds:.0f} s)", header_style="bold")
+    for col in ("benchmark", "metric", "value", "stderr", "n"):
+        table.add_column(col, justify="left" if col in ("benchmark", "metric") else "right")
+    for r in model.rows:
+        stderr = "-" if r["stderr"] is None else f"{r['stderr']:.4f}"
+        table.add_row(r["benchmark"], r["metric"], f"{r['value']:.4f}", stderr, str(r["n"]))
+    return table
+
+
+def _comparison_table(report):
+    from rich.table import Table
+
+    first = report.models[0].label
+    table = Table(title=f"side by side (difference to {first})", header_style="bold")
+    for col in ("benchmark", "metric", *(m.label for m in report.models)):
+        table.add_column(col, justify="left" if col in ("benchmark", "metric") else "right")
+    for row in report.comparison():
+        cells = []
+        for m in report.models:
+            value, delta = row["values"][m.label], row["delta"].get(m.label)
+            text = "-" if value is None else f"{value:.4f}"
+            if delta is not None:
+                text += f" ({delta:+.4f})"
+            cells.append(text)
+        table.add_row(row["benchmark"], row["metric"], *cells)
     return table
 
 

@@ -337,6 +337,7 @@ def run_stage(stage, recipe: Recipe, teacher, student, rec, accelerator, reporte
         scheduler.load_state_dict(ckpt.load_tensors(stage_dir / "scheduler.pt"))
         ckpt.set_rng_state(ckpt.load_tensors(stage_dir / "rng.pt"))
         start_step = int(resume_meta["step"])
+    accelerator.gradient_accumulation_steps = st.grad_accum  # accumulate() and backward() follow it
     module, optimizer, loader, scheduler = accelerator.prepare(module, optimizer, loader, scheduler)
     module.train()
 

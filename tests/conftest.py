@@ -17,8 +17,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300):
-    """Run `python -m genrecal_cli ARGS` as a user would; returns the CompletedProcess."""
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300, input: str | None = None):
+    """Run `python -m genrecal_cli ARGS` as a user would (`input` piped to stdin); returns the CompletedProcess."""
     full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "genrecal_cli", *args],
@@ -27,6 +27,7 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
         capture_output=True,
         text=True,
         timeout=timeout,
+        input=input,
     )
 
 

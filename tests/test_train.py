@@ -301,3 +301,19 @@ def test_distill_stage_leaves_the_teacher_bit_identical(tmp_path, tiny_pair):
     assert all(torch.equal(before_t[k], after_t[k]) for k in before_t)
     assert all(torch.equal(before_s[k], after_s[k]) for k in before_s if "vision_tower" in k)
     assert any(not torch.equal(before_s[k], after_s[k]) for k in before_s if "language_model" in k)
+
+
+def test_gradient_accumulation_draws_accum_batches_per_update(tmp_path, monkeypatch, tiny_pair):
+    import genrecal_cli.train as train
+
+    batches = []
+    real_call = train.Collator.__call__
+    monkeypatch.setattr(train.Collator, "__call__", lambda self, items: batches.append(1) or real_call(self, items))
+    raw = _recipe(tmp_path, stages=("finetune",), steps=3).to_dict()
+    raw.pop("teacher")
+    raw["stages"]["finetune"].update(batch_size=2, grad_accum=2)
+    rec = Recorder()
+    distill(recipe_from_dict(raw), reporter=rec)
+    assert [s for _, s, _ in rec.rows] == [1, 2, 3]
+    assert len(batches) in (6, 7)  # 3 updates x 2 micro-batches (+1 that accelerate prefetches)
+    assert rec.rows[0][2]["lr"] == pytest.approx(1e-3) and rec.rows[-1][2]["lr"] == pytest.approx(1e-4)

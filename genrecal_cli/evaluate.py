@@ -1,0 +1,528 @@
+"""The lm-eval bridge behind `genrecal eval`: benchmarks run through lm-eval's `hf-multimodal`
+model and its tasks, several models side by side, with the protocol recorded next to the numbers.
+
+Models are handed to lm-eval as folders, exactly as `lm_eval --model hf-multimodal
+--model_args pretrained=DIR` would load them; genrecal only checks them first, so that a
+folder lm-eval would choke on fails with one clear line instead.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .errors import DataError, GenrecalError, ModelLoadError
+
+LM_EVAL_PREFIX = "lm-eval:"
+MMMU_DATASET = "MMMU/MMMU"
+MMMU_GROUP = "mmmu_val"
+# The columns of MMMU that lm-eval's mmmu task reads (tasks/mmmu/utils.py).
+MMMU_COLUMNS = ("question", "options", "answer", "question_type", *(f"image_{i}" for i in range(1, 8)))
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One `--bench` name and the lm-eval task or group it runs."""
+
+    name: str
+    task: str
+    about: str
+
+
+BENCHMARKS = {
+    b.name: b
+    for b in (
+        Benchmark("shapes", "genrecal_shapes", "genrecal's synthetic shapes test split (multiple choice and short answer)"),
+        Benchmark("mmmu", MMMU_GROUP, "MMMU validation set, 30 subjects (lm-eval's mmmu_val)"),
+    )
+}
+
+
+@dataclass
+class ModelResult:
+    """One model's rows (benchmark, metric, value, stderr, n) and what it was."""
+
+    path: str
+    label: str
+    metadata: dict[str, Any] | None
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    dtype: str | None = None
+    example_prompts: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class EvalReport:
+    models: list[ModelResult]
+    protocol: dict[str, Any]
+
+    def comparison(self) -> list[dict[str, Any]]:
+        """One row per (benchmark, metric): every model's value and its difference to the first model's."""
+        if not self.models:
+            return []
+        keys = [(r["benchmark"], r["metric"]) for r in self.models[0].rows]
+        out = []
+        for bench, metric in keys:
+            values = [_value(m, bench, metric) for m in self.models]
+            base = values[0]
+            out.append(
+                {
+                    "benchmark": bench,
+                    "metric": metric,
+                    "values": {m.label: v for m, v in zip(self.models, values)},
+                    "delta": {
+                        m.label: (v - base if v is not None and base is not None else None)
+                        for m, v in zip(self.models[1:], values[1:])
+                    },
+                }
+            )
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "protocol": self.protocol,
+            "models": [
+                {
+                    "label": m.label,
+                    "path": m.path,
+                    "dtype": m.dtype,
+                    "produced_by": _produced_by(m.metadata),
+                    "metadata": m.metadata,
+                    "results": m.rows,
+                    "example_prompts": m.example_prompts,
+                    "seconds": round(m.seconds, 2),
+                }
+                for m in self.models
+            ],
+            "comparison": self.comparison(),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+
+def _produced_by(meta: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Which run, recipe and stage made a model genrecal exported (from its genrecal.json)."""
+    if not meta:
+        return None
+    recipe, stages = meta.get("recipe") or {}, list(meta.get("stages") or {})
+    return {
+        "run": (recipe.get("train") or {}).get("output_dir"),
+        "student_from": (recipe.get("student") or {}).get("path"),
+        "teacher": (recipe.get("teacher") or {}).get("path"),
+        "stages": {s: (meta["stages"][s] or {}).get("steps") for s in stages},
+        "final_stage": stages[-1] if stages else None,
+    }
+
+
+def _value(model: ModelResult, bench: str, metric: str) -> float | None:
+    return next((r["value"] for r in model.rows if r["benchmark"] == bench and r["metric"] == metric), None)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def parse_benchmarks(spec: str | list[str]) -> list[str]:
+    """`shapes,mmmu,lm-eval:TASK` -> the names, each checked against the known ones."""
+    names = [n.strip() for part in ([spec] if isinstance(spec, str) else spec) for n in part.split(",") if n.strip()]
+    if not names:
+        raise GenrecalError(f"--bench is empty; choose from {', '.join(BENCHMARKS)} or lm-eval:TASK")
+    for name in names:
+        if name in BENCHMARKS or (name.startswith(LM_EVAL_PREFIX) and len(name) > len(LM_EVAL_PREFIX)):
+            continue
+        close = difflib.get_close_matches(name, [*BENCHMARKS, LM_EVAL_PREFIX], n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise GenrecalError(
+            f"unknown benchmark {name!r}{hint} Known: {', '.join(BENCHMARKS)}; "
+            f"any other lm-eval task as {LM_EVAL_PREFIX}TASK (e.g. {LM_EVAL_PREFIX}mmmu_val_art)"
+        )
+    return list(dict.fromkeys(names))
+
+
+def latest_student(root: Path = Path(".")) -> Path:
+    """The student folder of the most recent `genrecal distill` run under `root`
+    (OUTPUT/student/genrecal.json, OUTPUT up to two levels down, e.g. runs/NAME)."""
+    found = [p for pattern in ("*/student/genrecal.json", "*/*/student/genrecal.json") for p in root.glob(pattern)]
+    if not found:
+        raise GenrecalError(
+            f"no MODEL given and no `genrecal distill` run found under {root.resolve()} "
+            "(looked for */student/genrecal.json and */*/student/genrecal.json); pass a model folder or zoo:NAME"
+        )
+    return max(found, key=lambda p: p.stat().st_mtime).parent
+
+
+def check_model(path: str) -> dict[str, Any] | None:
+    """Fail early, with one line, on a folder lm-eval's hf-multimodal cannot evaluate; returns
+    the folder's genrecal.json metadata (None for models genrecal did not export)."""
+    from transformers import AutoConfig, AutoProcessor, ProcessorMixin
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    local = Path(path)
+    if local.is_dir() and not (local / "config.json").is_file():
+        found = ", ".join(sorted(p.name for p in local.iterdir())[:8]) or "nothing"
+        raise ModelLoadError(f"{path} is not a model folder: no config.json (found: {found})")
+    if not local.is_dir() and local.exists():
+        raise ModelLoadError(f"{path} is a file, not a model folder")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read a model config from {path}: {_first_line(e)}") from e
+    model_type = getattr(config, "model_type", None)
+    if model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        arch = ", ".join(getattr(config, "architectures", None) or []) or "no architectures listed"
+        raise ModelLoadError(
+            f"{path} is not a vision-language model: model_type {model_type!r} ({arch}) has no "
+            "image-text-to-text class in transformers, so lm-eval's hf-multimodal cannot run it"
+        )
+    # The same lookup hf-multimodal makes; it asserts when neither is set.
+    image_token_id = getattr(config, "image_token_id", None) or getattr(config, "image_token_index", None)
+    if image_token_id is None:
+        raise ModelLoadError(
+            f"{path} has no image token id (config.json sets neither image_token_id nor image_token_index), "
+            "so lm-eval cannot tell where images go; set it to the id of the model's image token"
+        )
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError, ImportError, TypeError, AttributeError) as e:
+        raise ModelLoadError(f"cannot load the processor of {path} with AutoProcessor: {_first_line(e)}") from e
+    if not isinstance(processor, ProcessorMixin):
+        raise ModelLoadError(
+            f"{path}: AutoProcessor loads a bare {type(processor).__name__}, not a processor with an image "
+            "processor (processor_config.json is missing or names a class transformers does not know)"
+        )
+    if not 0 <= int(image_token_id) < len(processor.tokenizer):
+        raise ModelLoadError(
+            f"{path}: image token id {image_token_id} is outside the tokenizer's {len(processor.tokenizer)} tokens"
+        )
+    meta = local / "genrecal.json"
+    if local.is_dir() and meta.is_file():
+        try:
+            return json.loads(meta.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def check_mmmu_data(data_dir: Path | None, subjects: dict[str, str]) -> dict[str, str] | None:
+    """With `data_dir`: the validation parquet of each subject ({task: glob}), after checking
+    MMMU's schema. Without: None once the data set is known to be loadable (cached or online)."""
+    if data_dir is None:
+        import datasets
+
+        first = next(iter(subjects.values()))
+        try:
+            datasets.load_dataset_builder(MMMU_DATASET, first)
+        except Exception as e:  # offline and not cached, no network, gated...: all mean "provide it"
+            raise DataError(
+                f"the {MMMU_DATASET} data set (mmmu) is not in the local Hugging Face cache and cannot be "
+                f"downloaded ({type(e).__name__}); download it where there is network "
+                f"(`huggingface-cli download {MMMU_DATASET} --repo-type dataset --local-dir DIR`) and pass "
+                "--data-dir DIR"
+            ) from None
+        return None
+    import pyarrow.parquet as pq
+
+    if not data_dir.is_dir():
+        raise DataError(f"--data-dir {data_dir} is not a folder")
+    files, problems = {}, []
+    for task, subject in subjects.items():
+        parquet = sorted((data_dir / subject).glob("validation-*.parquet"))
+        if not parquet:
+            problems.append(f"{subject}/validation-*.parquet missing")
+            continue
+        try:
+            schema = pq.read_schema(parquet[0])
+        except Exception as e:  # pyarrow raises several kinds for a file that is not parquet
+            problems.append(f"{parquet[0].relative_to(data_dir)} unreadable ({_first_line(e)})")
+            continue
+        missing = [c for c in MMMU_COLUMNS if c not in schema.names]
+        if missing:
+            problems.append(f"{subject}: no column {', '.join(missing)}")
+        elif str(schema.field("options").type) not in ("string", "large_string"):
+            problems.append(f"{subject}: options is {schema.field('options').type}, not a stringified list")
+        files[task] = str(data_dir / subject / "validation-*.parquet")
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise DataError(
+            f"--data-dir {data_dir} is not a local copy of {MMMU_DATASET} in its own schema ({shown}); "
+            f"expected SUBJECT/validation-*.parquet for each of the {len(subjects)} subjects with columns "
+            f"{', '.join(MMMU_COLUMNS)}, as `huggingface-cli download {MMMU_DATASET} --repo-type dataset` writes"
+        )
+    return files
+
+
+def mmmu_subjects(task_manager) -> dict[str, str]:
+    """Each leaf task of lm-eval's mmmu_val group and the MMMU subject (data set config) it reads."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    index = task_manager.task_index
+    out: dict[str, str] = {}
+
+    def walk(name: str) -> None:
+        cfg = load_yaml(index[name].yaml_path, resolve_func=False)
+        members = cfg.get("task")
+        if isinstance(members, list):
+            for member in members:
+                walk(member if isinstance(member, str) else member["task"])
+        else:
+            out[name] = cfg["dataset_name"]
+
+    walk(MMMU_GROUP)
+    return out
+
+
+# --------------------------------------------------------------------------- running
+
+
+def evaluate(
+    models: list[str],
+    benchmarks: list[str],
+    *,
+    limit: int | None = None,
+    batch_size: int = 8,
+    device: str | None = None,
+    dtype: str = "auto",
+    data_dir: Path | None = None,
+    labels: list[str] | None = None,
+    on_model=None,
+) -> EvalReport:
+    """Run `benchmarks` on each of `models` (folders) through lm-eval's hf-multimodal with the
+    chat template applied; `on_model(label)` is called before each model starts."""
+    import time
+
+    if limit is not None and limit < 1:
+        raise GenrecalError(f"--limit {limit}: it must be at least 1 (the number of items per task)")
+    if batch_size < 1:
+        raise GenrecalError(f"--batch-size {batch_size}: it must be at least 1")
+    if not models:
+        raise GenrecalError("no model to evaluate")
+    if data_dir is not None and "mmmu" not in benchmarks:
+        raise GenrecalError("--data-dir is a local copy of MMMU; it is only used with --bench mmmu")
+    metadata = [check_model(m) for m in models]
+    _quiet()
+    import lm_eval
+    import transformers
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from . import __version__
+    from .tasks import TASKS_DIR
+
+    device = device or _default_device()
+    task_manager = TaskManager(include_path=str(TASKS_DIR))
+    specs, tops, data = _task_specs(benchmarks, task_manager, data_dir)
+
+    labels = labels or _labels(models)
+    results: list[ModelResult] = []
+    configs: dict[str, Any] = {}
+    leaves: dict[str, list[str]] = {}
+    for path, label, meta in zip(models, labels, metadata):
+        if on_model is not None:
+            on_model(label)
+        start = time.perf_counter()
+        try:
+            out = simple_evaluate(
+                model="hf-multimodal",
+                model_args={"pretrained": str(path), "dtype": dtype},
+                tasks=specs,
+                limit=limit,
+                batch_size=batch_size,
+                device=device,
+                apply_chat_template=True,
+                task_manager=task_manager,
+                log_samples=True,
+            )
+        except (FileNotFoundError, ConnectionError) as e:
+            raise DataError(f"lm-eval could not load a benchmark's data: {_first_line(e)}") from e
+        result = ModelResult(str(path), label, meta, dtype=str(out["config"].get("model_dtype", dtype)))
+        result.seconds = time.perf_counter() - start
+        for bench, top in tops.items():
+            result.rows += _rows(bench, top, out)
+            leaves[bench] = _leaf_tasks(top, out)
+            first = next((out["samples"][t][0] for t in leaves[bench] if out["samples"].get(t)), None)
+            if first is not None:
+                result.example_prompts[bench] = first["arguments"][0][0]
+        configs.update(out["configs"])
+        results.append(result)
+
+    protocol = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": {
+            "genrecal": __version__,
+            "lm_eval": lm_eval.__version__ if hasattr(lm_eval, "__version__") else _dist_version("lm_eval"),
+            "transformers": transformers.__version__,
+            "torch": _dist_version("torch"),
+            "datasets": _dist_version("datasets"),
+        },
+        "harness": "lm-eval hf-multimodal",
+        "model_args": {"dtype": dtype},
+        "apply_chat_template": True,
+        "system_instruction": None,
+        "num_fewshot": 0,
+        "limit": limit,
+        "batch_size": batch_size,
+        "device": device,
+        "benchmarks": {
+            bench: {
+                "lm_eval_task": top,
+                "tasks": {t: _config_hash(configs[t]) for t in sorted(leaves[bench])},
+                "prompt": _distinct(_source(configs[t].get("doc_to_text")) for t in leaves[bench]),
+                "generation": _distinct(configs[t].get("generation_kwargs") for t in leaves[bench]),
+                "data": data.get(bench),
+            }
+            for bench, top in tops.items()
+        },
+    }
+    return EvalReport(results, protocol)
+
+
+def _task_specs(benchmarks: list[str], task_manager, data_dir: Path | None):
+    """lm-eval task specs for the benchmarks, {benchmark: top task or group name}, and where each
+    benchmark's data comes from."""
+    specs: list[Any] = []
+    tops: dict[str, str] = {}
+    data: dict[str, Any] = {}
+    for bench in benchmarks:
+        if bench.startswith(LM_EVAL_PREFIX):
+            task = bench[len(LM_EVAL_PREFIX) :]
+            if task not in task_manager.all_tasks:
+                close = difflib.get_close_matches(task, task_manager.all_tasks, n=3, cutoff=0.6)
+                hint = f"; did you mean {', '.join(LM_EVAL_PREFIX + c for c in close)}?" if close else ""
+                raise GenrecalError(f"lm-eval has no task or group {task!r}{hint}")
+            specs.append(task)
+            tops[bench] = task
+            data[bench] = "as the lm-eval task config says"
+        elif bench == "mmmu":
+            subjects = mmmu_subjects(task_manager)
+            files = check_mmmu_data(data_dir, subjects)
+            tops[bench] = MMMU_GROUP
+            if files is None:
+                specs.append(MMMU_GROUP)
+                data[bench] = {"dataset": MMMU_DATASET, "source": "hub or local Hugging Face cache"}
+            else:
+                # lm-eval's own subject tasks, each pointed at its local parquet files; one group with
+                # mmmu_val's size-weighted mean, which equals the nested group's mean.
+                specs.append(
+                    {
+                        "group": MMMU_GROUP,
+                        "task": [
+                            {"task": t, "dataset_path": "parquet", "dataset_name": None,
+                             "dataset_kwargs": {"data_files": {"validation": f}}}
+                            for t, f in files.items()
+                        ],
+                        "aggregate_metric_list": [{"metric": "acc", "aggregation": "mean", "weight_by_size": True}],
+                        "metadata": {"version": 0.0},
+                    }
+                )
+                data[bench] = {"dataset": MMMU_DATASET, "source": str(Path(data_dir).resolve())}
+        else:
+            specs.append(BENCHMARKS[bench].task)
+            tops[bench] = BENCHMARKS[bench].task
+            data[bench] = "generated from shapes.make_split (tasks/shapes/utils.py)"
+    return specs, tops, data
+
+
+_SKIP_KEYS = {"alias", "name", "sample_len", "samples", " "}
+
+
+def _rows(bench: str, top: str, out: dict) -> list[dict[str, Any]]:
+    """The benchmark's headline numbers: the metrics lm-eval reports for its top task or group."""
+    res = out["results"].get(top) or out.get("groups", {}).get(top) or {}
+    n = sum(out["n-samples"][t]["effective"] for t in _leaf_tasks(top, out) if t in out["n-samples"])
+    rows = []
+    for key, value in res.items():
+        if key in _SKIP_KEYS or "_stderr," in key or not isinstance(value, (int, float)):
+            continue
+        metric, _, filt = key.partition(",")
+        stderr = res.get(f"{metric}_stderr,{filt}")
+        rows.append(
+            {
+                "benchmark": bench,
+                "task": top,
+                "metric": metric if filt in ("", "none") else f"{metric} ({filt})",
+                "value": float(value),
+                "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+                "n": n,
+            }
+        )
+    return rows
+
+
+def _leaf_tasks(top: str, out: dict) -> list[str]:
+    """The tasks (not groups) under `top` in a simple_evaluate result."""
+    subtasks = out.get("group_subtasks", {})
+    if top not in subtasks or not subtasks[top]:
+        return [top]
+    return [leaf for child in subtasks[top] for leaf in _leaf_tasks(child, out)]
+
+
+def _source(doc_to_text: Any) -> str:
+    """A task's prompt as lm-eval reports it: a template string, or a function's source."""
+    return re.sub(r" at 0x[0-9a-f]+", "", str(doc_to_text))
+
+
+def _config_hash(config: dict) -> str:
+    """sha256 of a task's resolved config as lm-eval reports it (functions as their source);
+    object addresses in reprs are dropped so that the hash is the same from run to run."""
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(re.sub(r" at 0x[0-9a-f]+", "", text).encode()).hexdigest()[:16]
+
+
+def _distinct(items) -> Any:
+    seen = []
+    for item in items:
+        if item not in seen:
+            seen.append(item)
+    return seen[0] if len(seen) == 1 else seen
+
+
+def _labels(models: list[str]) -> list[str]:
+    """Short distinct names: the last path parts that tell the models apart."""
+    parts = [Path(m).parts or (m,) for m in models]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [f"{i}:{m}" for i, m in enumerate(models)]
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def _quiet() -> None:
+    """lm-eval logs every step at INFO and datasets draws bars; the CLI shows its own table."""
+    import logging
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("lm_eval", "lm-eval", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
