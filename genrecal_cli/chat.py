@@ -9,6 +9,7 @@ rich prompt with answers streamed token by token in a terminal, one turn per lin
 from __future__ import annotations
 
 import json
+import re
 import sys
 import threading
 import time
@@ -380,7 +381,8 @@ def _piped(session: ChatSession, say, stdin: TextIO) -> None:
         turn = session.prepare(text)
         for note in turn.notices:
             say.print(note, markup=False, soft_wrap=True)
-        print(session.record(turn, session.generate(turn)), flush=True)
+        # One answer, one line: line breaks inside it become spaces here (/save keeps them).
+        print(re.sub(r"\s*\n\s*", " ", session.record(turn, session.generate(turn))), flush=True)
 
     for line in stdin:
         if line.strip() and not _dispatch(session, line, say, answer):

@@ -13,7 +13,7 @@ from typing import List, Optional
 import typer
 
 from . import __version__
-from .errors import GenrecalError, NotBuiltYet
+from .errors import GenrecalError
 
 app = typer.Typer(
     name="genrecal",

@@ -24,9 +24,3 @@ class ModelLoadError(GenrecalError):
 
 class DataError(GenrecalError):
     """A data source that cannot be read or lacks what the recipe asks for."""
-
-
-class NotBuiltYet(GenrecalError):
-    """A command that exists in the CLI but is not implemented yet (exit code 2)."""
-
-    exit_code = 2

@@ -9,6 +9,7 @@ folder lm-eval would choke on fails with one clear line instead.
 from __future__ import annotations
 
 import difflib
+import tempfile
 import hashlib
 import json
 import re
@@ -53,7 +54,7 @@ class ModelResult:
     metadata: dict[str, Any] | None
     rows: list[dict[str, Any]] = field(default_factory=list)
     dtype: str | None = None
-    example_prompts: dict[str, str] = field(default_factory=dict)
+    examples: dict[str, dict[str, Any]] = field(default_factory=dict)  # benchmark: first item's prompt and answer
     seconds: float = 0.0
 
 
@@ -95,7 +96,7 @@ class EvalReport:
                     "produced_by": _produced_by(m.metadata),
                     "metadata": m.metadata,
                     "results": m.rows,
-                    "example_prompts": m.example_prompts,
+                    "examples": m.examples,
                     "seconds": round(m.seconds, 2),
                 }
                 for m in self.models
@@ -169,6 +170,8 @@ def check_model(path: str) -> dict[str, Any] | None:
         raise ModelLoadError(f"{path} is not a model folder: no config.json (found: {found})")
     if not local.is_dir() and local.exists():
         raise ModelLoadError(f"{path} is a file, not a model folder")
+    if not local.exists() and not re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", path):
+        raise ModelLoadError(f"no such model folder: {path}")
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -197,8 +200,11 @@ def check_model(path: str) -> dict[str, Any] | None:
             "processor (processor_config.json is missing or names a class transformers does not know)"
         )
     if not 0 <= int(image_token_id) < len(processor.tokenizer):
+        # Typically a config.json without the key: the config class's default is some real model's id.
         raise ModelLoadError(
-            f"{path}: image token id {image_token_id} is outside the tokenizer's {len(processor.tokenizer)} tokens"
+            f"{path} has no usable image token id: {image_token_id} (config.json's image_token_id or "
+            f"image_token_index, or the class default where neither is set) is outside the tokenizer's "
+            f"{len(processor.tokenizer)} tokens; set it to the id of the model's image token"
         )
     meta = local / "genrecal.json"
     if local.is_dir() and meta.is_file():
@@ -230,31 +236,40 @@ def check_mmmu_data(data_dir: Path | None, subjects: dict[str, str]) -> dict[str
 
     if not data_dir.is_dir():
         raise DataError(f"--data-dir {data_dir} is not a folder")
-    files, problems = {}, []
+    files: dict[str, str] = {}
+    missing: list[str] = []
+    unreadable: list[str] = []
+    wrong: dict[str, list[str]] = {}  # problem: subjects that have it
     for task, subject in subjects.items():
         parquet = sorted((data_dir / subject).glob("validation-*.parquet"))
         if not parquet:
-            problems.append(f"{subject}/validation-*.parquet missing")
+            missing.append(subject)
             continue
         try:
             schema = pq.read_schema(parquet[0])
         except Exception as e:  # pyarrow raises several kinds for a file that is not parquet
-            problems.append(f"{parquet[0].relative_to(data_dir)} unreadable ({_first_line(e)})")
+            unreadable.append(f"{parquet[0].relative_to(data_dir)} ({_first_line(e)})")
             continue
-        missing = [c for c in MMMU_COLUMNS if c not in schema.names]
-        if missing:
-            problems.append(f"{subject}: no column {', '.join(missing)}")
+        absent = [c for c in MMMU_COLUMNS if c not in schema.names]
+        if absent:
+            wrong.setdefault(f"no column {', '.join(absent)}", []).append(subject)
         elif str(schema.field("options").type) not in ("string", "large_string"):
-            problems.append(f"{subject}: options is {schema.field('options').type}, not a stringified list")
+            wrong.setdefault(f"options is {schema.field('options').type}, not a stringified list", []).append(subject)
         files[task] = str(data_dir / subject / "validation-*.parquet")
+    problems = [f"{_few(subs)}: {what}" for what, subs in wrong.items()]
+    problems += [f"unreadable {_few(unreadable)}"] if unreadable else []
+    problems += [f"{_few([m + '/validation-*.parquet' for m in sorted(missing)])} missing"] if missing else []
     if problems:
-        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
         raise DataError(
-            f"--data-dir {data_dir} is not a local copy of {MMMU_DATASET} in its own schema ({shown}); "
+            f"--data-dir {data_dir} is not a local copy of {MMMU_DATASET} in its own schema ({'; '.join(problems)}); "
             f"expected SUBJECT/validation-*.parquet for each of the {len(subjects)} subjects with columns "
             f"{', '.join(MMMU_COLUMNS)}, as `huggingface-cli download {MMMU_DATASET} --repo-type dataset` writes"
         )
     return files
+
+
+def _few(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def mmmu_subjects(task_manager) -> dict[str, str]:
@@ -294,8 +309,6 @@ def evaluate(
 ) -> EvalReport:
     """Run `benchmarks` on each of `models` (folders) through lm-eval's hf-multimodal with the
     chat template applied; `on_model(label)` is called before each model starts."""
-    import time
-
     if limit is not None and limit < 1:
         raise GenrecalError(f"--limit {limit}: it must be at least 1 (the number of items per task)")
     if batch_size < 1:
@@ -308,7 +321,6 @@ def evaluate(
     _quiet()
     import lm_eval
     import transformers
-    from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     from . import __version__
@@ -316,40 +328,12 @@ def evaluate(
 
     device = device or _default_device()
     task_manager = TaskManager(include_path=str(TASKS_DIR))
-    specs, tops, data = _task_specs(benchmarks, task_manager, data_dir)
-
-    labels = labels or _labels(models)
-    results: list[ModelResult] = []
-    configs: dict[str, Any] = {}
-    leaves: dict[str, list[str]] = {}
-    for path, label, meta in zip(models, labels, metadata):
-        if on_model is not None:
-            on_model(label)
-        start = time.perf_counter()
-        try:
-            out = simple_evaluate(
-                model="hf-multimodal",
-                model_args={"pretrained": str(path), "dtype": dtype},
-                tasks=specs,
-                limit=limit,
-                batch_size=batch_size,
-                device=device,
-                apply_chat_template=True,
-                task_manager=task_manager,
-                log_samples=True,
-            )
-        except (FileNotFoundError, ConnectionError) as e:
-            raise DataError(f"lm-eval could not load a benchmark's data: {_first_line(e)}") from e
-        result = ModelResult(str(path), label, meta, dtype=str(out["config"].get("model_dtype", dtype)))
-        result.seconds = time.perf_counter() - start
-        for bench, top in tops.items():
-            result.rows += _rows(bench, top, out)
-            leaves[bench] = _leaf_tasks(top, out)
-            first = next((out["samples"][t][0] for t in leaves[bench] if out["samples"].get(t)), None)
-            if first is not None:
-                result.example_prompts[bench] = first["arguments"][0][0]
-        configs.update(out["configs"])
-        results.append(result)
+    with tempfile.TemporaryDirectory(prefix="genrecal-eval-") as workdir:
+        specs, tops, data = _task_specs(benchmarks, task_manager, data_dir, workdir)
+        if any(Path(workdir).iterdir()):
+            task_manager = TaskManager(include_path=[str(TASKS_DIR), workdir])
+        results, configs, leaves = _run(models, labels or _labels(models), metadata, specs, tops, task_manager,
+                                        limit=limit, batch_size=batch_size, device=device, dtype=dtype, on_model=on_model)
 
     protocol = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -382,7 +366,52 @@ def evaluate(
     return EvalReport(results, protocol)
 
 
-def _task_specs(benchmarks: list[str], task_manager, data_dir: Path | None):
+def _run(models, labels, metadata, specs, tops, task_manager, *, limit, batch_size, device, dtype, on_model):
+    """simple_evaluate once per model; its rows, the task configs lm-eval resolved and each
+    benchmark's leaf tasks."""
+    import time
+
+    from lm_eval import simple_evaluate
+
+    results: list[ModelResult] = []
+    configs: dict[str, Any] = {}
+    leaves: dict[str, list[str]] = {}
+    for path, label, meta in zip(models, labels, metadata):
+        if on_model is not None:
+            on_model(label)
+        start = time.perf_counter()
+        try:
+            out = simple_evaluate(
+                model="hf-multimodal",
+                model_args={"pretrained": str(path), "dtype": dtype},
+                tasks=specs,
+                limit=limit,
+                batch_size=batch_size,
+                device=device,
+                apply_chat_template=True,
+                task_manager=task_manager,
+                log_samples=True,
+            )
+        except (FileNotFoundError, ConnectionError) as e:
+            raise DataError(f"lm-eval could not load a benchmark's data: {_first_line(e)}") from e
+        result = ModelResult(str(path), label, meta, dtype=str(out["config"].get("model_dtype", dtype)))
+        result.seconds = time.perf_counter() - start
+        for bench, top in tops.items():
+            result.rows += _rows(bench, top, out)
+            leaves[bench] = _leaf_tasks(top, out)
+            first = next((out["samples"][t][0] for t in leaves[bench] if out["samples"].get(t)), None)
+            if first is not None:
+                result.examples[bench] = {
+                    "prompt": first["arguments"][0][0],  # as the chat template rendered it
+                    "response": first["filtered_resps"][0],
+                    "target": first["target"],
+                }
+        configs.update(out["configs"])
+        results.append(result)
+    return results, configs, leaves
+
+
+def _task_specs(benchmarks: list[str], task_manager, data_dir: Path | None, workdir: str):
     """lm-eval task specs for the benchmarks, {benchmark: top task or group name}, and where each
     benchmark's data comes from."""
     specs: list[Any] = []
@@ -406,20 +435,23 @@ def _task_specs(benchmarks: list[str], task_manager, data_dir: Path | None):
                 specs.append(MMMU_GROUP)
                 data[bench] = {"dataset": MMMU_DATASET, "source": "hub or local Hugging Face cache"}
             else:
-                # lm-eval's own subject tasks, each pointed at its local parquet files; one group with
-                # mmmu_val's size-weighted mean, which equals the nested group's mean.
-                specs.append(
-                    {
-                        "group": MMMU_GROUP,
-                        "task": [
-                            {"task": t, "dataset_path": "parquet", "dataset_name": None,
-                             "dataset_kwargs": {"data_files": {"validation": f}}}
-                            for t, f in files.items()
-                        ],
-                        "aggregate_metric_list": [{"metric": "acc", "aggregation": "mean", "weight_by_size": True}],
-                        "metadata": {"version": 0.0},
-                    }
-                )
+                # lm-eval's own subject tasks, each pointed at its local parquet files, in one group with
+                # mmmu_val's size-weighted mean (equal to the nested groups' mean).
+                group = {
+                    "group": MMMU_GROUP,
+                    "task": [
+                        {"task": t, "dataset_path": "parquet", "dataset_name": None,
+                         "dataset_kwargs": {"data_files": {"validation": f}}}
+                        for t, f in files.items()
+                    ],
+                    "aggregate_metric_list": [{"metric": "acc", "aggregation": "mean", "weight_by_size": True}],
+                    "metadata": {"version": 0.0},
+                }
+                yaml_path = Path(workdir) / f"{MMMU_GROUP}.yaml"
+                yaml_path.write_text(json.dumps(group, indent=1), encoding="utf-8")  # JSON is YAML
+                # Registered by name from an include path (it then shadows the stock group): lm-eval
+                # 0.4.13 misnames a group loaded from a file path, and an inline dict group leaks its keys.
+                specs.append(MMMU_GROUP)
                 data[bench] = {"dataset": MMMU_DATASET, "source": str(Path(data_dir).resolve())}
         else:
             specs.append(BENCHMARKS[bench].task)
@@ -468,9 +500,12 @@ def _source(doc_to_text: Any) -> str:
 
 
 def _config_hash(config: dict) -> str:
-    """sha256 of a task's resolved config as lm-eval reports it (functions as their source);
-    object addresses in reprs are dropped so that the hash is the same from run to run."""
-    text = json.dumps(config, sort_keys=True, default=str)
+    """sha256 of a task's resolved config as lm-eval reports it (functions as their source),
+    without where its data was read from (recorded apart: a local copy hashes like the hub's)
+    and object addresses in reprs, so that the hash is the same from run to run."""
+    kept = {k: v for k, v in config.items() if k not in ("dataset_path", "dataset_name", "dataset_kwargs", "metadata")}
+    kept["version"] = (config.get("metadata") or {}).get("version")
+    text = json.dumps(kept, sort_keys=True, default=str)
     return hashlib.sha256(re.sub(r" at 0x[0-9a-f]+", "", text).encode()).hexdigest()[:16]
 
 

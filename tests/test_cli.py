@@ -39,14 +39,6 @@ def test_version_and_module_entry_point_agree(cli):
         assert script.stdout == out.stdout
 
 
-def test_unbuilt_commands_say_so_and_exit_2(cli):
-    for cmd in ("eval", "chat"):
-        out = cli(cmd, "anything", "--bench", "mmmu")
-        assert out.returncode == 2
-        assert "not built yet" in out.stderr
-        assert out.stdout == ""
-
-
 def test_dry_run_validates_and_shows_the_plan(cli):
     out = cli("distill", "recipes/tiny-shapes.toml", "--dry-run")
     assert out.returncode == 0, out.stderr
