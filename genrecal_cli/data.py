@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .errors import DataError
+from .errors import DataError, first_line
 from .recipe import DataSpec, looks_like_hub_id
 
 IGNORE_INDEX = -100
@@ -90,13 +90,10 @@ def _load_external(source: str, split: str):
             ) from None
         raise DataError(f"{source}: cannot read the data ({exc})") from None
     except Exception as exc:  # datasets raises many types for malformed files
-        raise DataError(f"{source}: cannot read the data ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise DataError(f"{source}: cannot read the data ({type(exc).__name__}: {first_line(exc)})") from None
     raise DataError(f"{source}: path not found")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def image_root(source: str) -> str | None:

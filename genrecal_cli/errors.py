@@ -24,3 +24,9 @@ class ModelLoadError(GenrecalError):
 
 class DataError(GenrecalError):
     """A data source that cannot be read or lacks what the recipe asks for."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (or its type name), for one-line errors."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:limit]

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError, GenrecalError, ModelLoadError
+from .errors import DataError, GenrecalError, ModelLoadError, first_line
 
 LM_EVAL_PREFIX = "lm-eval:"
 MMMU_DATASET = "MMMU/MMMU"
@@ -175,7 +175,7 @@ def check_model(path: str) -> dict[str, Any] | None:
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot read a model config from {path}: {_first_line(e)}") from e
+        raise ModelLoadError(f"cannot read a model config from {path}: {first_line(e)}") from e
     model_type = getattr(config, "model_type", None)
     if model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
         arch = ", ".join(getattr(config, "architectures", None) or []) or "no architectures listed"
@@ -193,7 +193,7 @@ def check_model(path: str) -> dict[str, Any] | None:
     try:
         processor = AutoProcessor.from_pretrained(path)
     except (OSError, ValueError, ImportError, TypeError, AttributeError) as e:
-        raise ModelLoadError(f"cannot load the processor of {path} with AutoProcessor: {_first_line(e)}") from e
+        raise ModelLoadError(f"cannot load the processor of {path} with AutoProcessor: {first_line(e)}") from e
     if not isinstance(processor, ProcessorMixin):
         raise ModelLoadError(
             f"{path}: AutoProcessor loads a bare {type(processor).__name__}, not a processor with an image "
@@ -248,7 +248,7 @@ def check_mmmu_data(data_dir: Path | None, subjects: dict[str, str]) -> dict[str
         try:
             schema = pq.read_schema(parquet[0])
         except Exception as e:  # pyarrow raises several kinds for a file that is not parquet
-            unreadable.append(f"{parquet[0].relative_to(data_dir)} ({_first_line(e)})")
+            unreadable.append(f"{parquet[0].relative_to(data_dir)} ({first_line(e)})")
             continue
         absent = [c for c in MMMU_COLUMNS if c not in schema.names]
         if absent:
@@ -393,7 +393,7 @@ def _run(models, labels, metadata, specs, tops, task_manager, *, limit, batch_si
                 log_samples=True,
             )
         except (FileNotFoundError, ConnectionError) as e:
-            raise DataError(f"lm-eval could not load a benchmark's data: {_first_line(e)}") from e
+            raise DataError(f"lm-eval could not load a benchmark's data: {first_line(e)}") from e
         result = ModelResult(str(path), label, meta, dtype=str(out["config"].get("model_dtype", dtype)))
         result.seconds = time.perf_counter() - start
         for bench, top in tops.items():
@@ -558,6 +558,3 @@ def _quiet() -> None:
     hf_logging.set_verbosity_error()
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import vocab as V
-from .errors import GenrecalError
+from .errors import GenrecalError, first_line
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
 CONFIG_FILES = ("config.json", "preprocessor_config.json", "processor_config.json", "chat_template.json", "chat_template.jinja")
@@ -208,7 +208,7 @@ def _from_folder(spec: str, folder: Path, kind: str | None = None) -> Source:
 
         tok = AutoTokenizer.from_pretrained(str(folder))
     except Exception as e:
-        raise GenrecalError(f"{spec}: cannot load the tokenizer ({type(e).__name__}: {_first_line(e)})") from None
+        raise GenrecalError(f"{spec}: cannot load the tokenizer ({type(e).__name__}: {first_line(e)})") from None
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
         raise GenrecalError(f"{spec}: {type(tok).__name__} has no fast (Rust) tokenizer, so no char offsets")
@@ -249,7 +249,7 @@ def _from_hub(spec: str) -> Source:
             elif isinstance(e, RepositoryNotFoundError):
                 why = "the Hub has no such repository (or it is private or gated)"
             else:
-                why = f"the Hub cannot be reached, this machine looks offline ({_first_line(e)})"
+                why = f"the Hub cannot be reached, this machine looks offline ({first_line(e)})"
             raise GenrecalError(
                 f"{spec}: not a local path, and no cached copy of this hub id; {why}. Download it where there is "
                 f"network (`hf download {spec} --local-dir DIR`) and pass DIR instead"
@@ -278,7 +278,7 @@ def _sentencepiece_proto(spec: str, path: Path):
     try:
         proto.ParseFromString(path.read_bytes())
     except Exception as e:
-        raise GenrecalError(f"{spec}: not a SentencePiece model (cannot parse it: {_first_line(e)})") from None
+        raise GenrecalError(f"{spec}: not a SentencePiece model (cannot parse it: {first_line(e)})") from None
     if len(proto.pieces) == 0:
         raise GenrecalError(f"{spec}: not a SentencePiece model (no pieces in it)")
     if proto.trainer_spec.model_type not in (1, 2):
@@ -301,7 +301,7 @@ def _from_sentencepiece(spec: str, path: Path) -> Source:
     try:
         backend = SpmConverter.build_tokenizer_from_spm_proto(proto, model_vocab, legacy=True)
     except Exception as e:
-        raise GenrecalError(f"{spec}: cannot convert this SentencePiece model ({_first_line(e)})") from None
+        raise GenrecalError(f"{spec}: cannot convert this SentencePiece model ({first_line(e)})") from None
     ts = proto.trainer_spec
 
     def piece(i: int) -> str | None:
@@ -376,7 +376,7 @@ def _from_tiktoken(spec: str, path: Path) -> Source:
     try:
         backend = Tokenizer(BPE(vocab, merges, fuse_unk=False, ignore_merges=True))
     except Exception as e:
-        raise GenrecalError(f"{spec}: cannot build a BPE tokenizer from it ({_first_line(e)})") from None
+        raise GenrecalError(f"{spec}: cannot build a BPE tokenizer from it ({first_line(e)})") from None
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(known["pattern"]), behavior="isolated"),
          pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
@@ -401,12 +401,9 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise GenrecalError(f"{path}: not readable JSON ({_first_line(e)})") from None
+        raise GenrecalError(f"{path}: not readable JSON ({first_line(e)})") from None
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
 
 
 def _config_vocab_size(config: dict) -> tuple[str | None, int | None]:
@@ -467,7 +464,7 @@ def _head_rows(folder: Path, notes: list[str]) -> tuple[str | None, int | None]:
                 notes.append("head rows unknown: weights are .bin, which cannot be read without loading them")
             return None, None
     except (OSError, ValueError) as e:
-        notes.append(f"head rows unknown: unreadable safetensors header ({_first_line(e)})")
+        notes.append(f"head rows unknown: unreadable safetensors header ({first_line(e)})")
         return None, None
     return _pick_head(shapes)
 
@@ -600,7 +597,7 @@ def _chat_template(src: Source, processor, notes: list[str]) -> str | None:
     try:
         return owner.apply_chat_template(_conversation(processor is not None), tokenize=False)
     except Exception as e:
-        notes.append(f"chat template did not render ({_first_line(e)})")
+        notes.append(f"chat template did not render ({first_line(e)})")
         return None
 
 
@@ -670,7 +667,7 @@ def _image_info(src: Source, notes: list[str]) -> tuple[dict | None, Any]:
     try:
         processor = _load_processor(src)
     except Exception as e:
-        notes.append(f"no processor: {_first_line(e)}")
+        notes.append(f"no processor: {first_line(e)}")
         return None, None
     if getattr(processor, "image_processor", None) is None:
         return None, None
@@ -689,7 +686,7 @@ def _image_info(src: Source, notes: list[str]) -> tuple[dict | None, Any]:
             out = processor(text=[placeholder], images=[Image.new("RGB", (w, h), (200, 30, 30))])
             return int(np.sum(np.asarray(out["input_ids"][0]) == token_id))
         except Exception as e:
-            notes.append(f"a {h}x{w} image failed in the processor ({_first_line(e)})")
+            notes.append(f"a {h}x{w} image failed in the processor ({first_line(e)})")
             return None
 
     size = _default_image_size(processor.image_processor)

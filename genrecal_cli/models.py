@@ -28,7 +28,7 @@ from transformers import (
     Qwen2VLProcessor,
 )
 
-from genrecal_cli.errors import ModelLoadError
+from .errors import ModelLoadError, first_line
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -291,7 +291,7 @@ def load_vlm(
             trust_remote_code=trust_remote_code,
         )
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load the model weights from {path} (safetensors only): {_first_line(e)}") from e
+        raise ModelLoadError(f"cannot load the model weights from {path} (safetensors only): {first_line(e)}") from e
     if device is not None:
         model.to(device)
     model.eval()
@@ -312,7 +312,7 @@ def _load_config(path: str, revision: str | None, trust_remote_code: bool):
         return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         if local.is_dir():
-            raise ModelLoadError(f"cannot read the config in {path}: {_first_line(e)}") from e
+            raise ModelLoadError(f"cannot read the config in {path}: {first_line(e)}") from e
         from huggingface_hub.constants import is_offline_mode
 
         if is_offline_mode():
@@ -320,7 +320,7 @@ def _load_config(path: str, revision: str | None, trust_remote_code: bool):
                 f"cannot reach the hub for {path!r} (offline) and there is no such local folder; "
                 "download it elsewhere and pass the local folder"
             ) from e
-        raise ModelLoadError(f"cannot load {path!r} from the hub: {_first_line(e)}") from e
+        raise ModelLoadError(f"cannot load {path!r} from the hub: {first_line(e)}") from e
 
 
 def _family_of(config, path: str) -> Family:
@@ -341,7 +341,7 @@ def _load_processor(path: str, family: Family, revision: str | None, trust_remot
     try:
         processor = loader.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, ImportError, TypeError, AttributeError) as e:
-        raise ModelLoadError(f"cannot load the processor from {path}: {_first_line(e)}") from e
+        raise ModelLoadError(f"cannot load the processor from {path}: {first_line(e)}") from e
     if not isinstance(processor, ProcessorMixin):
         # AutoProcessor falls back to the bare tokenizer when it finds no processor class.
         raise ModelLoadError(
@@ -351,7 +351,4 @@ def _load_processor(path: str, family: Family, revision: str | None, trust_remot
     return processor
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
