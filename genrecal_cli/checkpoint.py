@@ -25,7 +25,6 @@ from typing import Any, Iterator
 from .errors import GenrecalError
 
 STAGES = ("align", "distill", "finetune")
-STAGE_FILES = ("student", "recalibrator.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "recipe.json", "meta.json")
 
 
 @contextmanager

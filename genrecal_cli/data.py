@@ -31,7 +31,6 @@ class SkipItem(Exception):
 
 def load_split(spec: DataSpec, split: str, *, seed: int = 0):
     """Return one split of the recipe's data source as a `datasets.Dataset` with the columns checked."""
-    import datasets
 
     source = spec.source
     if source == "shapes":
@@ -92,8 +91,6 @@ def _load_external(source: str, split: str):
     except Exception as exc:  # datasets raises many types for malformed files
         raise DataError(f"{source}: cannot read the data ({type(exc).__name__}: {first_line(exc)})") from None
     raise DataError(f"{source}: path not found")
-
-
 
 
 def image_root(source: str) -> str | None:

@@ -404,8 +404,6 @@ def _read_json(path: Path) -> dict:
         raise GenrecalError(f"{path}: not readable JSON ({first_line(e)})") from None
 
 
-
-
 def _config_vocab_size(config: dict) -> tuple[str | None, int | None]:
     if isinstance(config.get("vocab_size"), int):
         return "vocab_size", config["vocab_size"]

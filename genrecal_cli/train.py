@@ -94,9 +94,10 @@ class GenRecal(nn.Module):
         if stage in TEACHER_STAGES:
             lq = int(sbatch["answer_start"].max())
             q_mask = (torch.arange(lq, device=z_s.device)[None, :] < sbatch["answer_start"][:, None]).long()
-            rec = self.recalibrator(z_s[:, :lq], q_mask, tf.answer_in, tf.answer_mask, answer_offset=tf.answer_start)
+            answer = tf.answer_mask.bool()
+            rec = self.recalibrator(z_s[:, :lq], q_mask, tf.answer_in, tf.answer_mask, answer_offset=tf.answer_start)[answer]
             terms["ar"], terms["kl"] = losses.recalibration_terms(
-                self._teacher_head, rec[tf.answer_mask.bool()], tf.rows, tf.targets, temperature=loss_w.temperature
+                self._teacher_head, rec, tf.rows, tf.targets, temperature=loss_w.temperature
             )
             if stage == "align" or st.reg:
                 reg_rec = self.recalibrator(
@@ -104,10 +105,10 @@ class GenRecal(nn.Module):
                     question_from_teacher=True, answer_offset=tf.answer_start,
                 )
                 ar, kl = losses.recalibration_terms(
-                    self._teacher_head, reg_rec[tf.answer_mask.bool()], tf.rows, tf.targets, temperature=loss_w.temperature
+                    self._teacher_head, reg_rec[answer], tf.rows, tf.targets, temperature=loss_w.temperature
                 )
                 terms["reg"] = ar + kl
-            terms["_rec_rows"] = rec[tf.answer_mask.bool()].detach()
+            terms["_rec_rows"] = rec.detach()
         if stage in ("distill", "finetune"):
             rows, targets = losses.answer_rows(z_s, sbatch["labels"])
             terms["sft"] = losses.sft(self.student.get_output_embeddings(), rows, targets)

@@ -501,7 +501,6 @@ def _build_atomically(target: Path, spec: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-
 # --------------------------------------------------------------------------- vision pretraining
 
 # With a random vision tower and projector, a tiny VLM trained from scratch ignored the image
