@@ -5,8 +5,13 @@ forward+backward alone (student-question path and teacher-only path), align step
 then (a) distill / SFT step, what distillation costs a user, and (b) distill / (teacher forward
 + SFT step + Recalibrator alone), the glue overhead above the compute the method needs.
 
-    .venv/bin/python bench/speed.py                          # CPU, small models
+Also the peak resident memory of each (CPU: the process's VmHWM, reset before each; GPU: peak
+allocated), the wall time of `genrecal --help`, and (with the test extras installed) inspect-vocab
+on two large vocabularies (bench/inspect_vocab.py: Qwen2 151k vs Qwen3.6 248k, 1 MB of text).
+
+    .venv/bin/python bench/speed.py --json bench/results/speed-cpu-small.json   # CPU, small models
     python bench/speed.py --device cuda --dtype bfloat16 --preset large
+    .venv/bin/python bench/speed.py --preset tiny --reps 2 --no-extras           # seconds (CI smoke)
 """
 
 from __future__ import annotations
@@ -14,17 +19,24 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-from genrecal_cli import losses
-from genrecal_cli.recalibrator import Recalibrator
-from genrecal_cli.recipe import recipe_from_dict
-from genrecal_cli.train import GenRecal, teacher_features
+from genrecal_cli import losses  # noqa: E402
+from genrecal_cli.recalibrator import Recalibrator  # noqa: E402
+from genrecal_cli.recipe import recipe_from_dict  # noqa: E402
+from genrecal_cli.train import GenRecal, teacher_features  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runs from a clone without installing
 
 PRESETS = {
+    "tiny": dict(t=(64, 1, 500), s=(32, 1, 400), batch=2, tq=24, ta=6, sq=28, sa=8),
     # teacher (hidden, layers, vocab), student (hidden, layers, vocab), batch, question/answer tokens
     "small": dict(t=(256, 4, 3000), s=(128, 2, 2000), batch=8, tq=96, ta=24, sq=110, sa=28),
     "large": dict(t=(2048, 16, 151_936), s=(1024, 8, 32_000), batch=8, tq=512, ta=128, sq=600, sa=150),
@@ -77,6 +89,45 @@ def timed(fn, reps, sync):
     return statistics.median(times)
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (VmHWM) on Linux, so each measurement gets its own peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_gib() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+def help_wall_time(reps: int = 3) -> float:
+    """Median seconds of `genrecal --help` in a fresh interpreter (imports neither torch nor transformers)."""
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "genrecal_cli", "--help"], cwd=ROOT, check=True, capture_output=True)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def inspect_vocab_time() -> dict:
+    """bench/inspect_vocab.py on Qwen2 (151k) vs Qwen3.6 (248k); needs the test extras."""
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "inspect_vocab.py"), "--student", "qwen3.6", "--repeat", "3"],
+                          cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"skipped": (done.stderr.strip().splitlines() or ["failed"])[-1]}
+    best = next(line for line in done.stdout.splitlines() if line.startswith("inspect_vocab"))
+    return {"output": done.stdout.strip().splitlines(), "best_s": float(best.split("best ")[1].split("s")[0])}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=PRESETS, default="small")
@@ -84,6 +135,7 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--no-extras", action="store_true", help="skip the --help and inspect-vocab timings")
     args = ap.parse_args()
     p, dev, dtype = PRESETS[args.preset], torch.device(args.device), getattr(torch, args.dtype)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -133,9 +185,12 @@ def main():
                      ("align_step", lambda: step("align")), ("distill_step", lambda: step("distill"))]:
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        rss_reset = reset_peak_rss()
         results[name] = {"ms": timed(fn, args.reps, sync)}
         if dev.type == "cuda":
             results[name]["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if rss_reset:
+            results[name]["peak_rss_gib"] = peak_rss_gib()
     ms = {k: v["ms"] for k, v in results.items()}
     tokens = int(sb["attention_mask"].sum())
     summary = {
@@ -145,6 +200,9 @@ def main():
         "ratio_b_glue": ms["distill_step"] / (ms["teacher_forward"] + ms["sft_step"] + ms["rec_student_path"] + ms["rec_teacher_path"]),
         "distill_student_tokens_per_s": tokens / (ms["distill_step"] / 1000),
     }
+    if not args.no_extras:
+        summary["help_wall_s"] = help_wall_time()
+        summary["inspect_vocab_151k_vs_248k"] = inspect_vocab_time()
     print(json.dumps(summary, indent=2))
     if args.json:
         with open(args.json, "w") as f:

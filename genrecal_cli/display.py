@@ -23,7 +23,7 @@ from rich.text import Text
 
 METRICS_FILE = "metrics.jsonl"
 
-LOSS_TERMS = ("ar", "kl", "reg", "sft")
+LOSS_TERMS = ("ar", "kl", "reg", "sft", "uld")
 SPEED_KEYS = ("lr", "items_per_s", "tokens_per_s")
 ALIGN_KEYS = (
     "teacher_q_tokens",
@@ -34,9 +34,15 @@ ALIGN_KEYS = (
     "boundary_agreement",
     "top1",
 )
+# The reliance probe (train.reliance): the Recalibrator with the student's question features
+# real, another item's, zeroed; first answer token and later ones; top-1 agreement and L_ar.
+PROBE_VARIANTS = ("real", "other", "zero")
+PROBE_KEYS = tuple(
+    f"rely_{part}_{what}_{v}" for what in ("top1", "ar") for part in ("first", "later") for v in PROBE_VARIANTS
+)
 # Known keys first, in this order, then any others sorted: every line of metrics.jsonl lists its
 # keys in the same order, so the file reads well with `tail -f` and diffs cleanly.
-KNOWN_KEYS = ("loss", *LOSS_TERMS, *SPEED_KEYS, *ALIGN_KEYS)
+KNOWN_KEYS = ("loss", *LOSS_TERMS, *SPEED_KEYS, *ALIGN_KEYS, *PROBE_KEYS)
 _RESERVED = ("stage", "step", "time")
 
 _PANEL_WIDTH = 80
@@ -249,7 +255,8 @@ class Reporter:
         first = st.last_step == st.start_step
         st.last_step = step
         last = st.total is not None and step >= st.total
-        logged = step % self.log_every == 0 or last
+        # A step that carries the reliance probe is always logged: the probe is rare and costly.
+        logged = step % self.log_every == 0 or last or any(k in metrics for k in PROBE_KEYS)
         if self.live:
             assert self._progress is not None
             self._progress.update(st.task_id, completed=step)
@@ -340,6 +347,10 @@ class Reporter:
             parts.append(f"top1 {_fixed(m['top1'], 2)}")
         if "boundary_agreement" in m:
             parts.append(f"boundaries {_percent(m['boundary_agreement'])}")
+        for part in ("first", "later"):
+            values = [m.get(f"rely_{part}_top1_{v}") for v in PROBE_VARIANTS]
+            if all(v is not None for v in values):
+                parts.append(f"rely {part} " + "/".join(_fixed(v, 2) for v in values))
         extras = [k for k in _ordered_keys(m) if k not in KNOWN_KEYS and k not in _RESERVED]
         parts.extend(f"{k} {_general(m[k])}" for k in extras)
         elapsed = time.monotonic() - st.t0
@@ -395,6 +406,17 @@ class Reporter:
             if "top1" in m:
                 right.add_row("top-1 agreement", _percent(m["top1"]), "")
 
+        probe = None
+        if any(k in m for k in PROBE_KEYS):
+            probe = Table(box=None, padding=(0, 1), show_edge=False, header_style="bold")
+            probe.add_column("reliance on the student (top-1)", style="dim")
+            for v in PROBE_VARIANTS:
+                probe.add_column(v, justify="right")
+            for part, label in (("first", "first answer token"), ("later", "later answer tokens")):
+                cells = [m.get(f"rely_{part}_top1_{v}") for v in PROBE_VARIANTS]
+                if any(c is not None for c in cells):
+                    probe.add_row(label, *(_percent(c) if c is not None else "–" for c in cells))
+
         body = Table.grid(padding=(0, 3))
         body.add_column()
         body.add_column()
@@ -403,6 +425,8 @@ class Reporter:
         elif right is not None:
             body.add_row(right)
         rows: list[RenderableType] = [body] if (losses or speeds or right is not None) else []
+        if probe is not None:
+            rows.append(probe)
 
         extras = [k for k in _ordered_keys(m) if k not in KNOWN_KEYS and k not in _RESERVED]
         if extras:

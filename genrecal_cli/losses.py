@@ -101,6 +101,72 @@ def _maybe_checkpoint(fn, head, rows, *args):
     return fn(head, rows, *args)
 
 
+def aligned_pairs(student_counts: torch.Tensor, teacher_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices that pair the i-th answer token of the student with the i-th of the teacher.
+
+    student_counts, teacher_counts [B]: answer tokens per item, rows stored item after item in
+    reading order (as `answer_rows` returns them). Each item pairs its first min(n_s, n_t)
+    tokens; the longer answer's tail has no partner. Returns (student_idx [P], teacher_idx [P]).
+    """
+    s_start = torch.cumsum(student_counts, 0) - student_counts
+    t_start = torch.cumsum(teacher_counts, 0) - teacher_counts
+    n = torch.minimum(student_counts, teacher_counts)
+    item = torch.repeat_interleave(torch.arange(len(n), device=n.device), n)
+    k = torch.arange(int(n.sum()), device=n.device) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+    return s_start[item] + k, t_start[item] + k
+
+
+def sorted_probability_distance(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """ULD's distance (Boizard et al. 2024), summed over rows: the L1 distance between the two
+    probability vectors sorted in decreasing order, the shorter vocabulary padded with zeros.
+    Sorting makes the vocabularies' ids irrelevant, which is what lets it cross tokenizers.
+    student_logits [P, V_s], teacher_logits [P, V_t] -> scalar."""
+    p_s = F.softmax(student_logits.float() / temperature, dim=-1).sort(dim=-1, descending=True).values
+    p_t = F.softmax(teacher_logits.float() / temperature, dim=-1).sort(dim=-1, descending=True).values
+    width = max(p_s.shape[-1], p_t.shape[-1])
+    p_s = F.pad(p_s, (0, width - p_s.shape[-1]))
+    p_t = F.pad(p_t, (0, width - p_t.shape[-1]))
+    return (p_s - p_t).abs().sum()
+
+
+def uld(
+    student_head: Head,
+    student_rows: torch.Tensor,
+    student_counts: torch.Tensor,
+    teacher_head: Head,
+    teacher_rows: torch.Tensor,
+    teacher_counts: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """L_uld: Universal Logit Distillation, the cross-tokenizer logit baseline, mean over pairs.
+
+    student_rows [N_s, d_s] / teacher_rows [N_t, d_l]: each side's rows predicting its own answer
+    tokens, item after item; *_counts [B] how many per item. Tokens are paired by position within
+    the answer (aligned_pairs), not by text: that is ULD's approximation, and why it suffers when
+    the two tokenizers split an answer differently.
+    """
+    s_idx, t_idx = aligned_pairs(student_counts, teacher_counts)
+    p = s_idx.numel()
+    if p == 0:
+        return student_rows.sum() * 0.0
+    total = student_rows.new_zeros((), dtype=torch.float32)
+    for s in range(0, p, chunk_size):
+        with torch.no_grad():
+            teacher_logits = teacher_head(teacher_rows[t_idx[s : s + chunk_size]])
+        total = total + _maybe_checkpoint(
+            _uld_chunk, student_head, student_rows[s_idx[s : s + chunk_size]], teacher_logits, temperature
+        )
+    return total / p
+
+
+def _uld_chunk(head, rows, teacher_logits, temperature):
+    return sorted_probability_distance(head(rows), teacher_logits, temperature)
+
+
 def top1_agreement(head: Head, recalibrated: torch.Tensor, teacher_hidden: torch.Tensor, chunk_size: int = 1024) -> float:
     """Share of answer rows where the recalibrated top-1 token equals the teacher's top-1."""
     if recalibrated.shape[0] == 0:

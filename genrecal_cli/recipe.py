@@ -103,10 +103,13 @@ class LossSpec:
     kl: float = 1.0
     reg: float = 1.0
     sft: float = 1.0
+    # ULD (Universal Logit Distillation), the cross-tokenizer logit baseline: the student's own
+    # answer logits against the teacher's, sorted, in the distill stage. Off in GenRecal (0).
+    uld: float = 0.0
     temperature: float = 1.0
 
     def _check(self, key: str, problems: list[str]) -> None:
-        for name in ("ar", "kl", "reg", "sft"):
+        for name in ("ar", "kl", "reg", "sft", "uld"):
             if getattr(self, name) < 0:
                 problems.append(f"{key}.{name}: weight {getattr(self, name)} is negative; use 0 to switch a term off")
         if self.temperature <= 0:
@@ -178,9 +181,18 @@ class TrainSpec:
     precision: Precision = "auto"  # auto = fp32 on CPU (bf16 autocast is slow there), bf16 on GPU
     log_every: int = 10  # steps between logged lines / metrics.jsonl rows
     eval_items: int = 200  # validation items for the before/after accuracy table
+    # The Recalibrator's reliance on the student (align, distill): every probe_every steps, on a
+    # fixed batch of probe_items training items, its loss and top-1 agreement with the student's
+    # question features real, another item's and zeroed. 0 switches the probe off.
+    probe_every: int = 50
+    probe_items: int = 16
 
     def _check(self, key: str, problems: list[str]) -> None:
         _positive(self.log_every, f"{key}.log_every", problems)
+        if self.probe_every < 0:
+            problems.append(f"{key}.probe_every: {self.probe_every} must be >= 0 (0 = no probe)")
+        if self.probe_items < 2:
+            problems.append(f"{key}.probe_items: {self.probe_items} must be >= 2 (the probe swaps items' features)")
         if self.eval_items < 0:
             problems.append(f"{key}.eval_items: {self.eval_items} must be >= 0")
 
@@ -207,6 +219,16 @@ class Recipe:
                 f"teacher: stage{'s' if len(needs_teacher) > 1 else ''} {', '.join(needs_teacher)} "
                 "need a teacher; add a [teacher] table with a `path`"
             )
+        if self.stages.align.enabled and not (self.loss.ar or self.loss.kl or self.loss.reg):
+            problems.append("stages.align: trains the Recalibrator on loss.ar, loss.kl and loss.reg, which are all 0; "
+                            "give one a weight or disable the stage (enabled = false)")
+
+    @property
+    def uses_recalibrator(self) -> bool:
+        """Whether any enabled stage trains or reads the Recalibrator (not a ULD-only distill)."""
+        distill = self.stages.distill
+        rec_terms = self.loss.ar or self.loss.kl or (self.loss.reg and distill.reg)
+        return self.stages.align.enabled or (distill.enabled and bool(rec_terms))
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe as plain data (stored with every checkpoint)."""

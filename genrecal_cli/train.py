@@ -91,11 +91,10 @@ class GenRecal(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and stage != "align"):  # align: student frozen
             z_s = self.student.model(**model_inputs(sbatch)).last_hidden_state
         terms: dict[str, torch.Tensor] = {}
-        if stage in TEACHER_STAGES:
-            lq = int(sbatch["answer_start"].max())
-            q_mask = (torch.arange(lq, device=z_s.device)[None, :] < sbatch["answer_start"][:, None]).long()
+        if stage in TEACHER_STAGES and self.recalibrator is not None:
+            q, q_mask = student_question(z_s, sbatch)
             answer = tf.answer_mask.bool()
-            rec = self.recalibrator(z_s[:, :lq], q_mask, tf.answer_in, tf.answer_mask, answer_offset=tf.answer_start)[answer]
+            rec = self.recalibrator(q, q_mask, tf.answer_in, tf.answer_mask, answer_offset=tf.answer_start)[answer]
             terms["ar"], terms["kl"] = losses.recalibration_terms(
                 self._teacher_head, rec, tf.rows, tf.targets, temperature=loss_w.temperature
             )
@@ -112,9 +111,55 @@ class GenRecal(nn.Module):
         if stage in ("distill", "finetune"):
             rows, targets = losses.answer_rows(z_s, sbatch["labels"])
             terms["sft"] = losses.sft(self.student.get_output_embeddings(), rows, targets)
-        weights = {"ar": loss_w.ar, "kl": loss_w.kl, "reg": loss_w.reg, "sft": loss_w.sft}
+            if stage == "distill" and loss_w.uld:
+                terms["uld"] = losses.uld(
+                    self.student.get_output_embeddings(), rows, (sbatch["labels"][:, 1:] != -100).sum(1),
+                    self._teacher_head, tf.rows, tf.answer_mask.sum(1), temperature=loss_w.temperature,
+                )
+        weights = {"ar": loss_w.ar, "kl": loss_w.kl, "reg": loss_w.reg, "sft": loss_w.sft, "uld": loss_w.uld}
         terms["loss"] = sum(weights[k] * v for k, v in terms.items() if k in weights)
         return terms
+
+
+def student_question(z_s: torch.Tensor, sbatch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's question features z_qs [B, Lq, d_s] and their mask [B, Lq] (1 = real)."""
+    start = sbatch["answer_start"]
+    lq = int(start.max())
+    return z_s[:, :lq], (torch.arange(lq, device=z_s.device)[None, :] < start[:, None]).long()
+
+
+# ---------------------------------------------------------------------------------------------
+# the reliance probe: does the Recalibrator's output depend on the student?
+
+
+def reliance(module: GenRecal, sbatch: dict, tf: TeacherFeatures) -> dict[str, float]:
+    """The Recalibrator's loss (L_ar) and teacher top-1 agreement on one batch with the student's
+    question features real, another item's (each item gets its neighbour's, mask included) and
+    zeroed; separately for the first answer token (predicted from the last student question
+    position) and the later ones. Equal numbers across the three mean the output ignores the
+    student. Keys `rely_{first|later}_{top1|ar}_{real|other|zero}`."""
+    import torch.nn.functional as F
+
+    head = module._teacher_head
+    with torch.no_grad():
+        q, q_mask = student_question(module.student.model(**model_inputs(sbatch)).last_hidden_state, sbatch)
+        answer = tf.answer_mask.bool()
+        first = torch.zeros_like(answer)
+        first[:, 0] = True
+        first = first[answer]
+        teacher_top1 = head(tf.rows).argmax(-1)
+        variants = {"real": (q, q_mask), "other": (q.roll(1, 0), q_mask.roll(1, 0)), "zero": (torch.zeros_like(q), q_mask)}
+        out = {}
+        for name, (question, mask) in variants.items():
+            rec = module.recalibrator(question, mask, tf.answer_in, tf.answer_mask, answer_offset=tf.answer_start)
+            logits = head(rec[answer]).float()
+            ar = F.cross_entropy(logits, tf.targets, reduction="none")
+            agree = (logits.argmax(-1) == teacher_top1).float()
+            for part, sel in (("first", first), ("later", ~first)):
+                if sel.any():
+                    out[f"rely_{part}_top1_{name}"] = float(agree[sel].mean())
+                    out[f"rely_{part}_ar_{name}"] = float(ar[sel].mean())
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,6 +267,7 @@ def distill(
         teacher.model.to(accelerator.device)
         _warn_if_swapped(teacher, student, reporter)
         set_seed(recipe.train.seed)
+    if teacher is not None and recipe.uses_recalibrator:
         rec = Recalibrator(teacher.hidden_size, student.text_config, student.decoder_layer_class,
                            num_blocks=recipe.recalibrator.num_blocks, new_positions=recipe.recalibrator.new_positions)
         rec.to(dtype=student.model.dtype)
@@ -338,6 +384,7 @@ def run_stage(stage, recipe: Recipe, teacher, student, rec, accelerator, reporte
         scheduler.load_state_dict(ckpt.load_tensors(stage_dir / "scheduler.pt"))
         ckpt.set_rng_state(ckpt.load_tensors(stage_dir / "rng.pt"))
         start_step = int(resume_meta["step"])
+    probe = _probe_batch(dataset, sides, recipe, accelerator) if (rec is not None and stage in TEACHER_STAGES) else None
     accelerator.gradient_accumulation_steps = st.grad_accum  # accumulate() and backward() follow it
     module, optimizer, loader, scheduler = accelerator.prepare(module, optimizer, loader, scheduler)
     module.train()
@@ -385,6 +432,8 @@ def run_stage(stage, recipe: Recipe, teacher, student, rec, accelerator, reporte
                     metrics["items_per_s"], metrics["tokens_per_s"] = items / dt, tokens / dt
                     if tf is not None:
                         metrics.update(alignment_stats(batch, tf, terms, teacher))
+                    if probe is not None and (step % recipe.train.probe_every == 0 or step == total):
+                        metrics.update(_run_probe(accelerator, module, probe, teacher, recipe))
                     reporter.step(label, step, metrics)
                 acc, micro = {}, 0
                 if step >= total:
@@ -405,6 +454,28 @@ def run_stage(stage, recipe: Recipe, teacher, student, rec, accelerator, reporte
     if reporter is not None:
         reporter.stage_end(label, metrics)
     return {"steps": step, "metrics": metrics}
+
+
+def _probe_batch(dataset, sides, recipe: Recipe, accelerator) -> dict | None:
+    """The reliance probe's fixed batch: the first train.probe_items training items."""
+    from accelerate.utils import send_to_device
+
+    n = min(recipe.train.probe_items, len(dataset))
+    if recipe.train.probe_every == 0 or n < 2:
+        return None
+    return send_to_device(Collator(sides)([dataset[i] for i in range(n)]), accelerator.device)
+
+
+def _run_probe(accelerator, module, probe: dict, teacher, recipe: Recipe) -> dict[str, float]:
+    module = accelerator.unwrap_model(module)
+    was_training = module.training
+    module.eval()
+    try:
+        with accelerator.autocast():  # the same precision as the training forward (bf16 on GPU)
+            tf = teacher_features(teacher, probe["teacher"], recipe.recalibrator.answer_input)
+            return reliance(module, probe["student"], tf)
+    finally:
+        module.train(was_training)
 
 
 class _NonFinite(Exception):

@@ -202,7 +202,9 @@ def build_tiny_vlm(
         from genrecal_cli.models import VLM
 
         vlm = VLM(model, processor, family, str(out_dir))
-        pretrain_vision(vlm, steps=pretrain_steps, seed=seed, image_size=image_size)
+        # Scenes drawn as the shapes data set draws them (64x64); the processor resizes them to
+        # image_size exactly as it will resize the training images.
+        pretrain_vision(vlm, steps=pretrain_steps, seed=seed)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -557,6 +559,7 @@ def pretrain_vision(
 
     Scenes come from the train split; the metrics, before and after, are measured on
     `eval_size` validation scenes (layouts training never saw). Deterministic for a seed."""
+    import math
     import time
 
     import torch
@@ -571,14 +574,26 @@ def pretrain_vision(
     train_items = make_items("train", steps * batch_size, seed)
     cells, classes = GRID * GRID, 1 + len(COLOURS) * len(SHAPES)
 
-    # One linear map from all image tokens to all cells. A per-token classifier shared across
-    # cells plateaued near 88% cell accuracy (45% on objects): tokens straddle cell edges.
     tokens, hidden = image_features(vlm, eval_images[:1]).shape[1:]
+    side = math.isqrt(tokens)
+    local = side * side == tokens and side % GRID == 0
     with torch.random.fork_rng(devices=[]):  # a seeded head without disturbing the caller's RNG
         torch.manual_seed(seed)
-        head = torch.nn.Linear(tokens * hidden, cells * classes)
+        # When the image tokens tile the grid (48x48 images: Qwen 3x3 merged tokens, LLaVA 6x6),
+        # one classifier shared by all tokens reads each token's own cell, so every token says
+        # what its cell holds in the same code wherever it is. Otherwise (tokens straddle cell
+        # edges, where a shared classifier plateaued near 88% cell accuracy) one linear map from
+        # all tokens to all cells.
+        head = torch.nn.Linear(hidden, classes) if local else torch.nn.Linear(tokens * hidden, cells * classes)
+    per = side // GRID
+    # token (row r, column c) of the side x side raster lies in cell (r // per, c // per)
+    token_cell = torch.tensor([(r // per) * GRID + c // per for r in range(side) for c in range(side)]) if local else None
 
     def cell_logits(features):
+        if local:  # [B, T, classes] -> each cell's logits averaged over its tokens
+            per_token = head(features)
+            out = per_token.new_zeros(features.shape[0], cells, classes).index_add_(1, token_cell, per_token)
+            return out / (per * per)
         return head(features.flatten(1)).view(-1, cells, classes)
 
     # Qwen's projector (visual.merger) lies inside its vision encoder: count each weight once.
@@ -603,8 +618,8 @@ def pretrain_vision(
     for step in range(steps):
         items = train_items[step * batch_size : (step + 1) * batch_size]
         labels = torch.tensor([cell_labels(it.scene) for it in items])
-        out = cell_logits(image_features(vlm, [draw_scene(it.scene, image_size) for it in items]))
-        loss = F.cross_entropy(out.flatten(0, 1), labels.flatten())
+        features = image_features(vlm, [draw_scene(it.scene, image_size) for it in items])
+        loss = F.cross_entropy(cell_logits(features).flatten(0, 1), labels.flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

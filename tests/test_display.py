@@ -232,3 +232,30 @@ def test_number_formats_survive_extremes():
     line = step_lines(console.file.getvalue(), "distill")[0]
     assert "loss inf" in line and "lr 0.0e+00" in line and "15,000,000 tok/s" in line
     assert "big 3.00e+09" in line and "tiny 1.00e-07" in line
+
+
+PROBE = {f"rely_{part}_{what}_{v}": value for part, base in (("first", 0.9), ("later", 0.97))
+         for what in ("top1", "ar") for v, value in zip(("real", "other", "zero"), (base, base - 0.5, base - 0.6))}
+
+
+def test_probe_steps_are_always_logged_and_shown_in_line_and_panel(tmp_path):
+    console = plain_console()
+    with Reporter(tmp_path, console=console, log_every=10) as r:
+        r.stage_start("distill", 20)
+        for step in range(1, 21):
+            r.step("distill", step, {**FULL, **(PROBE if step == 7 else {})})
+        r.stage_end("distill")
+    lines = step_lines(console.file.getvalue(), "distill")
+    assert [re.search(r"(\d+)/20", line).group(1) for line in lines] == ["7", "10", "20"]  # 7: the probe
+    assert "rely first 0.90/0.40/0.30" in lines[0] and "rely later 0.97/0.47/0.37" in lines[0]
+    assert "rely" not in lines[1]
+    rows = [json.loads(x) for x in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    assert rows[0]["step"] == 7 and rows[0]["rely_first_top1_other"] == pytest.approx(0.4)
+
+    live = Console(file=io.StringIO(), force_terminal=True, width=80, color_system=None)
+    with Reporter(None, console=live, log_every=1) as r:
+        run_stage(r, "distill", 1, {**FULL, **PROBE})
+    out = live.file.getvalue()
+    assert "reliance on the student" in out and "first answer token" in out and "40%" in out
+    lines = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out).splitlines()
+    assert max(len(line) for line in lines) <= 80

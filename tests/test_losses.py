@@ -85,3 +85,47 @@ def test_top1_agreement():
     assert losses.top1_agreement(head, tch, tch) == 1.0
     ref = (head(rec).argmax(-1) == head(tch).argmax(-1)).float().mean().item()
     assert abs(losses.top1_agreement(head, rec, tch, chunk_size=3) - ref) < 1e-6
+
+
+def test_aligned_pairs_pair_tokens_by_position_within_each_answer():
+    # item 0: student 3 tokens, teacher 2 -> 2 pairs; item 1: student 1, teacher 4 -> 1 pair
+    s_idx, t_idx = losses.aligned_pairs(torch.tensor([3, 1]), torch.tensor([2, 4]))
+    assert s_idx.tolist() == [0, 1, 3]
+    assert t_idx.tolist() == [0, 1, 2]
+    s_idx, t_idx = losses.aligned_pairs(torch.tensor([0, 2]), torch.tensor([5, 2]))
+    assert s_idx.tolist() == [0, 1] and t_idx.tolist() == [5, 6]
+
+
+def test_sorted_probability_distance_matches_a_direct_loop_and_ignores_ids():
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(3, 5, generator=g), torch.randn(3, 8, generator=g)
+    ref = 0.0
+    for r in range(3):
+        ps = sorted(s[r].softmax(-1).tolist(), reverse=True) + [0.0] * 3
+        pt = sorted(t[r].softmax(-1).tolist(), reverse=True)
+        ref += sum(abs(a - b) for a, b in zip(ps, pt))
+    assert abs(losses.sorted_probability_distance(s, t).item() - ref) < 1e-5
+    # permuting a vocabulary changes nothing: only the shape of the distribution counts
+    perm = torch.randperm(8, generator=g)
+    assert torch.allclose(losses.sorted_probability_distance(s, t[:, perm]), losses.sorted_probability_distance(s, t))
+    assert losses.sorted_probability_distance(t, t[:, perm]).item() < 1e-6
+    # temperature softens both sides before sorting
+    ps, pt = (s / 2).softmax(-1), F.pad((t / 2).softmax(-1), (0, 0))
+    ps = F.pad(ps.sort(-1, descending=True).values, (0, 3))
+    pt = pt.sort(-1, descending=True).values
+    assert torch.allclose(losses.sorted_probability_distance(s, t, 2.0), (ps - pt).abs().sum(), atol=1e-5)
+
+
+def test_uld_is_the_mean_distance_over_aligned_pairs_with_gradient_to_the_student_only():
+    g = torch.Generator().manual_seed(4)
+    s_head, t_head = torch.nn.Linear(6, 7, bias=False), torch.nn.Linear(10, 12, bias=False)
+    s_rows = torch.randn(5, 6, generator=g, requires_grad=True)
+    t_rows = torch.randn(6, 10, generator=g, requires_grad=True)
+    s_counts, t_counts = torch.tensor([2, 3]), torch.tensor([4, 2])  # pairs: (0,0) (1,1) (2,4) (3,5)
+    got = losses.uld(s_head, s_rows, s_counts, t_head, t_rows, t_counts, chunk_size=3)
+    pairs = [(0, 0), (1, 1), (2, 4), (3, 5)]
+    ref = sum(losses.sorted_probability_distance(s_head(s_rows[i : i + 1]), t_head(t_rows[j : j + 1])) for i, j in pairs) / 4
+    assert torch.allclose(got, ref, atol=1e-5)
+    got.backward()
+    assert s_rows.grad is not None and s_rows.grad[4].abs().sum() == 0  # row 4 has no partner
+    assert t_rows.grad is None and t_head.weight.grad is None

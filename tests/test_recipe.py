@@ -148,3 +148,25 @@ def test_to_dict_round_trips(tmp_path):
     recipe = load_recipe(ROOT / "recipes" / "tiny-shapes.toml")
     again = recipe_from_dict(recipe.to_dict())
     assert again == recipe
+
+
+def test_align_with_every_recalibrator_term_off_is_an_error():
+    raw = {"teacher": {"path": "zoo:t"}, "student": {"path": "zoo:s"}, "stages": {"align": {"steps": 3}},
+           "loss": {"ar": 0.0, "kl": 0.0, "reg": 0.0, "uld": 1.0}}
+    probs = problems_of(raw)
+    assert any(p.startswith("stages.align: trains the Recalibrator on loss.ar, loss.kl and loss.reg") for p in probs)
+
+
+def test_a_uld_only_distill_needs_no_recalibrator():
+    from genrecal_cli.recipe import recipe_from_dict
+
+    base = {"teacher": {"path": "zoo:t"}, "student": {"path": "zoo:s"}, "stages": {"distill": {"steps": 3}}}
+    assert recipe_from_dict(base).uses_recalibrator
+    uld = recipe_from_dict({**base, "loss": {"ar": 0.0, "kl": 0.0, "reg": 0.0, "uld": 1.0}})
+    assert not uld.uses_recalibrator and uld.loss.uld == 1.0
+
+
+def test_probe_settings_are_checked():
+    probs = problems_of({**MINIMAL, "train": {"probe_every": -1, "probe_items": 1}})
+    assert any(p.startswith("train.probe_every: -1 must be >= 0") for p in probs)
+    assert any(p.startswith("train.probe_items: 1 must be >= 2") for p in probs)

@@ -317,3 +317,76 @@ def test_gradient_accumulation_draws_accum_batches_per_update(tmp_path, monkeypa
     assert [s for _, s, _ in rec.rows] == [1, 2, 3]
     assert len(batches) in (6, 7)  # 3 updates x 2 micro-batches (+1 that accelerate prefetches)
     assert rec.rows[0][2]["lr"] == pytest.approx(1e-3) and rec.rows[-1][2]["lr"] == pytest.approx(1e-4)
+
+
+def test_reliance_probe_is_logged_in_teacher_stages_only(full_run):
+    _, _, rec = full_run
+    from genrecal_cli.display import PROBE_KEYS
+
+    probed = {(stage, step) for stage, step, m in rec.rows if set(PROBE_KEYS) <= set(m)}
+    assert probed == {("align", 3), ("distill", 3)}  # probe_every 50 > 3 steps: the last step only
+    for stage, step, m in rec.rows:
+        if (stage, step) in probed:
+            assert all(0.0 <= m[k] <= 1.0 for k in PROBE_KEYS if "_top1_" in k)
+            assert all(m[k] > 0 for k in PROBE_KEYS if "_ar_" in k)
+
+
+def _probe_setup(tiny_pair, answer_input="hidden"):
+    from genrecal_cli.data import Collator, PairDataset, load_split
+    from genrecal_cli.recalibrator import Recalibrator
+    from genrecal_cli.train import GenRecal, teacher_features
+
+    teacher, student = tiny_pair
+    recipe = _recipe("unused", stages=("align",))
+    sides = {"teacher": teacher.processor, "student": student.processor}
+    ds = PairDataset(load_split(recipe.data, "train").select(range(6)), recipe.data, sides).scan()
+    batch = Collator(sides)([ds[i] for i in range(len(ds))])
+    torch.manual_seed(0)
+    rec = Recalibrator(teacher.hidden_size, student.text_config, student.decoder_layer_class)
+    module = GenRecal(student.model, rec, teacher.head).eval()
+    return module, batch["student"], teacher_features(teacher, batch["teacher"], answer_input), recipe
+
+
+def test_reliance_real_matches_the_training_loss_and_a_blind_recalibrator_shows_no_reliance(tiny_pair):
+    from genrecal_cli import losses
+    from genrecal_cli.data import model_inputs
+    from genrecal_cli.train import reliance, student_question
+
+    module, sbatch, tf, _ = _probe_setup(tiny_pair)
+    out = reliance(module, sbatch, tf)
+    # "real" is the training forward: its per-token L_ar, weighted by token counts, is L_ar
+    with torch.no_grad():
+        q, mask = student_question(module.student.model(**model_inputs(sbatch)).last_hidden_state, sbatch)
+        rows = module.recalibrator(q, mask, tf.answer_in, tf.answer_mask)[tf.answer_mask.bool()]
+        ar, _ = losses.recalibration_terms(module._teacher_head, rows, tf.rows, tf.targets)
+    n_first = len(sbatch["answer_start"])
+    n_later = len(tf.targets) - n_first
+    mixed = (out["rely_first_ar_real"] * n_first + out["rely_later_ar_real"] * n_later) / len(tf.targets)
+    assert abs(mixed - ar.item()) < 1e-4
+    # a random Recalibrator already reads the student: the first token changes with its features
+    assert out["rely_first_ar_real"] != out["rely_first_ar_zero"]
+
+    # one that never looks at the student's features: every variant gives the same numbers
+    real_forward = module.recalibrator.forward
+    module.recalibrator.forward = lambda question, *a, **k: real_forward(torch.ones_like(question), *a, **k)
+    blind = reliance(module, sbatch, tf)
+    for part in ("first", "later"):
+        for what in ("top1", "ar"):
+            values = [blind[f"rely_{part}_{what}_{v}"] for v in ("real", "other", "zero")]
+            assert max(values) - min(values) < 1e-5, (part, what, values)
+
+
+def test_uld_baseline_distills_without_a_recalibrator(tmp_path, tiny_pair):
+    raw = _recipe(tmp_path, stages=("distill",), steps=3).to_dict()
+    raw["loss"] = {"ar": 0.0, "kl": 0.0, "reg": 0.0, "uld": 1.0, "sft": 1.0}
+    rec = Recorder()
+    distill(recipe_from_dict(raw), reporter=rec)
+    assert not (tmp_path / "distill" / "recalibrator.safetensors").exists()
+    for _, _, m in rec.rows:
+        assert {"uld", "sft"} <= set(m) and not {"ar", "kl", "reg"} & set(m)
+        assert 0.0 < m["uld"] <= 2.0  # an L1 distance between two probability vectors
+        assert abs(m["loss"] - m["uld"] - m["sft"]) < 1e-4
+    _, student = tiny_pair
+    after = _student_weights(tmp_path / "distill" / "student")
+    before = student.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in after if "language_model" in k)

@@ -1,0 +1,70 @@
+"""Smoke runs of the benchmark scripts (tiny sizes, a few steps): they run end to end and write
+what they promise. The figures themselves come from the full presets (docs/results.md)."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+from .conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def test_noisy_answers_are_wrong_in_every_form_and_kind():
+    from replicate import noisy_answer
+
+    from genrecal_cli.shapes import make_items, score
+
+    rng = random.Random(0)
+    items = make_items("train", 60)  # every kind x form, four times over
+    for item in items:
+        row = item.row()
+        noisy = noisy_answer(row, rng)
+        assert noisy["answer"] != row["answer"]
+        assert not score(noisy["answer"], row), (row["answer"], noisy["answer"])
+        assert score(noisy["answer"], noisy)  # still a well-formed answer, to a different truth
+
+
+def test_replicate_smoke_runs_every_arm_and_writes_tables_and_plot(tmp_path):
+    from PIL import Image
+
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "replicate.py"), "--preset", "smoke", "--work", str(tmp_path), "--jobs", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "results" / "replicate-smoke.json").read_text())
+    arms = {(r["condition"], r["arm"]) for r in result["rows"]}
+    from replicate import ABLATIONS, MAIN_ARMS
+
+    assert arms == {(c, a) for c in ("clean", "noisy") for a in MAIN_ARMS} | {("clean", a) for a in ABLATIONS}
+    for row in result["rows"]:
+        assert 0.0 <= row["mean"] <= 1.0 and 0.0 <= row["after_distill_mean"] <= 1.0
+    assert result["accuracy"]["teacher"]["n"] == 3  # the smoke preset's --limit reached genrecal eval
+    probes = result["probes"]
+    assert {"clean/genrecal/seed0", "clean/embeddings/seed0"} <= set(probes)
+    assert {"rely_first_top1_real", "rely_later_top1_zero"} <= set(probes["clean/genrecal/seed0"]["distill"])
+    table = (tmp_path / "results" / "replicate-smoke.md").read_text()
+    assert "| clean | genrecal |" in table and "| noisy | uld |" in table
+    with Image.open(tmp_path / "results" / "replicate-smoke.png") as img:
+        assert img.size == (1100, 520)
+    # the SFT arm's two phases restart the schedule where GenRecal's stages do
+    sft = json.loads((tmp_path / "runs" / "clean" / "sft" / "seed0" / "phase2" / "student" / "genrecal.json").read_text())
+    assert sft["recipe"]["student"]["path"].endswith("phase1/student")
+
+
+def test_speed_smoke_reports_steps_ratios_and_memory(tmp_path):
+    out = tmp_path / "speed.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "speed.py"), "--preset", "tiny", "--reps", "2", "--no-extras", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    steps = summary["steps"]
+    assert set(steps) == {"teacher_forward", "sft_step", "rec_student_path", "rec_teacher_path", "align_step", "distill_step"}
+    assert all(s["ms"] > 0 and s["peak_rss_gib"] > 0 for s in steps.values())
+    assert summary["ratio_a_distill_over_sft"] > 0 and summary["ratio_b_glue"] > 0
