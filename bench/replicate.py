@@ -4,7 +4,7 @@ One command trains a strong teacher and a weak student of other families and tok
 runs every arm from the same student baseline with the same number of student updates, and
 measures each result with `genrecal eval` (lm-eval's hf-multimodal on the shapes test split):
 
-    .venv/bin/python bench/replicate.py                   # ~1 hour on 2 CPU cores
+    .venv/bin/python bench/replicate.py                   # ~80 min on 2 CPU cores
     .venv/bin/python bench/replicate.py --preset smoke    # every arm for a few steps (CI)
 
 Arms: SFT only; GenRecal (align -> distill -> finetune); ULD; ablations (no reg, kl without
