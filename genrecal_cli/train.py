@@ -110,10 +110,11 @@ class GenRecal(nn.Module):
             terms["_rec_rows"] = rec.detach()
         if stage in ("distill", "finetune"):
             rows, targets = losses.answer_rows(z_s, sbatch["labels"])
-            terms["sft"] = losses.sft(self.student.get_output_embeddings(), rows, targets)
+            head = self.student.get_output_embeddings()
+            terms["sft"] = losses.sft(head, rows, targets)
             if stage == "distill" and loss_w.uld:
                 terms["uld"] = losses.uld(
-                    self.student.get_output_embeddings(), rows, (sbatch["labels"][:, 1:] != -100).sum(1),
+                    head, rows, (sbatch["labels"][:, 1:] != -100).sum(1),
                     self._teacher_head, tf.rows, tf.answer_mask.sum(1), temperature=loss_w.temperature,
                 )
         weights = {"ar": loss_w.ar, "kl": loss_w.kl, "reg": loss_w.reg, "sft": loss_w.sft, "uld": loss_w.uld}
