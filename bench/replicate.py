@@ -151,11 +151,12 @@ def build_data(work: Path, p: Preset, log) -> dict[str, str]:
     return out
 
 
-def build_models(work: Path, p: Preset, log) -> dict[str, str]:
+def build_models(work: Path, p: Preset, log, roles=("teacher", "student")) -> dict[str, str]:
     from genrecal_cli.zoo import build_tiny_vlm
 
     out = {}
-    for role, (family, hidden, layers) in (("teacher", p.teacher), ("student", p.student)):
+    for role in roles:
+        family, hidden, layers = p.teacher if role == "teacher" else p.student
         folder = work / "models" / f"{role}-init"
         out[role] = str(folder)
         if not (folder / "config.json").exists():
@@ -185,18 +186,20 @@ def base_recipe(student: str, data: str, out: Path, seed: int, p: Preset, teache
     return raw
 
 
-def prerequisite_recipes(work: Path, models: dict, data: dict, p: Preset) -> list[dict]:
+def prerequisite_recipes(work: Path, models: dict, data: dict, p: Preset, with_teacher: bool = True) -> list[dict]:
+    baseline = base_recipe(models["student"], data["clean"], work / "baseline", 0, p)
+    baseline["stages"] = {"finetune": {**stage(p.baseline_steps, "finetune", p), "lr": 1e-3, "lr_end": 1e-3}}
+    if not with_teacher:
+        return [baseline]
     teacher = base_recipe(models["teacher"], data["clean"], work / "teacher", 0, p)
     teacher["stages"] = {"finetune": {**stage(p.teacher_steps, "finetune", p), "lr": 1e-3, "lr_end": 1e-4,
                                       "warmup_steps": min(50, p.teacher_steps // 10)}}
-    baseline = base_recipe(models["student"], data["clean"], work / "baseline", 0, p)
-    baseline["stages"] = {"finetune": {**stage(p.baseline_steps, "finetune", p), "lr": 1e-3, "lr_end": 1e-3}}
     return [teacher, baseline]
 
 
-def plan(work: Path, data: dict, p: Preset) -> list[Run]:
+def plan(work: Path, data: dict, p: Preset, teacher: str) -> list[Run]:
     """Every run of the benchmark, in the order they are listed in the results."""
-    teacher, baseline = str(work / "teacher" / "student"), str(work / "baseline" / "student")
+    baseline = str(work / "baseline" / "student")
     runs = []
     arms = [(a, p.seeds, ("clean", "noisy")) for a in MAIN_ARMS] + [(a, p.ablation_seeds, ("clean",)) for a in ABLATIONS]
     for arm, seeds, conditions in arms:
@@ -443,8 +446,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results; smoke: WORK/results)")
     ap.add_argument("--jobs", type=int, default=2, help="arms trained at once, one CPU thread each")
     ap.add_argument("--seeds", type=int, default=None, help="seeds of the main rows (default: the preset's)")
+    ap.add_argument("--teacher", type=Path, default=None,
+                    help="a trained teacher to use instead of training one (e.g. from bench/teacher.py, 48x48)")
     args = ap.parse_args(argv)
     p = PRESETS[args.preset]
+    if args.teacher and not (args.teacher / "config.json").exists():
+        ap.error(f"--teacher {args.teacher}: no config.json there; give a checkpoint folder")
     if args.seeds:
         p = replace(p, seeds=tuple(range(args.seeds)))
     work, out = args.work.resolve(), (args.out or (ROOT / "bench" / "results" if args.preset == "full" else args.work / "results"))
@@ -457,13 +464,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GENRECAL_CACHE", str(work / "cache"))
     quiet()
     data = build_data(work, p, log)
-    models = build_models(work, p, log)
+    models = build_models(work, p, log, roles=("student",) if args.teacher else ("teacher", "student"))
     timings = {}
-    for raw in prerequisite_recipes(work, models, data, p):
+    teacher_path = str(args.teacher.resolve() if args.teacher else work / "teacher" / "student")
+    for raw in prerequisite_recipes(work, models, data, p, with_teacher=args.teacher is None):
         log(f"training {Path(raw['train']['output_dir']).name}")
         timings[Path(raw["train"]["output_dir"]).name] = train(raw).get("seconds")
 
-    runs = plan(work, data, p)
+    runs = plan(work, data, p, teacher_path)
     log(f"{len(runs)} runs, {args.jobs} at a time")
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -476,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
             timings[name] = seconds
             log(f"done {name} ({seconds:.0f} s)")
 
-    models_to_eval = {"teacher": str(work / "teacher" / "student"), "baseline": str(work / "baseline" / "student")}
+    models_to_eval = {"teacher": teacher_path, "baseline": str(work / "baseline" / "student")}
     for run in runs:
         for which, folder in run.students.items():
             models_to_eval[f"{run.name}:{which}"] = folder

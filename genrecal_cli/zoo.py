@@ -182,6 +182,7 @@ def build_tiny_vlm(
     seed: int = 0,
     tokenizer=None,
     pretrain_steps: int = 0,
+    cell_positions: bool = False,
 ) -> Path:
     """Build a tiny `family` VLM with randomly initialised weights (the model's own init, seeded),
     with `pretrain_steps` > 0 first teach its vision encoder and projector to see shapes
@@ -204,7 +205,7 @@ def build_tiny_vlm(
         vlm = VLM(model, processor, family, str(out_dir))
         # Scenes drawn as the shapes data set draws them (64x64); the processor resizes them to
         # image_size exactly as it will resize the training images.
-        pretrain_vision(vlm, steps=pretrain_steps, seed=seed)
+        pretrain_vision(vlm, steps=pretrain_steps, seed=seed, cell_positions=cell_positions)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -552,10 +553,13 @@ def pretrain_vision(
     seed: int = 0,
     image_size: int = 64,
     eval_size: int = 256,
+    cell_positions: bool = False,
 ) -> dict:
     """Train the vision encoder and projector of `vlm` (a models.VLM; nothing else changes) in
     place to tell what each grid cell of a shapes scene holds, through a throwaway linear head
-    on the projected image features.
+    on the projected image features. With `cell_positions` a second per-token head also asks
+    each image token which cell it lies in, so the features carry their place as well as their
+    content (needs image tokens that tile the grid: 48x48 images for Qwen and LLaVA).
 
     Scenes come from the train split; the metrics, before and after, are measured on
     `eval_size` validation scenes (layouts training never saw). Deterministic for a seed."""
@@ -577,6 +581,9 @@ def pretrain_vision(
     tokens, hidden = image_features(vlm, eval_images[:1]).shape[1:]
     side = math.isqrt(tokens)
     local = side * side == tokens and side % GRID == 0
+    if cell_positions and not local:
+        raise ValueError(f"cell_positions needs image tokens that tile the {GRID}x{GRID} grid; "
+                         f"{tokens} tokens do not (use image_size 48 for Qwen and LLaVA)")
     with torch.random.fork_rng(devices=[]):  # a seeded head without disturbing the caller's RNG
         torch.manual_seed(seed)
         # When the image tokens tile the grid (48x48 images: Qwen 3x3 merged tokens, LLaVA 6x6),
@@ -585,6 +592,7 @@ def pretrain_vision(
         # edges, where a shared classifier plateaued near 88% cell accuracy) one linear map from
         # all tokens to all cells.
         head = torch.nn.Linear(hidden, classes) if local else torch.nn.Linear(tokens * hidden, cells * classes)
+        where = torch.nn.Linear(hidden, cells) if cell_positions else None
     per = side // GRID
     # token (row r, column c) of the side x side raster lies in cell (r // per, c // per)
     token_cell = torch.tensor([(r // per) * GRID + c // per for r in range(side) for c in range(side)]) if local else None
@@ -598,7 +606,12 @@ def pretrain_vision(
 
     # Qwen's projector (visual.merger) lies inside its vision encoder: count each weight once.
     vision = {id(p): p for m in (vlm.vision_encoder, vlm.vision_projector) for p in m.parameters()}
-    optimizer = torch.optim.AdamW([*vision.values(), *head.parameters()], lr=lr, weight_decay=0.0)
+    heads = [*head.parameters(), *(where.parameters() if where is not None else ())]
+    optimizer = torch.optim.AdamW([*vision.values(), *heads], lr=lr, weight_decay=0.0)
+
+    def where_loss(features):  # each token also says which cell it lies in
+        logits = where(features)
+        return F.cross_entropy(logits.flatten(0, 1), token_cell.repeat(len(features))), logits
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
 
     def evaluate() -> dict:
@@ -606,7 +619,11 @@ def pretrain_vision(
             features = image_features(vlm, eval_images)
             out = cell_logits(features)
         right = out.argmax(-1) == eval_labels
+        extra = {}
+        if where is not None:
+            extra["position_accuracy"] = (where_loss(features)[1].argmax(-1) == token_cell).float().mean().item()
         return {
+            **extra,
             "loss": F.cross_entropy(out.flatten(0, 1), eval_labels.flatten()).item(),
             "cell_accuracy": right.float().mean().item(),
             # Most cells are empty (~78%): this is the accuracy that shows the model can see.
@@ -620,6 +637,8 @@ def pretrain_vision(
         labels = torch.tensor([cell_labels(it.scene) for it in items])
         features = image_features(vlm, [draw_scene(it.scene, image_size) for it in items])
         loss = F.cross_entropy(cell_logits(features).flatten(0, 1), labels.flatten())
+        if where is not None:
+            loss = loss + where_loss(features)[0]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -7,6 +7,7 @@ import json
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 from .conftest import ROOT
 
@@ -68,3 +69,36 @@ def test_speed_smoke_reports_steps_ratios_and_memory(tmp_path):
     assert set(steps) == {"teacher_forward", "sft_step", "rec_student_path", "rec_teacher_path", "align_step", "distill_step"}
     assert all(s["ms"] > 0 and s["peak_rss_gib"] > 0 for s in steps.values())
     assert summary["ratio_a_distill_over_sft"] > 0 and summary["ratio_b_glue"] > 0
+
+
+def test_teacher_sizing_smoke_measures_each_chunk_on_the_chosen_kinds(tmp_path):
+    cmd = [sys.executable, str(ROOT / "bench" / "teacher.py"), "t", "--work", str(tmp_path), "--hidden", "32",
+           "--layers", "1", "--pretrain-steps", "2", "--positions", "--kinds", "colour,count", "--forms", "short",
+           "--train-items", "16", "--steps", "4", "--eval-every", "2", "--eval-items", "6", "--batch-size", "4"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "t" / "results.jsonl").read_text().splitlines()]
+    assert [r["steps"] for r in rows] == [2, 4]
+    assert all(r["n"] == 6 and set(r["groups"]) == {"form:short", "kind:colour", "kind:count"} for r in rows)
+    # the second chunk continued from the first one's student
+    second = json.loads((tmp_path / "t" / "step4" / "student" / "genrecal.json").read_text())
+    assert second["recipe"]["student"]["path"].endswith("step2/student")
+    bad = subprocess.run(cmd[:3] + ["--kinds", "colour,size"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--kinds: unknown size" in bad.stderr
+
+
+def test_replicate_can_take_a_trained_teacher(tmp_path):
+    from replicate import PRESETS, plan, prerequisite_recipes
+
+    p = PRESETS["smoke"]
+    data = {"clean": str(tmp_path / "clean"), "noisy": str(tmp_path / "noisy")}
+    runs = plan(tmp_path, data, p, "/elsewhere/teacher")
+    teachers = {raw["teacher"]["path"] for run in runs for raw in run.recipes if "teacher" in raw}
+    assert teachers == {"/elsewhere/teacher"}
+    models = {"student": str(tmp_path / "student-init")}  # no teacher to build or train
+    only = prerequisite_recipes(tmp_path, models, data, p, with_teacher=False)
+    assert [Path(r["train"]["output_dir"]).name for r in only] == ["baseline"]
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "replicate.py"), "--work", str(tmp_path), "--teacher", str(tmp_path / "nope")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "no config.json" in bad.stderr
+    assert not (tmp_path / "data").exists()  # refused before any work

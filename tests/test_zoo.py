@@ -164,6 +164,18 @@ def test_pretrain_vision_trains_only_vision_and_makes_it_see(tmp_path, family):
     assert all(p.grad is None for p in vlm.model.parameters())
 
 
+def test_pretrain_vision_can_teach_each_token_its_cell(tmp_path):
+    # With cell_positions the image features learn to say where they are as well as what they
+    # show, so a language model can read a position off an attended image token as it reads a
+    # colour (bench/replicate.py's teacher).
+    vlm = load_vlm(str(zoo.build_tiny_vlm("llava", tmp_path, image_size=48)))
+    metrics = zoo.pretrain_vision(vlm, steps=600, batch_size=8, eval_size=32, cell_positions=True)
+    assert metrics["before"]["position_accuracy"] < 0.3  # about 1 in 9 by chance
+    assert metrics["after"]["position_accuracy"] > 0.5
+    with pytest.raises(ValueError, match="tile"):  # 64x64: 16 Qwen tokens straddle the cell edges
+        zoo.pretrain_vision(load_vlm(str(zoo.build_tiny_vlm("qwen2_vl", tmp_path / "64"))), steps=1, cell_positions=True)
+
+
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "internvl", "idefics3"])
 def test_image_features_match_the_image_tokens(tmp_path, family):
     from PIL import Image
