@@ -151,23 +151,25 @@ def build_data(work: Path, p: Preset, log) -> dict[str, str]:
     return out
 
 
-def build_models(work: Path, p: Preset, log, roles=("teacher", "student")) -> dict[str, str]:
+def build_once(folder: Path, family: str, hidden: int, layers: int, log, **options) -> str:
+    """A fresh zoo model in folder unless one is there (built aside, then renamed into place);
+    options go to zoo.build_tiny_vlm (image_size, pretrain_steps, cell_positions)."""
     from genrecal_cli.zoo import build_tiny_vlm
 
-    out = {}
-    for role in roles:
-        family, hidden, layers = p.teacher if role == "teacher" else p.student
-        folder = work / "models" / f"{role}-init"
-        out[role] = str(folder)
-        if not (folder / "config.json").exists():
-            t = time.perf_counter()
-            tmp = folder.with_name(folder.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            build_tiny_vlm(family, tmp, hidden_size=hidden, num_layers=layers, image_size=p.image_size,
-                           pretrain_steps=p.pretrain_steps)
-            tmp.rename(folder)
-            log(f"built {role} {family} hidden {hidden} layers {layers} ({time.perf_counter() - t:.0f} s)")
-    return out
+    if not (folder / "config.json").exists():
+        t = time.perf_counter()
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build_tiny_vlm(family, tmp, hidden_size=hidden, num_layers=layers, **options)
+        tmp.rename(folder)
+        log(f"built {folder.name} {family} hidden {hidden} layers {layers} ({time.perf_counter() - t:.0f} s)")
+    return str(folder)
+
+
+def build_models(work: Path, p: Preset, log, roles=("teacher", "student")) -> dict[str, str]:
+    return {role: build_once(work / "models" / f"{role}-init", *(p.teacher if role == "teacher" else p.student), log,
+                             image_size=p.image_size, pretrain_steps=p.pretrain_steps)
+            for role in roles}
 
 
 def stage(steps: int, which: str, p: Preset, **extra) -> dict:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -73,20 +72,10 @@ def items(split: str, n: int, kinds: tuple[str, ...], forms: tuple[str, ...]):
 
 def build(a: argparse.Namespace, folder: Path, log) -> str:
     """The starting checkpoint: --init, or a fresh model built once into folder/init."""
-    if a.init:
-        return a.init
-    from genrecal_cli.zoo import build_tiny_vlm
+    from replicate import build_once
 
-    init = folder / "init"
-    if not (init / "config.json").exists():
-        tmp = init.with_name("init.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        t = time.perf_counter()
-        build_tiny_vlm(a.family, tmp, hidden_size=a.hidden, num_layers=a.layers, image_size=a.image_size,
-                       pretrain_steps=a.pretrain_steps, cell_positions=a.positions)
-        tmp.rename(init)
-        log(f"built {a.family} hidden {a.hidden} layers {a.layers} ({time.perf_counter() - t:.0f} s)")
-    return str(init)
+    return a.init or build_once(folder / "init", a.family, a.hidden, a.layers, log, image_size=a.image_size,
+                                pretrain_steps=a.pretrain_steps, cell_positions=a.positions)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -608,10 +608,6 @@ def pretrain_vision(
     vision = {id(p): p for m in (vlm.vision_encoder, vlm.vision_projector) for p in m.parameters()}
     heads = [*head.parameters(), *(where.parameters() if where is not None else ())]
     optimizer = torch.optim.AdamW([*vision.values(), *heads], lr=lr, weight_decay=0.0)
-
-    def where_loss(features):  # each token also says which cell it lies in
-        logits = where(features)
-        return F.cross_entropy(logits.flatten(0, 1), token_cell.repeat(len(features))), logits
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
 
     def evaluate() -> dict:
@@ -621,7 +617,7 @@ def pretrain_vision(
         right = out.argmax(-1) == eval_labels
         extra = {}
         if where is not None:
-            extra["position_accuracy"] = (where_loss(features)[1].argmax(-1) == token_cell).float().mean().item()
+            extra["position_accuracy"] = (where(features).argmax(-1) == token_cell).float().mean().item()
         return {
             **extra,
             "loss": F.cross_entropy(out.flatten(0, 1), eval_labels.flatten()).item(),
@@ -637,8 +633,8 @@ def pretrain_vision(
         labels = torch.tensor([cell_labels(it.scene) for it in items])
         features = image_features(vlm, [draw_scene(it.scene, image_size) for it in items])
         loss = F.cross_entropy(cell_logits(features).flatten(0, 1), labels.flatten())
-        if where is not None:
-            loss = loss + where_loss(features)[0]
+        if where is not None:  # each token also says which cell it lies in
+            loss = loss + F.cross_entropy(where(features).flatten(0, 1), token_cell.repeat(len(features)))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
