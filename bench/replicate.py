@@ -54,6 +54,7 @@ class Preset:
     eval_limit: int | None  # None: the whole test split (300 items)
     probe_every: int
     noise: float = 0.3
+    cell_positions: bool = True  # vision pretraining also teaches each image token its grid cell
 
 
 PRESETS = {
@@ -168,7 +169,7 @@ def build_once(folder: Path, family: str, hidden: int, layers: int, log, **optio
 
 def build_models(work: Path, p: Preset, log, roles=("teacher", "student")) -> dict[str, str]:
     return {role: build_once(work / "models" / f"{role}-init", *(p.teacher if role == "teacher" else p.student), log,
-                             image_size=p.image_size, pretrain_steps=p.pretrain_steps)
+                             image_size=p.image_size, pretrain_steps=p.pretrain_steps, cell_positions=p.cell_positions)
             for role in roles}
 
 
@@ -279,16 +280,27 @@ def run_arm(run: Run, threads: int | None) -> tuple[str, float]:
 
 
 def evaluate(models: dict[str, str], out: Path, p: Preset, log) -> dict[str, dict]:
-    """`genrecal eval --bench shapes` on every model in one process; label -> {acc, stderr, n}."""
-    if not out.exists():
+    """`genrecal eval --bench shapes` in one process on every model that out does not hold yet
+    (a rerun with more seeds evaluates only the new ones); label -> {acc, stderr, n}."""
+    report = json.loads(out.read_text()) if out.exists() else {"models": []}
+    known = {m["path"] for m in report["models"]}
+    missing = [path for path in dict.fromkeys(models.values()) if path not in known]
+    if missing:
         limit = ["--limit", str(p.eval_limit)] if p.eval_limit else []
+        part = out.with_name(out.stem + ".part.json")
         cmd = [sys.executable, "-m", "genrecal_cli", "eval", "--bench", "shapes", "--batch-size", "32",
-               "--device", "cpu", *limit, "--output", str(out), *models.values()]
-        log(f"genrecal eval on {len(models)} models -> {out}")
+               "--device", "cpu", *limit, "--output", str(part), *missing]
+        log(f"genrecal eval on {len(missing)} models -> {out}")
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
         if done.returncode != 0:
             raise SystemExit(f"genrecal eval failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    report = json.loads(out.read_text())
+        new = json.loads(part.read_text())
+        values = {(c["benchmark"], c["metric"]): c for c in report.get("comparison", [])}
+        for c in new.get("comparison", []):
+            values.setdefault((c["benchmark"], c["metric"]), {**c, "values": {}})["values"].update(c["values"])
+        report = {**new, "models": report["models"] + new["models"], "comparison": list(values.values())}
+        part.write_text(json.dumps(report, indent=2))
+        part.replace(out)
     by_path = {m["path"]: m for m in report["models"]}
     results = {}
     for label, path in models.items():
@@ -456,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--teacher {args.teacher}: no config.json there; give a checkpoint folder")
     if args.seeds:
         p = replace(p, seeds=tuple(range(args.seeds)))
+    if args.teacher:  # the report describes the teacher actually used
+        p = replace(p, teacher=describe(args.teacher), teacher_steps=0)
     work, out = args.work.resolve(), (args.out or (ROOT / "bench" / "results" if args.preset == "full" else args.work / "results"))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -512,6 +526,13 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(result))
     log(f"results in {out}")
     return 0
+
+
+def describe(checkpoint: Path) -> tuple[str, int, int]:
+    """(family, hidden, layers) of a saved model, from its config.json."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    text = config.get("text_config") or config
+    return config["model_type"], text["hidden_size"], text["num_hidden_layers"]
 
 
 def run_seeds(p: Preset, arm: str) -> tuple[int, ...]:

@@ -9,8 +9,9 @@ that the sizing decisions in docs/results.md (section 2) can be rerun and extend
 Each call builds (or reuses) the model and the data in --work/NAME, trains with the engine
 (`genrecal distill`'s finetune stage), and measures greedy accuracy per question kind and answer
 form on validation items of the same kinds and forms (layouts training never saw). With
---eval-every the training runs in chunks at a constant learning rate, each continuing from the
-last, and every chunk is measured: a learning curve. Results: one JSON line per measurement in
+--eval-every the training runs in chunks, each continuing from the last, and every chunk is
+measured: a learning curve (at a constant learning rate, or with --lr-end one linear decay across
+the chunks; each chunk starts a fresh optimizer). Results: one JSON line per measurement in
 --work/NAME/results.jsonl, and printed.
 """
 
@@ -46,7 +47,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=6000)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--lr-end", type=float, default=None, help="default lr / 10; with --eval-every: lr")
+    ap.add_argument("--lr-end", type=float, default=None,
+                    help="default lr / 10; with --eval-every: lr (constant), else one linear decay across the chunks")
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--eval-every", type=int, default=0, help="measure every N steps (chunks at a constant lr)")
     ap.add_argument("--eval-items", type=int, default=300)
@@ -107,13 +109,18 @@ def main(argv: list[str] | None = None) -> int:
 
     start = build(a, folder, log)
     chunk = a.eval_every or a.steps
-    lr_end = a.lr if a.eval_every else (a.lr_end if a.lr_end is not None else a.lr / 10)
+    lr_end = a.lr_end if a.lr_end is not None else (a.lr if a.eval_every else a.lr / 10)
+
+    def lr_at(step: int) -> float:  # one linear decay over all the chunks
+        return a.lr + (lr_end - a.lr) * step / a.steps
+
     results = folder / "results.jsonl"
     for done in range(chunk, a.steps + 1, chunk):
         out = folder / f"step{done}"
         raw = base_recipe(start, str(data), out, 0, PRESETS["full"])
         raw["train"]["probe_every"] = 0
-        raw["stages"] = {"finetune": {"steps": chunk, "lr": a.lr, "lr_end": lr_end, "batch_size": a.batch_size,
+        raw["stages"] = {"finetune": {"steps": chunk, "lr": lr_at(done - chunk), "lr_end": lr_at(done),
+                                      "batch_size": a.batch_size, "schedule": "linear",
                                       "warmup_steps": a.warmup if done == chunk else 0}}
         seconds = train(raw, a.threads).get("seconds")
         acc = accuracy(load_vlm(str(out / "student")), validation)

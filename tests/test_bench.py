@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -74,7 +76,8 @@ def test_speed_smoke_reports_steps_ratios_and_memory(tmp_path):
 def test_teacher_sizing_smoke_measures_each_chunk_on_the_chosen_kinds(tmp_path):
     cmd = [sys.executable, str(ROOT / "bench" / "teacher.py"), "t", "--work", str(tmp_path), "--hidden", "32",
            "--layers", "1", "--pretrain-steps", "2", "--positions", "--kinds", "colour,count", "--forms", "short",
-           "--train-items", "16", "--steps", "4", "--eval-every", "2", "--eval-items", "6", "--batch-size", "4"]
+           "--train-items", "16", "--steps", "4", "--eval-every", "2", "--eval-items", "6", "--batch-size", "4",
+           "--lr", "1e-3", "--lr-end", "1e-4"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "t" / "results.jsonl").read_text().splitlines()]
@@ -83,12 +86,19 @@ def test_teacher_sizing_smoke_measures_each_chunk_on_the_chosen_kinds(tmp_path):
     # the second chunk continued from the first one's student
     second = json.loads((tmp_path / "t" / "step4" / "student" / "genrecal.json").read_text())
     assert second["recipe"]["student"]["path"].endswith("step2/student")
+    # with --lr-end the chunks follow one linear decay: 1e-3 -> 5.5e-4, then 5.5e-4 -> 1e-4
+    first = json.loads((tmp_path / "t" / "step2" / "student" / "genrecal.json").read_text())
+    lrs = [(r["recipe"]["stages"]["finetune"]["lr"], r["recipe"]["stages"]["finetune"]["lr_end"]) for r in (first, second)]
+    assert lrs == [pytest.approx((1e-3, 5.5e-4)), pytest.approx((5.5e-4, 1e-4))]
     bad = subprocess.run(cmd[:3] + ["--kinds", "colour,size"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--kinds: unknown size" in bad.stderr
 
 
 def test_replicate_can_take_a_trained_teacher(tmp_path):
-    from replicate import PRESETS, plan, prerequisite_recipes
+    from replicate import PRESETS, describe, plan, prerequisite_recipes
+
+    # the shipped reference teacher is there, and the report names what it is
+    assert describe(ROOT / "bench" / "teachers" / "shapes-l8") == ("qwen2_vl", 128, 8)
 
     p = PRESETS["smoke"]
     data = {"clean": str(tmp_path / "clean"), "noisy": str(tmp_path / "noisy")}
@@ -102,3 +112,27 @@ def test_replicate_can_take_a_trained_teacher(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no config.json" in bad.stderr
     assert not (tmp_path / "data").exists()  # refused before any work
+
+
+def test_replicate_rerun_evaluates_only_the_new_models(tmp_path, monkeypatch):
+    import replicate
+
+    asked = []
+
+    def fake_eval(cmd, **kwargs):  # stands in for `genrecal eval`: acc = 0.1 * the model's number
+        paths = cmd[cmd.index(str(out.with_name(out.stem + ".part.json"))) + 1:]
+        asked.append(paths)
+        models = [{"path": q, "results": [{"metric": "acc", "value": int(q[-1]) / 10, "n": 3}]} for q in paths]
+        comparison = [{"benchmark": "shapes", "metric": "acc", "values": {q: int(q[-1]) / 10 for q in paths}}]
+        Path(cmd[cmd.index("--output") + 1]).write_text(json.dumps({"models": models, "comparison": comparison}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(replicate.subprocess, "run", fake_eval)
+    out, p = tmp_path / "eval.json", replicate.PRESETS["smoke"]
+    first = replicate.evaluate({"a": "/m1", "b": "/m2"}, out, p, print)
+    again = replicate.evaluate({"a": "/m1", "b": "/m2", "c": "/m3"}, out, p, print)
+    assert asked == [["/m1", "/m2"], ["/m3"]]
+    assert first["b"]["acc"] == again["b"]["acc"] == pytest.approx(0.2) and again["c"]["acc"] == pytest.approx(0.3)
+    report = json.loads(out.read_text())
+    assert [m["path"] for m in report["models"]] == ["/m1", "/m2", "/m3"]
+    assert report["comparison"][0]["values"] == pytest.approx({"/m1": 0.1, "/m2": 0.2, "/m3": 0.3})
