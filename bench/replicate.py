@@ -282,8 +282,10 @@ def run_arm(run: Run, threads: int | None) -> tuple[str, float]:
 def evaluate(models: dict[str, str], out: Path, p: Preset, log) -> dict[str, dict]:
     """`genrecal eval --bench shapes` in one process on every model that out does not hold yet
     (a rerun with more seeds evaluates only the new ones); label -> {acc, stderr, n}."""
-    report = json.loads(out.read_text()) if out.exists() else {"models": []}
-    known = {m["path"] for m in report["models"]}
+    from genrecal_cli.evaluate import EvalReport
+
+    report = EvalReport.from_dict(json.loads(out.read_text())) if out.exists() else EvalReport([], {})
+    known = {m.path for m in report.models}
     missing = [path for path in dict.fromkeys(models.values()) if path not in known]
     if missing:
         limit = ["--limit", str(p.eval_limit)] if p.eval_limit else []
@@ -294,17 +296,14 @@ def evaluate(models: dict[str, str], out: Path, p: Preset, log) -> dict[str, dic
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
         if done.returncode != 0:
             raise SystemExit(f"genrecal eval failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-        new = json.loads(part.read_text())
-        values = {(c["benchmark"], c["metric"]): c for c in report.get("comparison", [])}
-        for c in new.get("comparison", []):
-            values.setdefault((c["benchmark"], c["metric"]), {**c, "values": {}})["values"].update(c["values"])
-        report = {**new, "models": report["models"] + new["models"], "comparison": list(values.values())}
-        part.write_text(json.dumps(report, indent=2))
+        new = EvalReport.from_dict(json.loads(part.read_text()))
+        report = EvalReport(report.models + new.models, new.protocol)
+        part.write_text(report.to_json())
         part.replace(out)
-    by_path = {m["path"]: m for m in report["models"]}
+    by_path = {m.path: m for m in report.models}
     results = {}
     for label, path in models.items():
-        row = next(r for r in by_path[path]["results"] if r["metric"] == "acc")
+        row = next(r for r in by_path[path].rows if r["metric"] == "acc")
         results[label] = {"acc": row["value"], "stderr": row.get("stderr"), "n": row.get("n")}
     return results
 

@@ -50,7 +50,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--lr-end", type=float, default=None,
                     help="default lr / 10; with --eval-every: lr (constant), else one linear decay across the chunks")
     ap.add_argument("--warmup", type=int, default=50)
-    ap.add_argument("--eval-every", type=int, default=0, help="measure every N steps (chunks at a constant lr)")
+    ap.add_argument("--eval-every", type=int, default=0, help="measure every N steps (chunks continuing each other)")
     ap.add_argument("--eval-items", type=int, default=300)
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args(argv)

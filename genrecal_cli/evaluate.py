@@ -107,6 +107,16 @@ class EvalReport:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EvalReport:
+        """A report read back from its to_dict() form (the comparison is derived again)."""
+        models = [
+            ModelResult(path=m["path"], label=m.get("label", m["path"]), metadata=m.get("metadata"), rows=m["results"],
+                        dtype=m.get("dtype"), examples=m.get("examples", {}), seconds=m.get("seconds", 0.0))
+            for m in d["models"]
+        ]
+        return cls(models, d.get("protocol", {}))
+
 
 def _produced_by(meta: dict[str, Any] | None) -> dict[str, Any] | None:
     """Which run, recipe and stage made a model genrecal exported (from its genrecal.json)."""

@@ -122,9 +122,9 @@ def test_replicate_rerun_evaluates_only_the_new_models(tmp_path, monkeypatch):
     def fake_eval(cmd, **kwargs):  # stands in for `genrecal eval`: acc = 0.1 * the model's number
         paths = cmd[cmd.index(str(out.with_name(out.stem + ".part.json"))) + 1:]
         asked.append(paths)
-        models = [{"path": q, "results": [{"metric": "acc", "value": int(q[-1]) / 10, "n": 3}]} for q in paths]
-        comparison = [{"benchmark": "shapes", "metric": "acc", "values": {q: int(q[-1]) / 10 for q in paths}}]
-        Path(cmd[cmd.index("--output") + 1]).write_text(json.dumps({"models": models, "comparison": comparison}))
+        models = [{"path": q, "label": q, "results": [{"benchmark": "shapes", "metric": "acc", "value": int(q[-1]) / 10, "n": 3}]}
+                  for q in paths]
+        Path(cmd[cmd.index("--output") + 1]).write_text(json.dumps({"protocol": {}, "models": models}))
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(replicate.subprocess, "run", fake_eval)
