@@ -108,7 +108,7 @@ class Run:
 def noisy_answer(row: dict, rng: random.Random) -> dict:
     """The row with a wrong answer of the right form: another candidate (short), another option
     letter (mc), or the long answer with its target named wrongly."""
-    from genrecal_cli.shapes import CANDIDATES
+    from genrecal_cli.world.shapes import CANDIDATES
 
     if row["form"] == "mc":
         letters = [line.split(".")[0] for line in row["options"].splitlines()]
@@ -127,7 +127,7 @@ def noisy_answer(row: dict, rng: random.Random) -> dict:
 
 def build_data(work: Path, p: Preset, log) -> dict[str, str]:
     """Two data folders with the same items: clean, and with p.noise of the train answers wrong."""
-    from genrecal_cli.shapes import make_split
+    from genrecal_cli.world.shapes import make_split
 
     out = {}
     for cond in ("clean", "noisy"):
@@ -155,7 +155,7 @@ def build_data(work: Path, p: Preset, log) -> dict[str, str]:
 def build_once(folder: Path, family: str, hidden: int, layers: int, log, **options) -> str:
     """A fresh zoo model in folder unless one is there (built aside, then renamed into place);
     options go to zoo.build_tiny_vlm (image_size, pretrain_steps, cell_positions)."""
-    from genrecal_cli.zoo import build_tiny_vlm
+    from genrecal_cli.world.zoo import build_tiny_vlm
 
     if not (folder / "config.json").exists():
         t = time.perf_counter()
@@ -244,7 +244,7 @@ def train(raw: dict, threads: int | None = None) -> dict:
 
     from genrecal_cli.display import Reporter
     from genrecal_cli.recipe import recipe_from_dict
-    from genrecal_cli.train import distill
+    from genrecal_cli.engine.train import distill
 
     if threads:
         torch.set_num_threads(threads)

@@ -27,10 +27,10 @@ from types import SimpleNamespace
 
 import torch
 
-from genrecal_cli import losses  # noqa: E402
-from genrecal_cli.recalibrator import Recalibrator  # noqa: E402
+from genrecal_cli.engine import losses  # noqa: E402
+from genrecal_cli.engine.recalibrator import Recalibrator  # noqa: E402
 from genrecal_cli.recipe import recipe_from_dict  # noqa: E402
-from genrecal_cli.train import GenRecal, teacher_features  # noqa: E402
+from genrecal_cli.engine.train import GenRecal, teacher_features  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a clone without installing

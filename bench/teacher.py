@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    from genrecal_cli.shapes import FORMS, KINDS
+    from genrecal_cli.world.shapes import FORMS, KINDS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("name", help="the variant's folder under --work (reused when present)")
@@ -66,7 +66,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def items(split: str, n: int, kinds: tuple[str, ...], forms: tuple[str, ...]):
     """n drawn items of the given kinds and forms (kinds cycle in make_items: draw, then keep)."""
-    from genrecal_cli.shapes import KINDS, make_split
+    from genrecal_cli.world.shapes import KINDS, make_split
 
     ds = make_split(split, -(-n * len(KINDS) // len(kinds)), seed=0, forms=forms)
     return ds.filter(lambda kind: kind in kinds, input_columns="kind").select(range(n))

@@ -307,7 +307,7 @@ class ChatSession:
 def load_chat_model(source: str, device: str | None = None):
     """The VLM for `source` (a folder, hub id or zoo:NAME), checked to have a chat template."""
     from .models import load_vlm
-    from .zoo import resolve_source
+    from .world.zoo import resolve_source
 
     if device is None:
         import torch

@@ -64,7 +64,7 @@ def distill(
         return
     _quiet_libraries()
     from .display import Reporter
-    from .train import distill as run_distill, make_accelerator
+    from .engine.train import distill as run_distill, make_accelerator
 
     accelerator = make_accelerator(loaded)
     out = Path(loaded.train.output_dir)
@@ -88,7 +88,7 @@ def inspect_vocab(
 ) -> None:
     """Compare the token types of two models or tokenizers (sizes, overlap, splits, image tokens)."""
     from .errors import GenrecalError
-    from .zoo import resolve_source
+    from .world.zoo import resolve_source
 
     data_spec = None
     if recipe is not None:
@@ -139,7 +139,7 @@ def eval_(
         models = [str(latest_student())]
         console.print(f"no MODEL given: evaluating the student of the latest distill run, [bold]{models[0]}[/]")
     _quiet_libraries()
-    from .zoo import resolve_source
+    from .world.zoo import resolve_source
 
     paths = [resolve_source(m) for m in models]
     report = evaluate(

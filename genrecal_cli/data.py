@@ -34,7 +34,7 @@ def load_split(spec: DataSpec, split: str, *, seed: int = 0):
 
     source = spec.source
     if source == "shapes":
-        from .shapes import make_split
+        from .world.shapes import make_split
 
         n = spec.shapes_size if split == "train" else max(200, spec.shapes_size // 10)
         ds = make_split(split, n, seed=seed)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .data import answer_text, conversation, open_image
-from .shapes import normalise, score
+from .world.shapes import normalise, score
 
 
 @dataclass

@@ -47,6 +47,6 @@ def _private_cache(tmp_path_factory):
 def tiny_pair(_private_cache):
     """The default teacher (Qwen2-VL, BPE) and student (LLaVA, SentencePiece-style) as VLM views."""
     from genrecal_cli.models import load_vlm
-    from genrecal_cli.zoo import resolve_source
+    from genrecal_cli.world.zoo import resolve_source
 
     return load_vlm(resolve_source("zoo:tiny-teacher")), load_vlm(resolve_source("zoo:tiny-student"))

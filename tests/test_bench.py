@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 def test_noisy_answers_are_wrong_in_every_form_and_kind():
     from replicate import noisy_answer
 
-    from genrecal_cli.shapes import make_items, score
+    from genrecal_cli.world.shapes import make_items, score
 
     rng = random.Random(0)
     items = make_items("train", 60)  # every kind x form, four times over

@@ -27,7 +27,7 @@ from genrecal_cli.errors import ModelLoadError
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> dict[str, Path]:
-    from genrecal_cli.shapes import make_split
+    from genrecal_cli.world.shapes import make_split
 
     folder = tmp_path_factory.mktemp("chat-images")
     out = {}

@@ -107,7 +107,7 @@ def test_missing_column_names_file_and_column(tmp_path):
 
 
 def test_parquet_source_round_trip(tmp_path):
-    from genrecal_cli.shapes import build_shapes
+    from genrecal_cli.world.shapes import build_shapes
 
     out = build_shapes(tmp_path / "shapes", sizes={"train": 12, "validation": 4, "test": 4})
     rows = load_split(DataSpec(source=str(out / "train.parquet")), "train")

@@ -27,7 +27,7 @@ MMMU_SUBJECTS = (
 @pytest.fixture(scope="session")
 def models(_private_cache):
     """Folders of the tiny teacher (Qwen2-VL family) and student (LLaVA family), as zoo saves them."""
-    from genrecal_cli.zoo import resolve_source
+    from genrecal_cli.world.zoo import resolve_source
 
     return {"teacher": resolve_source("zoo:tiny-teacher"), "student": resolve_source("zoo:tiny-student")}
 

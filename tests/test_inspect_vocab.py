@@ -329,7 +329,7 @@ def test_byte_level_against_wordpiece_trained_here(tmp_path):
 
 
 def test_tiny_vlm_pair_images_and_templates():
-    from genrecal_cli.zoo import resolve_source
+    from genrecal_cli.world.zoo import resolve_source
 
     r = inspect_vocab(resolve_source("zoo:tiny-teacher"), resolve_source("zoo:tiny-student"))
     t, s = r.teacher, r.student

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from genrecal_cli import losses
+from genrecal_cli.engine import losses
 
 
 def _setup(n=13, d=8, v=11, seed=0):

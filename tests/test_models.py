@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlamaConfig, ProcessorMixin
 
-from genrecal_cli import zoo
+from genrecal_cli.world import zoo
 from genrecal_cli.errors import ModelLoadError
 from genrecal_cli.models import FAMILIES, Qwen2VLImageOnlyProcessor, load_vlm
 

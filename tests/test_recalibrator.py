@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from genrecal_cli.recalibrator import Recalibrator, Rotary1D
+from genrecal_cli.engine.recalibrator import Recalibrator, Rotary1D
 
 
 def _llama():

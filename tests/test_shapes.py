@@ -9,8 +9,8 @@ import datasets
 import pytest
 from PIL import Image, ImageChops
 
-from genrecal_cli import shapes
-from genrecal_cli.shapes import COLOURS, KINDS, POSITIONS, make_items, make_split, score
+from genrecal_cli.world import shapes
+from genrecal_cli.world.shapes import COLOURS, KINDS, POSITIONS, make_items, make_split, score
 
 
 def _raw(ds: datasets.Dataset) -> list[dict]:

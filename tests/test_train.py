@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from genrecal_cli.errors import GenrecalError
 from genrecal_cli.recipe import recipe_from_dict
-from genrecal_cli.train import distill
+from genrecal_cli.engine.train import distill
 
 from .conftest import run_cli
 
@@ -224,7 +224,7 @@ def test_two_process_data_parallel_run(tmp_path):
 
 
 def test_non_finite_loss_stops_and_names_the_step(tmp_path, monkeypatch):
-    import genrecal_cli.train as train
+    import genrecal_cli.engine.train as train
 
     real = train.losses.sft
     calls = []
@@ -285,9 +285,9 @@ def test_distill_stage_leaves_the_teacher_bit_identical(tmp_path, tiny_pair):
     from accelerate import Accelerator
 
     from genrecal_cli.models import load_vlm
-    from genrecal_cli.recalibrator import Recalibrator
-    from genrecal_cli.train import run_stage
-    from genrecal_cli.zoo import resolve_source
+    from genrecal_cli.engine.recalibrator import Recalibrator
+    from genrecal_cli.engine.train import run_stage
+    from genrecal_cli.world.zoo import resolve_source
 
     teacher = load_vlm(resolve_source("zoo:tiny-teacher"))
     student = load_vlm(resolve_source("zoo:tiny-student"))
@@ -304,7 +304,7 @@ def test_distill_stage_leaves_the_teacher_bit_identical(tmp_path, tiny_pair):
 
 
 def test_gradient_accumulation_draws_accum_batches_per_update(tmp_path, monkeypatch, tiny_pair):
-    import genrecal_cli.train as train
+    import genrecal_cli.engine.train as train
 
     batches = []
     real_call = train.Collator.__call__
@@ -333,8 +333,8 @@ def test_reliance_probe_is_logged_in_teacher_stages_only(full_run):
 
 def _probe_setup(tiny_pair, answer_input="hidden"):
     from genrecal_cli.data import Collator, PairDataset, load_split
-    from genrecal_cli.recalibrator import Recalibrator
-    from genrecal_cli.train import GenRecal, teacher_features
+    from genrecal_cli.engine.recalibrator import Recalibrator
+    from genrecal_cli.engine.train import GenRecal, teacher_features
 
     teacher, student = tiny_pair
     recipe = _recipe("unused", stages=("align",))
@@ -348,9 +348,9 @@ def _probe_setup(tiny_pair, answer_input="hidden"):
 
 
 def test_reliance_real_matches_the_training_loss_and_a_blind_recalibrator_shows_no_reliance(tiny_pair):
-    from genrecal_cli import losses
+    from genrecal_cli.engine import losses
     from genrecal_cli.data import model_inputs
-    from genrecal_cli.train import reliance, student_question
+    from genrecal_cli.engine.train import reliance, student_question
 
     module, sbatch, tf, _ = _probe_setup(tiny_pair)
     out = reliance(module, sbatch, tf)

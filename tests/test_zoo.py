@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from genrecal_cli import zoo
+from genrecal_cli.world import zoo
 from genrecal_cli.models import FAMILIES, load_vlm
 
 SENTENCE = "How many purple triangles are in the top left?"
@@ -126,13 +126,13 @@ def test_build_sizes(tmp_path):
 
 
 def test_importing_zoo_stays_light():
-    code = "import sys, genrecal_cli.zoo; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    code = "import sys, genrecal_cli.world.zoo; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.stdout.strip() == "[]", run.stderr
 
 
 def test_cell_labels():
-    from genrecal_cli.shapes import Obj
+    from genrecal_cli.world.shapes import Obj
 
     labels = zoo.cell_labels((Obj("circle", "red", 0), Obj("triangle", "orange", 8)))
     assert labels == [1, 0, 0, 0, 0, 0, 0, 0, 1 + 5 * 3 + 2]

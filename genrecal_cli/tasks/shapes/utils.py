@@ -14,7 +14,7 @@ def load_test_split(**_metadata):
     metadata as keyword arguments; none of it changes the items)."""
     import datasets
 
-    from genrecal_cli.shapes import make_split
+    from genrecal_cli.world.shapes import make_split
 
     return datasets.DatasetDict({"test": make_split("test", NUM_ITEMS, seed=SEED, image_size=IMAGE_SIZE, forms=FORMS)})
 
@@ -30,6 +30,6 @@ def doc_to_text(doc):
 
 
 def process_results(doc, results):
-    from genrecal_cli.shapes import score
+    from genrecal_cli.world.shapes import score
 
     return {"acc": float(score(results[0], doc))}

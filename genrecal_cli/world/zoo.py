@@ -113,7 +113,7 @@ STYLES = {
 
 def default_corpus() -> list[str]:
     """Question-answer texts of the shapes data set."""
-    from genrecal_cli.shapes import text_corpus
+    from genrecal_cli.world.shapes import text_corpus
 
     return text_corpus()
 
@@ -463,7 +463,7 @@ def resolve_source(source: str) -> str:
         return source
     name = source[len(ZOO_PREFIX) :]
     if name not in NAMED:
-        from .errors import ModelLoadError
+        from ..errors import ModelLoadError
 
         raise ModelLoadError(f"unknown built-in model {source!r}; choose one of {', '.join(ZOO_PREFIX + n for n in NAMED)}")
     # The folder name carries a digest of how the model is built, so a cache filled by an older
@@ -514,7 +514,7 @@ def _build_atomically(target: Path, spec: dict) -> None:
 
 def cell_labels(scene) -> list[int]:
     """The class of each of the 9 grid cells (row-major): 0 empty, else 1 + colour * 3 + shape."""
-    from genrecal_cli.shapes import COLOURS, GRID, SHAPES
+    from genrecal_cli.world.shapes import COLOURS, GRID, SHAPES
 
     labels = [0] * GRID * GRID
     for o in scene:
@@ -569,7 +569,7 @@ def pretrain_vision(
     import torch
     import torch.nn.functional as F
 
-    from genrecal_cli.shapes import COLOURS, GRID, SHAPES, draw_scene, make_items
+    from genrecal_cli.world.shapes import COLOURS, GRID, SHAPES, draw_scene, make_items
 
     start = time.perf_counter()
     eval_items = make_items("validation", eval_size, seed)

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import GenrecalError
+from ..errors import GenrecalError
 
 STAGES = ("align", "distill", "finetune")
 
@@ -51,7 +51,7 @@ def versions() -> dict[str, str]:
     import torch
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     return {
         "genrecal": __version__,

@@ -17,10 +17,10 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import losses
-from .data import Collator, PairDataset, load_split, model_inputs
-from .errors import GenrecalError
+from ..data import Collator, PairDataset, load_split, model_inputs
+from ..errors import GenrecalError
 from .recalibrator import Recalibrator
-from .recipe import Recipe, StageSpec
+from ..recipe import Recipe, StageSpec
 
 TEACHER_STAGES = ("align", "distill")
 
@@ -239,7 +239,7 @@ def distill(
     """
     from accelerate.utils import set_seed
 
-    from .models import load_vlm
+    from ..models import load_vlm
 
     out = Path(recipe.train.output_dir)
     accelerator = accelerator or make_accelerator(recipe)
@@ -295,8 +295,8 @@ def distill(
 def ensure_built(spec, role: str, reporter, accelerator) -> str:
     """The local folder or hub id of a model; a `zoo:` model is built, and a model whose
     `recipe` says how to make it is trained first (resuming where an earlier try stopped)."""
-    from .recipe import load_recipe
-    from .zoo import resolve_source
+    from ..recipe import load_recipe
+    from ..world.zoo import resolve_source
 
     path = resolve_source(spec.path)
     if spec.recipe is None or Path(path).exists():
@@ -318,7 +318,7 @@ def _validation_rows(recipe: Recipe):
 
 
 def _accuracy(vlm, rows, recipe: Recipe) -> dict:
-    from .validate import accuracy
+    from ..validate import accuracy
 
     was_training = vlm.model.training
     vlm.model.eval()
@@ -507,7 +507,7 @@ def _export(recipe, student, out, result, accelerator, reporter) -> RunResult:
 
 def alignment_stats(batch: dict, tf: TeacherFeatures, terms: dict, teacher) -> dict[str, float]:
     """Token-alignment statistics of one batch for the live display and metrics.jsonl."""
-    from .vocab import SplitStats, split_stats
+    from ..vocab import SplitStats, split_stats
 
     t, s = batch["teacher"], batch["student"]
     stats = {
