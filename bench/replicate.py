@@ -244,7 +244,7 @@ def train(raw: dict, threads: int | None = None) -> dict:
 
     from genrecal_cli.display import Reporter
     from genrecal_cli.recipe import recipe_from_dict
-    from genrecal_cli.engine.train import distill
+    from genrecal_cli.run import distill
 
     if threads:
         torch.set_num_threads(threads)

@@ -30,7 +30,8 @@ import torch
 from genrecal_cli.engine import losses  # noqa: E402
 from genrecal_cli.engine.recalibrator import Recalibrator  # noqa: E402
 from genrecal_cli.recipe import recipe_from_dict  # noqa: E402
-from genrecal_cli.engine.train import GenRecal, teacher_features  # noqa: E402
+from genrecal_cli.engine.objective import GenRecal  # noqa: E402
+from genrecal_cli.engine.teacher import head_fn, teacher_features  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a clone without installing
@@ -148,13 +149,14 @@ def main():
     sb = batch(p["s"][2], p["batch"], p["sq"], p["sa"], dev, 2)
     recipe = recipe_from_dict({"teacher": {"path": "zoo:x"}, "student": {"path": "zoo:y"},
                                "stages": {s: {"steps": 1} for s in ("align", "distill", "finetune")}})
-    module = GenRecal(student.model, rec, teacher.head)
+    module = GenRecal(student.model, rec, recipe.loss)
+    head = head_fn(teacher.head)
     opt = torch.optim.AdamW([p_ for p_ in module.parameters()], lr=1e-5)
 
     def step(stage):
         student.model.requires_grad_(stage != "align")
         tf = teacher_features(teacher, tb, "hidden") if stage != "finetune" else None
-        loss = module(sb, tf, stage, recipe)["loss"]
+        loss = module(sb, tf, head, stage=stage).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

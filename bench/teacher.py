@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from genrecal_cli.models import load_vlm
-    from genrecal_cli.validate import accuracy
+    from genrecal_cli.engine.accuracy import accuracy
+    from genrecal_cli.world.shapes import scorer
     from replicate import PRESETS, base_recipe, quiet, train
 
     if a.threads:
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                                       "batch_size": a.batch_size, "schedule": "linear",
                                       "warmup_steps": a.warmup if done == chunk else 0}}
         seconds = train(raw, a.threads).get("seconds")
-        acc = accuracy(load_vlm(str(out / "student")), validation)
+        acc = accuracy(load_vlm(str(out / "student")), validation, score=scorer)
         row = {"name": a.name, "steps": done, "accuracy": round(acc.value, 4), "n": acc.total,
                "groups": {k: round(v, 3) for k, v in acc.to_dict()["groups"].items()},
                "train_seconds": None if seconds is None else round(seconds), "args": {k: str(v) for k, v in vars(a).items()}}

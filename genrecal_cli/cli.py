@@ -64,7 +64,8 @@ def distill(
         return
     _quiet_libraries()
     from .display import Reporter
-    from .engine.train import distill as run_distill, make_accelerator
+    from .engine.parallel import make_accelerator
+    from .run import distill as run_distill
 
     accelerator = make_accelerator(loaded)
     out = Path(loaded.train.output_dir)
@@ -177,11 +178,12 @@ def _answers(source: str, spec, samples: int) -> list[str]:
     """The first `samples` answers of a data source, as sample text for inspect-vocab."""
     import dataclasses
 
-    from .data import answer_text, load_split
+    from .data import answer_text
     from .recipe import DataSpec
+    from .run import load_rows
 
     spec = dataclasses.replace(spec or DataSpec(), source=source, num_train=None)
-    rows = load_split(spec, spec.train_split)
+    rows = load_rows(spec, spec.train_split)
     return [answer_text(a) for a in rows.select(range(min(samples, len(rows))))[spec.answer_column]]
 
 
@@ -206,7 +208,7 @@ def _plan_table(recipe):
     from rich.table import Table
 
     table = Table(title=f"recipe {recipe.origin}", show_header=True, header_style="bold")
-    for col in ("stage", "steps", "lr", "batch", "accum"):
+    for col in ("stage", "steps", "lr", "batch per process", "accum"):
         table.add_column(col)
     for name in recipe.stages.enabled():
         st = getattr(recipe.stages, name)
@@ -277,8 +279,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     except GenrecalError as exc:
         if debug:
             raise
-        _console(stderr=True).print(f"[red]error:[/red] {exc}", markup=True, soft_wrap=True)
-        sys.exit(getattr(exc, "exit_code", 1))
+        code = getattr(exc, "exit_code", 1)
+        label = "[yellow]stopped:[/yellow]" if code in (130, 143) else "[red]error:[/red]"  # a signal, after saving
+        _console(stderr=True).print(f"{label} {exc}", markup=True, soft_wrap=True)
+        sys.exit(code)
     except Exception as exc:  # a bug, not a user mistake: still one line unless asked
         if debug:
             raise

@@ -29,27 +29,26 @@ class SkipItem(Exception):
 # sources
 
 
-def load_split(spec: DataSpec, split: str, *, seed: int = 0):
-    """Return one split of the recipe's data source as a `datasets.Dataset` with the columns checked."""
+def load_split(spec: DataSpec, split: str):
+    """One split of an external data source (a file, a `datasets` folder or a hub id) as a
+    `datasets.Dataset`, columns checked. The built-in shapes data is made at the edge (run.py)."""
+    if spec.source == "shapes":
+        raise DataError("data.source 'shapes' is the built-in data set: load it with genrecal_cli.run.load_rows")
+    return check_split(_load_external(spec.source, split), spec, split)
 
-    source = spec.source
-    if source == "shapes":
-        from .world.shapes import make_split
 
-        n = spec.shapes_size if split == "train" else max(200, spec.shapes_size // 10)
-        ds = make_split(split, n, seed=seed)
-    else:
-        ds = _load_external(source, split)
+def check_split(ds, spec: DataSpec, split: str):
+    """`ds` with the recipe's columns checked, cut to data.num_train for the training split."""
     missing = [c for c in (spec.image_column, spec.question_column, spec.answer_column) if c not in ds.column_names]
     if missing:
         raise DataError(
-            f"{source}: column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} not found "
+            f"{spec.source}: column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} not found "
             f"(split '{split}' has {', '.join(ds.column_names)}); set data.image_column / question_column / answer_column"
         )
     if spec.num_train is not None and split == spec.train_split:
         ds = ds.select(range(min(spec.num_train, len(ds))))
     if len(ds) == 0:
-        raise DataError(f"{source}: split '{split}' is empty")
+        raise DataError(f"{spec.source}: split '{split}' is empty")
     return ds
 
 

@@ -40,9 +40,11 @@ PROBE_VARIANTS = ("real", "other", "zero")
 PROBE_KEYS = tuple(
     f"rely_{part}_{what}_{v}" for what in ("top1", "ar") for part in ("first", "later") for v in PROBE_VARIANTS
 )
+# Written to metrics.jsonl on every row, not shown: how many processes, items per update.
+RUN_KEYS = ("processes", "global_batch")
 # Known keys first, in this order, then any others sorted: every line of metrics.jsonl lists its
 # keys in the same order, so the file reads well with `tail -f` and diffs cleanly.
-KNOWN_KEYS = ("loss", *LOSS_TERMS, *SPEED_KEYS, *ALIGN_KEYS, *PROBE_KEYS)
+KNOWN_KEYS = ("loss", *LOSS_TERMS, *SPEED_KEYS, *ALIGN_KEYS, *PROBE_KEYS, *RUN_KEYS)
 _RESERVED = ("stage", "step", "time")
 
 _PANEL_WIDTH = 80

@@ -178,8 +178,14 @@ class TrainSpec:
 
     seed: int = 0
     output_dir: str = "runs/genrecal"
-    precision: Precision = "auto"  # auto = fp32 on CPU (bf16 autocast is slow there), bf16 on GPU
+    # Compute precision (autocast); whatever it is, everything that trains keeps fp32 master
+    # weights and fp32 optimizer states. auto = fp32 on CPU (bf16 is slow there), bf16 on GPU.
+    precision: Precision = "auto"
     log_every: int = 10  # steps between logged lines / metrics.jsonl rows
+    # A checkpoint every save_every updates inside a stage (0: only at the end of each stage and
+    # on Ctrl-C / SIGTERM); the newest keep_checkpoints of them are kept.
+    save_every: int = 500
+    keep_checkpoints: int = 2
     eval_items: int = 200  # validation items for the before/after accuracy table
     # The Recalibrator's reliance on the student (align, distill): every probe_every steps, on a
     # fixed batch of probe_items training items, its loss and top-1 agreement with the student's
@@ -189,6 +195,9 @@ class TrainSpec:
 
     def _check(self, key: str, problems: list[str]) -> None:
         _positive(self.log_every, f"{key}.log_every", problems)
+        if self.save_every < 0:
+            problems.append(f"{key}.save_every: {self.save_every} must be >= 0 (0 = only at the end of each stage)")
+        _positive(self.keep_checkpoints, f"{key}.keep_checkpoints", problems)
         if self.probe_every < 0:
             problems.append(f"{key}.probe_every: {self.probe_every} must be >= 0 (0 = no probe)")
         if self.probe_items < 2:

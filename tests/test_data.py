@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from genrecal_cli.data import Collator, PairDataset, encode, load_split, model_inputs, SkipItem
+from genrecal_cli.data import Collator, PairDataset, encode, model_inputs, SkipItem
+from genrecal_cli.run import load_rows as load_split  # shapes or an external source, as a run loads it
 from genrecal_cli.errors import DataError
 from genrecal_cli.recipe import DataSpec
 

@@ -1,12 +1,17 @@
-"""Checkpoints: atomic save of a stage's state, resume, and export of the plain student.
+"""Checkpoints: atomic saves of a stage's state, finding the furthest one to resume from, and
+the export of the plain student.
 
 Layout of a run's output folder:
-    OUTPUT/<stage>/      student/ (save_pretrained), recalibrator.safetensors, optimizer.pt,
-                         scheduler.pt, rng.pt, recipe.json, meta.json
-    OUTPUT/student/      the exported student: its own architecture, processor, chat template
-    OUTPUT/metrics.jsonl one JSON object per logged step
-Every folder is written under a temporary name and renamed into place, so a crash never
-leaves a half-written checkpoint where a finished one stood.
+    OUTPUT/<stage>/                      a finished stage: student/ (save_pretrained),
+                                         recalibrator.safetensors, recipe.json, meta.json
+    OUTPUT/checkpoints/<stage>-<step>/   a stage in progress (train.save_every, Ctrl-C, SIGTERM):
+                                         the same plus optimizer.pt, scheduler.pt and
+                                         rng/rank-<r>.pt for every process; the newest
+                                         train.keep_checkpoints are kept
+    OUTPUT/student/                      the exported student: its own architecture, processor
+    OUTPUT/metrics.jsonl                 one JSON object per logged step
+Every folder is written under a temporary name and renamed into place, so a crash never leaves
+a half-written checkpoint where a finished one stood. Tensors load with weights_only=True.
 """
 
 from __future__ import annotations
@@ -16,34 +21,42 @@ import math
 import platform
 import random
 import shutil
-import tempfile
 import time
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..errors import GenrecalError
 
 STAGES = ("align", "distill", "finetune")
+CHECKPOINTS = "checkpoints"
 
 
-@contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `target`; on success it replaces `target` in one rename."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        old = target.with_name(f".{target.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        if target.exists():
-            target.rename(old)  # a directory cannot be replaced in one rename; keep it until the new one is in
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+# ---------------------------------------------------------------------------------------------
+# atomic folders
+
+
+def replace_dir(target: Path, tmp: Path) -> None:
+    """Put the finished folder `tmp` where `target` is, in renames only."""
+    old = target.with_name(f".{target.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        target.rename(old)  # a folder cannot be replaced in one rename; keep it until the new one is in
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def fresh_tmp(target: Path) -> Path:
+    """An empty temporary folder beside `target`, at a name every process can compute."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+# ---------------------------------------------------------------------------------------------
+# what a checkpoint holds
 
 
 def versions() -> dict[str, str]:
@@ -63,18 +76,28 @@ def versions() -> dict[str, str]:
 
 
 def rng_state() -> dict[str, Any]:
+    import numpy as np
     import torch
 
-    state = {"python": _to_lists(random.getstate()), "torch": torch.get_rng_state()}
+    np_state = np.random.get_state()
+    state = {
+        "python": _to_lists(random.getstate()),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
     import torch
 
     random.setstate(_to_tuples(state["python"]))
+    if "numpy" in state:
+        name, keys, *rest = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -88,38 +111,6 @@ def _to_tuples(x):
     return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
 
 
-def save_stage(
-    output_dir: Path,
-    stage: str,
-    *,
-    student,
-    processor,
-    recalibrator,
-    optimizer,
-    scheduler,
-    recipe: dict,
-    meta: dict,
-) -> Path:
-    """Write OUTPUT/<stage>/ atomically; returns its path. Call on the main process only."""
-    import torch
-    from safetensors.torch import save_file
-
-    target = Path(output_dir) / stage
-    with atomic_dir(target) as tmp:
-        student.save_pretrained(tmp / "student", safe_serialization=True)
-        processor.save_pretrained(tmp / "student")
-        if recalibrator is not None:
-            state = {k: v.detach().contiguous().cpu() for k, v in recalibrator.state_dict().items()}
-            save_file(state, str(tmp / "recalibrator.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
-        (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2))
-        full_meta = {"stage": stage, "saved_at": time.time(), "versions": versions(), **meta}
-        (tmp / "meta.json").write_text(json.dumps(_finite(full_meta), indent=2, default=str))
-    return target
-
-
 def _finite(x):
     """NaN and inf become null: strict JSON readers reject them."""
     if isinstance(x, float):
@@ -131,6 +122,107 @@ def _finite(x):
     return x
 
 
+def _write_common(folder: Path, stage: str, student, processor, recalibrator, recipe: dict, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    student.save_pretrained(folder / "student", safe_serialization=True)
+    processor.save_pretrained(folder / "student")
+    if recalibrator is not None:
+        state = {k: v.detach().contiguous().cpu() for k, v in recalibrator.state_dict().items()}
+        save_file(state, str(folder / "recalibrator.safetensors"))
+    (folder / "recipe.json").write_text(json.dumps(recipe, indent=2))
+    full_meta = {"stage": stage, "saved_at": time.time(), "versions": versions(), **meta}
+    (folder / "meta.json").write_text(json.dumps(_finite(full_meta), indent=2, default=str))
+
+
+# ---------------------------------------------------------------------------------------------
+# saving
+
+
+def save_stage(output_dir: Path, stage: str, *, student, processor, recalibrator, recipe: dict, meta: dict) -> Path:
+    """OUTPUT/<stage>/ for a finished stage, atomically. Call on the main process only."""
+    target = Path(output_dir) / stage
+    tmp = fresh_tmp(target)
+    try:
+        _write_common(tmp, stage, student, processor, recalibrator, recipe, meta)
+        replace_dir(target, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def checkpoint_dir(output_dir: Path, stage: str, step: int) -> Path:
+    return Path(output_dir) / CHECKPOINTS / f"{stage}-{step:07d}"
+
+
+def save_checkpoint(
+    accelerator, output_dir: Path, stage: str, step: int, *,
+    student, processor, recalibrator, optimizer, scheduler, recipe: dict, meta: dict, keep: int,
+) -> Path:
+    """OUTPUT/checkpoints/<stage>-<step>/ for a stage in progress, atomically; every process calls
+    it (each writes its own RNG state), the main one writes the rest and keeps the newest `keep`."""
+    import torch
+
+    target = checkpoint_dir(output_dir, stage, step)
+    tmp = target.with_name(f".{target.name}.tmp")
+    if accelerator.is_main_process:
+        fresh_tmp(target)
+        (tmp / "rng").mkdir()
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), tmp / "rng" / f"rank-{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        try:
+            _write_common(tmp, stage, student, processor, recalibrator, recipe, meta)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            replace_dir(target, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for old in in_progress(output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old.path, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return target
+
+
+def export_student(output_dir: Path, student, processor, meta: dict) -> Path:
+    """OUTPUT/student/: a plain checkpoint of the student's own architecture (no Recalibrator)."""
+    target = Path(output_dir) / "student"
+    tmp = fresh_tmp(target)
+    try:
+        student.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        (tmp / "genrecal.json").write_text(json.dumps(_finite({"versions": versions(), **meta}), indent=2, default=str))
+        replace_dir(target, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+@dataclass(frozen=True)
+class Found:
+    """A checkpoint on disk: which stage, how far (`meta`), and whether the stage had finished."""
+
+    stage: str
+    path: Path
+    meta: dict
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.meta.get("finished"))
+
+    @property
+    def step(self) -> int:
+        return int(self.meta.get("step", 0))
+
+    def _order(self) -> tuple[int, int, int]:
+        return STAGES.index(self.stage), int(self.finished), self.step
+
+
 def load_tensors(path: Path) -> dict:
     """torch.load restricted to tensors and plain data (weights_only=True)."""
     import torch
@@ -138,8 +230,8 @@ def load_tensors(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def read_meta(stage_dir: Path) -> dict | None:
-    meta = Path(stage_dir) / "meta.json"
+def read_meta(folder: Path) -> dict | None:
+    meta = Path(folder) / "meta.json"
     if not meta.is_file():
         return None
     try:
@@ -148,20 +240,31 @@ def read_meta(stage_dir: Path) -> dict | None:
         return None
 
 
-def latest_checkpoint(output_dir: Path) -> tuple[str, dict] | None:
-    """The furthest checkpoint in the run: (stage, meta), by stage order then step."""
-    best = None
+def in_progress(output_dir: Path) -> list[Found]:
+    """The mid-stage checkpoints of a run, oldest first."""
+    found = []
+    folder = Path(output_dir) / CHECKPOINTS
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        meta = read_meta(path)
+        if meta is not None and meta.get("stage") in STAGES and not path.name.startswith("."):
+            found.append(Found(meta["stage"], path, meta))
+    return sorted(found, key=Found._order)
+
+
+def latest_checkpoint(output_dir: Path) -> Found | None:
+    """The furthest checkpoint of the run: by stage order, then finished, then step."""
+    found = in_progress(output_dir)
     for stage in STAGES:
         meta = read_meta(Path(output_dir) / stage)
         if meta is not None:
-            best = (stage, meta)
-    return best
+            found.append(Found(stage, Path(output_dir) / stage, meta))
+    return max(found, key=Found._order, default=None)
 
 
 def check_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> None:
     """Refuse to mix two runs in one folder unless asked to continue or to start over."""
     output_dir = Path(output_dir)
-    taken = [p.name for p in (output_dir / s for s in (*STAGES, "student")) if p.exists()]
+    taken = [p.name for p in (output_dir / s for s in (*STAGES, CHECKPOINTS, "student")) if p.exists()]
     if not taken or resume:
         return
     if overwrite:
@@ -173,13 +276,3 @@ def check_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> None
         f"{output_dir} already holds a run ({', '.join(taken)}); pass --resume to continue it, "
         "--overwrite to start over, or set train.output_dir to another folder"
     )
-
-
-def export_student(output_dir: Path, student, processor, meta: dict) -> Path:
-    """OUTPUT/student/: a plain checkpoint of the student's own architecture (no Recalibrator)."""
-    target = Path(output_dir) / "student"
-    with atomic_dir(target) as tmp:
-        student.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
-        (tmp / "genrecal.json").write_text(json.dumps(_finite({"versions": versions(), **meta}), indent=2, default=str))
-    return target

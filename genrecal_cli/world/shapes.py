@@ -361,3 +361,8 @@ def score(prediction: str, item: Mapping[str, str]) -> bool:
         others = [c for c in CANDIDATES.get(item.get("kind", ""), ()) if normalise(c) != target]
         return _mentions(first, target) and not any(_mentions(first, normalise(c)) for c in others)
     return pred == target
+
+
+def scorer(prediction: str, row: Mapping[str, str]) -> tuple[bool, list[str]]:
+    """`score` in the form a distill run's accuracy table takes: (right, groups by form and kind)."""
+    return score(prediction, row), [f"form:{row['form']}", f"kind:{row.get('kind', '?')}"]

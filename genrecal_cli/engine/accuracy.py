@@ -1,19 +1,42 @@
 """Quick validation accuracy by greedy generation, for the before/after table of `genrecal distill`.
 
 Benchmarks proper go through lm-eval (`genrecal eval`); this is the cheap in-process check a
-training run prints at its end. Items from the shapes set are scored with `shapes.score`
-(short, long and multiple-choice forms); other data by normalised exact match.
+training run prints. Every process answers its share of the items and the results are gathered,
+so no process waits while another one generates. How an answer is scored is handed in (the
+shapes data brings its own scorer); by default, normalised exact match with the answer column.
 """
 
 from __future__ import annotations
 
+import re
+import string
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
 import torch
 
-from .data import answer_text, conversation, open_image
-from .world.shapes import normalise, score
+from ..data import answer_text, conversation, open_image
+from .parallel import gather_objects
+
+# (prediction, row) -> (right or wrong, the groups the item counts in, e.g. ["form:short"])
+Scorer = Callable[[str, Mapping], tuple[bool, list[str]]]
+
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalise(text: str) -> str:
+    """Lowercase, punctuation to spaces, whitespace collapsed: " Top-left." -> "top left"."""
+    return " ".join(_PUNCT.sub(" ", text.lower()).split())
+
+
+def exact_match(answer_column: str) -> Scorer:
+    """The default scorer: normalised exact match with the row's answer, no groups."""
+
+    def score(prediction: str, row: Mapping) -> tuple[bool, list[str]]:
+        return normalise(prediction) == normalise(answer_text(row[answer_column])), []
+
+    return score
 
 
 @dataclass
@@ -65,24 +88,33 @@ def generate_answers(vlm, items, *, image_column="image", question_column="quest
     return answers
 
 
-def accuracy(vlm, items, *, answer_column="answer", max_samples=3, **kwargs) -> Accuracy:
-    """Generate and score; items with `form`/`target` columns (shapes) use shapes.score."""
-    predictions = generate_answers(vlm, items, **kwargs)
-    acc = Accuracy()
-    question_column = kwargs.get("question_column", "question")
-    for i, pred in enumerate(predictions):
+def accuracy(
+    vlm, items, *, accelerator=None, score: Scorer | None = None, image_column="image", question_column="question",
+    answer_column="answer", max_samples=3, **generate,
+) -> Accuracy:
+    """Generate and score every item; with an `accelerator`, process r answers items r, r+N, ...
+
+    Every process returns the same, complete Accuracy.
+    """
+    score = score or exact_match(answer_column)
+    rank, n_proc = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    mine = list(range(rank, len(items), n_proc))
+    predictions = generate_answers(vlm, items.select(mine), image_column=image_column,
+                                   question_column=question_column, **generate) if mine else []
+    results = []
+    for i, pred in zip(mine, predictions):
         row = items[i]
-        if "form" in row and "target" in row:
-            ok = score(pred, row)
-            groups = [f"form:{row['form']}", f"kind:{row.get('kind', '?')}"]
-        else:
-            ok = normalise(pred) == normalise(answer_text(row[answer_column]))
-            groups = []
+        ok, groups = score(pred, row)
+        results.append((i, bool(ok), list(groups), str(row[question_column]), answer_text(row[answer_column]), pred))
+    if accelerator is not None:
+        results = gather_objects(accelerator, results)
+    acc = Accuracy()
+    for _, ok, groups, question, reference, pred in sorted(results, key=lambda r: r[0]):
         acc.correct += int(ok)
         acc.total += 1
         for g in groups:
             acc.by_group[g][0] += int(ok)
             acc.by_group[g][1] += 1
         if len(acc.samples) < max_samples:
-            acc.samples.append((str(row[question_column]), answer_text(row[answer_column]), pred))
+            acc.samples.append((question, reference, pred))
     return acc

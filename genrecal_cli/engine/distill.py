@@ -1,0 +1,166 @@
+"""A whole `genrecal distill` run on resolved inputs: load and place the models, measure
+accuracy before, run the enabled stages in order (resuming where a checkpoint says), release
+each stage's state, measure accuracy after and export the plain student.
+
+Inputs arrive resolved (real folders, loaded rows, a scorer): the engine never builds models or
+data of its own; `genrecal_cli.run` does that at the edge.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..recipe import Recipe
+from . import checkpoint as ckpt
+from .accuracy import Scorer, accuracy
+from .faults import StopRequests
+from .objective import TEACHER_STAGES
+from .parallel import MASTER_DTYPE, make_accelerator
+from .recalibrator import Recalibrator
+from .stages import Run, run_stage
+
+
+@dataclass
+class Inputs:
+    """What the edge resolved from a recipe."""
+
+    student: str  # local folder or hub id
+    teacher: str | None  # None when no stage needs one
+    train: Any  # training rows (datasets.Dataset)
+    validation: Any | None = None  # rows for the before/after accuracy table; None: no table
+    score: Scorer | None = None  # how validation answers are scored; None: exact match
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    student_dir: Path
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    accuracy: dict[str, Any] = field(default_factory=dict)  # "teacher", "student before", "student after"
+
+
+def distill(
+    recipe: Recipe,
+    inputs: Inputs,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    reporter=None,
+    accelerator=None,
+    prefix: str = "",
+) -> RunResult:
+    """Run the recipe's enabled stages in order, checkpoint each, export the student.
+
+    `prefix` labels the stages in the display (a prerequisite run shows as "teacher/finetune").
+    """
+    from accelerate.utils import set_seed
+
+    from ..models import load_vlm
+
+    out = Path(recipe.train.output_dir)
+    acc = accelerator or make_accelerator(recipe)
+    if acc.is_main_process:
+        ckpt.check_output_dir(out, resume=resume, overwrite=overwrite)
+    acc.wait_for_everyone()
+
+    # What is left to do: every enabled stage, or (--resume) what follows the last checkpoint.
+    remaining = recipe.stages.enabled()
+    found = ckpt.latest_checkpoint(out) if resume else None
+    if found is not None:
+        later = [s for s in remaining if ckpt.STAGES.index(s) > ckpt.STAGES.index(found.stage)]
+        remaining = later if found.finished else [found.stage, *later]
+        if reporter is not None:
+            reporter.note(f"resuming after {found.stage} step {found.step}/{found.meta.get('total_steps')} ({found.path})")
+
+    # The student trains in fp32 (master weights) whatever it was stored in; it is exported back
+    # in that dtype. The frozen teacher stays in its recipe dtype.
+    student = load_vlm(inputs.student, revision=recipe.student.revision, dtype=recipe.student.dtype,
+                       trust_remote_code=recipe.student.trust_remote_code)
+    export_dtype = student.model.dtype
+    student.model.to(device=acc.device, dtype=MASTER_DTYPE)
+    teacher = rec = None
+    if any(s in TEACHER_STAGES for s in remaining):
+        teacher = load_vlm(inputs.teacher, revision=recipe.teacher.revision, dtype=recipe.teacher.dtype,
+                           trust_remote_code=recipe.teacher.trust_remote_code)
+        teacher.model.requires_grad_(False)
+        teacher.model.to(acc.device)
+        _warn_if_swapped(teacher, student, reporter)
+        set_seed(recipe.train.seed)
+        if recipe.uses_recalibrator:
+            rec = Recalibrator(teacher.hidden_size, student.text_config, student.decoder_layer_class,
+                               num_blocks=recipe.recalibrator.num_blocks, new_positions=recipe.recalibrator.new_positions)
+            rec.to(device=acc.device, dtype=MASTER_DTYPE)
+    if found is not None:
+        _load_state(found.path, student, rec)
+
+    result = RunResult(out, out / "student")
+    if inputs.validation is not None:
+        if teacher is not None:
+            result.accuracy["teacher"] = _accuracy(teacher, inputs, recipe, acc)
+        if found is None:  # the student as it came in, before any stage of this run
+            result.accuracy["student before"] = _accuracy(student, inputs, recipe, acc)
+
+    with StopRequests() as stop:
+        run = Run(recipe, acc, student, teacher, rec, inputs.train, reporter, stop)
+        teacher = rec = None  # the run owns them now, and drops them when no later stage needs them
+        for stage in remaining:
+            set_seed(recipe.train.seed + ckpt.STAGES.index(stage))
+            from_ckpt = found if (found is not None and not found.finished and found.stage == stage) else None
+            result.stages[stage] = run_stage(run, stage, resume=from_ckpt, label=prefix + stage)
+            # Release what the finished stage held: its optimizer, wrappers and (when no later
+            # stage needs them) the teacher and the Recalibrator.
+            acc.free_memory()
+            if not any(s in TEACHER_STAGES for s in remaining[remaining.index(stage) + 1 :]):
+                run.teacher = run.recalibrator = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    if inputs.validation is not None:
+        result.accuracy["student after"] = _accuracy(student, inputs, recipe, acc)
+
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        student.model.to(dtype=export_dtype)
+        ckpt.export_student(out, student.model, student.processor,
+                            {"recipe": recipe.to_dict(), "stages": result.stages, "accuracy": result.accuracy})
+        if reporter is not None:
+            reporter.note(f"student exported to {out / 'student'}")
+    acc.wait_for_everyone()
+    return result
+
+
+def _accuracy(vlm, inputs: Inputs, recipe: Recipe, acc) -> dict:
+    """Greedy accuracy on the validation rows, every process answering its share."""
+    was_training = vlm.model.training
+    vlm.model.eval()
+    data = recipe.data
+    with acc.autocast():
+        result = accuracy(vlm, inputs.validation, accelerator=acc, score=inputs.score, image_column=data.image_column,
+                          question_column=data.question_column, answer_column=data.answer_column)
+    vlm.model.train(was_training)
+    return result.to_dict()
+
+
+def _load_state(folder: Path, student, rec) -> None:
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    saved = AutoModelForImageTextToText.from_pretrained(folder / "student", use_safetensors=True, dtype=MASTER_DTYPE)
+    student.model.load_state_dict(saved.state_dict())
+    if rec is not None and (folder / "recalibrator.safetensors").exists():
+        rec.load_state_dict(load_file(str(folder / "recalibrator.safetensors")))
+
+
+def _warn_if_swapped(teacher, student, reporter) -> None:
+    t = sum(p.numel() for p in teacher.model.parameters())
+    s = sum(p.numel() for p in student.model.parameters())
+    if t < s and reporter is not None:
+        reporter.note(
+            f"warning: the teacher ({t:,} parameters) is smaller than the student ({s:,}); "
+            "are [teacher] and [student] swapped?", style="yellow"
+        )

@@ -1,0 +1,310 @@
+"""One stage of GenRecal (align, distill or finetune) as one plain loop: what trains, the
+learning-rate schedule, and the update loop with logging, checkpoints and clean stops.
+
+Which parameters train and which losses count in each stage follows METHOD.md, "Stages". The
+loop reads top to bottom: data -> trainable parameters -> optimizer and schedule -> (resume) ->
+for each update: grad_accum micro-batches (teacher features, forward, a cross-process check,
+backward) -> clip, step -> log -> checkpoint or stop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data import Collator, PairDataset
+from ..errors import GenrecalError
+from ..recipe import Recipe, StageSpec
+from . import checkpoint as ckpt
+from .faults import Interrupted, StopRequests, signal_name
+from .objective import TEACHER_STAGES, GenRecal, term_names
+from .parallel import RankBatches, gather_rows, total_updates
+from .probe import alignment_stats, reliance
+from .recalibrator import Recalibrator
+from .teacher import head_fn, teacher_features
+
+
+@dataclass
+class Run:
+    """What every stage of one run shares."""
+
+    recipe: Recipe
+    accelerator: Any
+    student: Any  # models.VLM, its parameters fp32 (the masters)
+    teacher: Any | None  # models.VLM, frozen, in its recipe dtype; None once no stage needs it
+    recalibrator: Recalibrator | None
+    train_rows: Any  # the training split (a datasets.Dataset)
+    reporter: Any | None = None
+    stop: StopRequests | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# what trains, and how fast
+
+
+def set_trainable(stage: str, student, recalibrator: Recalibrator | None, st: StageSpec) -> list[nn.Parameter]:
+    """Freeze everything, then unfreeze what `stage` trains; returns the trainable parameters."""
+    student.model.requires_grad_(False)
+    if recalibrator is not None:
+        recalibrator.requires_grad_(stage in TEACHER_STAGES)
+    if stage == "distill":
+        student.language_model.requires_grad_(True)
+        student.head.requires_grad_(True)
+        if st.train_projector:
+            student.vision_projector.requires_grad_(True)
+    elif stage == "finetune":
+        student.model.requires_grad_(True)
+        student.vision_encoder.requires_grad_(False)
+        student.vision_projector.requires_grad_(True)  # Qwen's projector sits inside its vision encoder
+    params = [p for p in student.model.parameters() if p.requires_grad]
+    if recalibrator is not None and stage in TEACHER_STAGES:
+        params += [p for p in recalibrator.parameters() if p.requires_grad]
+    return params
+
+
+def lr_lambda(st: StageSpec, total: int):
+    """Multiplier of st.lr at update `step` (0-based): linear warmup, then linear / cosine decay to
+    lr_end at the last update. A function of the update alone, whatever the number of processes."""
+    floor = st.lr_end / st.lr
+
+    def f(step: int) -> float:
+        if st.warmup_steps and step < st.warmup_steps:
+            return (step + 1) / st.warmup_steps
+        if st.schedule == "constant":
+            return 1.0
+        span = max(1, total - st.warmup_steps - 1)
+        t = min(1.0, (step - st.warmup_steps) / span)
+        if st.schedule == "cosine":
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+        return 1.0 - (1.0 - floor) * t
+
+    return f
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+class _NonFinite(Exception):
+    pass
+
+
+def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: str | None = None) -> dict:
+    """Train one stage to its end (or to a stop request); returns its summary."""
+    recipe, acc, reporter = run.recipe, run.accelerator, run.reporter
+    st: StageSpec = getattr(recipe.stages, stage)
+    label = label or stage
+    teacher = run.teacher if stage in TEACHER_STAGES else None
+    rec = run.recalibrator if stage in TEACHER_STAGES else None
+    out_dir = Path(recipe.train.output_dir)
+    peak = PeakMemory()
+
+    # data: every process deals its own slice of each global micro-batch (parallel.RankBatches)
+    sides = {"student": run.student.processor}
+    if teacher is not None:
+        sides = {"teacher": teacher.processor, **sides}
+    dataset = PairDataset(run.train_rows, recipe.data, sides).scan()
+    if dataset.skip_summary() and reporter is not None:
+        reporter.note(f"{label}: {dataset.skip_summary()}", style="yellow")
+    seed = recipe.train.seed + ckpt.STAGES.index(stage)
+    sampler = RankBatches(len(dataset), st.batch_size, acc.num_processes, acc.process_index, seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=Collator(sides))
+    total = total_updates(st, len(sampler))
+    layout = {"processes": acc.num_processes, "global_batch": st.batch_size * acc.num_processes * st.grad_accum}
+
+    # what trains, with which optimizer and schedule
+    params = set_trainable(stage, run.student, rec, st)
+    module = GenRecal(run.student.model, rec, recipe.loss)
+    optimizer = torch.optim.AdamW(params, lr=st.lr, weight_decay=st.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(st, total))
+    step = 0
+    if resume is not None:
+        _check_layout(resume, layout, label)
+        optimizer.load_state_dict(ckpt.load_tensors(resume.path / "optimizer.pt"))
+        scheduler.load_state_dict(ckpt.load_tensors(resume.path / "scheduler.pt"))
+        ckpt.set_rng_state(ckpt.load_tensors(resume.path / "rng" / f"rank-{acc.process_index}.pt"))
+        step = resume.step
+    head = head_fn(teacher.head) if teacher is not None else None
+    probe = _probe_batch(dataset, sides, recipe, acc) if rec is not None else None
+    names = term_names(stage, recipe.loss, recalibrator=rec is not None, reg_in_distill=st.reg)
+    module, optimizer = acc.prepare(module, optimizer)
+    module.train()
+
+    if reporter is not None:
+        reporter.stage_start(label, total, step)
+        if step == 0:
+            reporter.note(
+                f"{label}: {total:,} updates of {layout['global_batch']:,} items (batch_size {st.batch_size} x "
+                f"grad_accum {st.grad_accum} x {acc.num_processes} process{'es' if acc.num_processes > 1 else ''}); "
+                f"one epoch = {len(sampler) / st.grad_accum:,.1f} updates"
+            )
+    batches = _micro_batches(loader, sampler, step * st.grad_accum)
+    t0, seen_items, seen_tokens, metrics = time.perf_counter(), 0, 0, {}
+    stop = run.stop or StopRequests()
+    try:
+        while step < total:
+            sums, stop_asked = torch.zeros(len(names) + 1), 0
+            for i in range(st.grad_accum):
+                from accelerate.utils import send_to_device
+
+                batch = send_to_device(next(batches), acc.device)
+                last = i == st.grad_accum - 1
+                with acc.autocast():
+                    tf = teacher_features(teacher, batch["teacher"], recipe.recalibrator.answer_input) if teacher else None
+                with nullcontext() if last else acc.no_sync(module):
+                    with acc.autocast():
+                        out = module(batch["student"], tf, head, stage=stage, reg_in_distill=st.reg)
+                    # One small collective per micro-batch: every process's loss terms, tokens,
+                    # items and stop request. All processes see a bad loss (and stop) together.
+                    mine = torch.stack([out.loss.detach().float(), *(out.terms[k].detach().float() for k in names)])
+                    sbatch = batch["student"]
+                    counts = [float(sbatch["attention_mask"].sum()), float(sbatch["input_ids"].shape[0]), float(stop.requested or 0)]
+                    everyone = gather_rows(acc, torch.cat([mine.cpu(), torch.tensor(counts)])).cpu()
+                    k = len(names) + 1
+                    bad = ~torch.isfinite(everyone[:, :k]).all(1)
+                    if bad.any():
+                        rank = int(bad.nonzero()[0])
+                        terms = {n: round(float(v), 4) for n, v in zip(("loss", *names), everyone[rank, :k])}
+                        raise _NonFinite(f"at step {step + 1} on process {rank} ({terms})")
+                    acc.backward(out.loss / st.grad_accum)
+                sums += everyone[:, :k].mean(0).cpu()
+                seen_tokens += int(everyone[:, k].sum())
+                seen_items += int(everyone[:, k + 1].sum())
+                stop_asked = max(stop_asked, int(everyone[:, k + 2].max()))  # the signal number, 0: none
+            if st.max_grad_norm > 0:
+                acc.clip_grad_norm_(module.parameters(), st.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]  # the rate this update uses
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            probe_now = probe is not None and (step % recipe.train.probe_every == 0 or step == total)
+            metrics = {n: float(v) / st.grad_accum for n, v in zip(("loss", *names), sums)}
+            dt = time.perf_counter() - t0
+            metrics.update(lr=lr, items_per_s=seen_items / dt, tokens_per_s=seen_tokens / dt, **layout)
+            if probe_now:  # every process runs it: a sharded teacher's forward is collective
+                metrics.update(_run_probe(acc, module, probe, teacher, head, recipe))
+            if reporter is not None and acc.is_main_process:
+                if tf is not None and (step % recipe.train.log_every == 0 or step == total or probe_now):
+                    with acc.autocast():
+                        metrics.update(alignment_stats(batch, tf, out.recalibrated, head))
+                reporter.step(label, step, metrics)
+
+            if stop_asked:  # agreed by every process in this update's collectives
+                _save_progress(run, stage, step, total, acc, module, optimizer, scheduler, metrics, layout)
+                raise Interrupted(
+                    f"{label}: stopped by {signal_name(stop_asked)} at step {step}/{total}; checkpoint saved in "
+                    f"{ckpt.checkpoint_dir(out_dir, stage, step)}; run again with --resume to continue", stop_asked)
+            if recipe.train.save_every and step % recipe.train.save_every == 0 and step < total:
+                _save_progress(run, stage, step, total, acc, module, optimizer, scheduler, metrics, layout)
+    except _NonFinite as exc:
+        raise GenrecalError(
+            f"{label}: loss became non-finite {exc}; the last good checkpoint is kept in {out_dir}; "
+            f"lower stages.{stage}.lr or check the data"
+        ) from None
+
+    summary = {"steps": step, "metrics": metrics, **layout, "peak_rss_mb": peak.rss_mb(), **peak.device()}
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        ckpt.save_stage(out_dir, stage, student=acc.unwrap_model(module).student, processor=run.student.processor,
+                        recalibrator=rec, recipe=recipe.to_dict(),
+                        meta={"step": step, "total_steps": total, "finished": True, **summary})
+    acc.wait_for_everyone()
+    if reporter is not None:
+        reporter.stage_end(label, {k: v for k, v in metrics.items() if k in ("loss", *names)})
+    return summary
+
+
+def _micro_batches(loader, sampler: RankBatches, start: int):
+    """This process's micro-batches from micro-batch `start` on, epoch after epoch, without end
+    (resume starts mid-epoch without encoding the skipped items)."""
+    epoch, skip = divmod(start, len(sampler))
+    while True:
+        sampler.set_epoch(epoch, skip)
+        yield from loader
+        epoch, skip = epoch + 1, 0
+
+
+def _check_layout(resume: ckpt.Found, layout: dict, label: str) -> None:
+    saved = {k: resume.meta.get(k) for k in layout}
+    if saved != layout:
+        raise GenrecalError(
+            f"{label}: the checkpoint {resume.path} was written by {saved['processes']} process(es) with a global "
+            f"batch of {saved['global_batch']} items; this run has {layout['processes']} with {layout['global_batch']}. "
+            "Resume with the same number of processes and batch settings (its data position and RNG states "
+            "are per process), or start over with --overwrite"
+        )
+
+
+def _save_progress(run, stage, step, total, acc, module, optimizer, scheduler, metrics, layout) -> None:
+    recipe = run.recipe
+    ckpt.save_checkpoint(
+        acc, Path(recipe.train.output_dir), stage, step,
+        student=acc.unwrap_model(module).student, processor=run.student.processor,
+        recalibrator=run.recalibrator if stage in TEACHER_STAGES else None,
+        optimizer=optimizer, scheduler=scheduler, recipe=recipe.to_dict(),
+        meta={"step": step, "total_steps": total, "finished": False, "metrics": metrics, **layout},
+        keep=recipe.train.keep_checkpoints,
+    )
+    if run.reporter is not None:
+        run.reporter.note(f"checkpoint saved: {ckpt.checkpoint_dir(recipe.train.output_dir, stage, step)}", style="dim")
+
+
+def _probe_batch(dataset, sides, recipe: Recipe, acc) -> dict | None:
+    """The reliance probe's fixed batch: the first train.probe_items training items (the same on
+    every process)."""
+    from accelerate.utils import send_to_device
+
+    n = min(recipe.train.probe_items, len(dataset))
+    if recipe.train.probe_every == 0 or n < 2:
+        return None
+    return send_to_device(Collator(sides)([dataset[i] for i in range(n)]), acc.device)
+
+
+def _run_probe(acc, module, probe: dict, teacher, head, recipe: Recipe) -> dict[str, float]:
+    module = acc.unwrap_model(module)
+    was_training = module.training
+    module.eval()
+    try:
+        with acc.autocast():  # the same precision as the training forward
+            tf = teacher_features(teacher, probe["teacher"], recipe.recalibrator.answer_input)
+            return reliance(module, probe["student"], tf, head)
+    finally:
+        module.train(was_training)
+
+
+class PeakMemory:
+    """Peak memory from now on: resident set of this process (Linux: VmHWM after a reset through
+    /proc/self/clear_refs) and, on CUDA, the allocator's peak."""
+
+    def __init__(self):
+        self._reset = False
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self._reset = True
+        except OSError:
+            pass
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def rss_mb(self) -> float | None:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:") and self._reset:
+                    return round(int(line.split()[1]) / 1024, 1)
+        except OSError:
+            pass
+        return None
+
+    def device(self) -> dict[str, float]:
+        if not torch.cuda.is_available():
+            return {}
+        return {"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}

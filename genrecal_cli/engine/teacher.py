@@ -1,0 +1,74 @@
+"""The frozen teacher's side of a batch: one forward, no activations kept, and what the
+Recalibrator and the losses need from it (METHOD.md, "Forward", step 1 and step 4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..data import model_inputs
+
+
+@dataclass
+class TeacherFeatures:
+    """What one batch's teacher pass hands to the Recalibrator and the losses.
+
+    question [B, Lq, d_l] (z_ql) + question_mask [B, Lq]; answer_in [B, La, d_l] (z_al, or the
+    answer's input embeddings under answer_input = "embeddings") + answer_mask [B, La];
+    answer_start [B]; rows [N, d_l]: the teacher's own rows predicting its N answer tokens
+    (L_kl's teacher distribution); targets [N]: those tokens.
+    """
+
+    question: torch.Tensor
+    question_mask: torch.Tensor
+    answer_in: torch.Tensor
+    answer_mask: torch.Tensor
+    answer_start: torch.Tensor
+    rows: torch.Tensor
+    targets: torch.Tensor
+
+
+def teacher_features(teacher, batch: dict, answer_input: str) -> TeacherFeatures:
+    """Run the teacher body on one collated side (`batch["teacher"]`) and cut out its features.
+
+    Call it under the run's autocast, like the training forward. The features come back as
+    float32 whatever the teacher's dtype: they feed trainable fp32 modules (the Recalibrator).
+    """
+    with torch.inference_mode():
+        z = teacher.body(**model_inputs(batch))
+        emb = teacher.input_embeddings(batch["input_ids"]) if answer_input == "embeddings" else None
+    # Leave inference mode (clone) and float32: these feed a graph that trains.
+    z = z.float()
+    start = batch["answer_start"]
+    a_len = batch["answer_mask"].sum(1)
+    lq, la = int(start.max()), int(a_len.max())
+    k = torch.arange(la, device=z.device)[None, :]
+    a_mask = k < a_len[:, None]
+    a_pos = (start[:, None] + k).clamp(max=z.shape[1] - 1)
+    src = emb.float() if emb is not None else z
+    answer_in = gather_rows(src, a_pos)
+    rows = gather_rows(z, a_pos - 1)[a_mask]
+    targets = batch["input_ids"].gather(1, a_pos)[a_mask]
+    q_mask = torch.arange(lq, device=z.device)[None, :] < start[:, None]
+    return TeacherFeatures(z[:, :lq], q_mask.long(), answer_in, a_mask.long(), start, rows, targets)
+
+
+def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, L, d] at positions idx [B, K] -> [B, K, d]."""
+    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def head_fn(head: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The frozen teacher head as the losses call it: rows [N, d_l] -> logits [N, V].
+
+    Rows are cast to the head's dtype first, so a bf16 teacher scores fp32 rows with or without
+    autocast; gradients still flow through the cast to the Recalibrator.
+    """
+    dtype = head.weight.dtype
+
+    def apply(rows: torch.Tensor) -> torch.Tensor:
+        return head(rows if torch.is_autocast_enabled(rows.device.type) else rows.to(dtype))
+
+    return apply

@@ -1,0 +1,72 @@
+"""The edge of `genrecal distill`: resolve what a recipe names into what the engine takes.
+
+A `zoo:` model is built into the cache, a model whose `recipe` says how to make it is trained
+first (a run of its own), the built-in `shapes` data is generated (and brings its own scorer),
+other data sources are read. The engine (`engine.distill`) then gets plain folders and rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import GenrecalError
+from .recipe import DataSpec, Recipe
+
+
+def load_rows(spec: DataSpec, split: str, *, seed: int = 0):
+    """One split of the recipe's data as a `datasets.Dataset`, columns checked."""
+    from .data import check_split, load_split
+
+    if spec.source == "shapes":
+        from .world.shapes import make_split
+
+        n = spec.shapes_size if split == "train" else max(200, spec.shapes_size // 10)
+        return check_split(make_split(split, n, seed=seed), spec, split)
+    return load_split(spec, split)
+
+
+def resolve_model(spec, role: str, reporter=None, accelerator=None) -> str:
+    """The local folder or hub id of a model; a `zoo:` model is built, and a model whose `recipe`
+    says how to make it is trained first (resuming where an earlier try stopped)."""
+    from .recipe import load_recipe
+    from .world.zoo import resolve_source
+
+    path = resolve_source(spec.path)
+    if spec.recipe is None or Path(path).exists():
+        return path
+    if reporter is not None:
+        reporter.note(f"{role} {path} does not exist yet: building it with {spec.recipe}")
+    built = distill(load_recipe(spec.recipe), resume=True, reporter=reporter, accelerator=accelerator, prefix=f"{role}/")
+    if not Path(path).exists():
+        raise GenrecalError(f"{role}.recipe {spec.recipe} exported its student to {built.student_dir}, not to "
+                            f"{role}.path {path}; make the two agree")
+    return path
+
+
+def resolve(recipe: Recipe, reporter=None, accelerator=None):
+    """Everything the engine needs from a recipe, resolved (engine.distill.Inputs)."""
+    from .engine.distill import Inputs
+
+    needs_teacher = any(getattr(recipe.stages, s).enabled for s in ("align", "distill"))
+    teacher = resolve_model(recipe.teacher, "teacher", reporter, accelerator) if needs_teacher else None
+    student = resolve_model(recipe.student, "student", reporter, accelerator)
+    data = recipe.data
+    train = load_rows(data, data.train_split, seed=recipe.train.seed)
+    validation, score = None, None
+    if recipe.train.eval_items:
+        rows = load_rows(data, data.eval_split, seed=recipe.train.seed)
+        validation = rows.select(range(min(recipe.train.eval_items, len(rows))))
+        if data.source == "shapes":
+            from .world.shapes import scorer as score
+    return Inputs(student=student, teacher=teacher, train=train, validation=validation, score=score)
+
+
+def distill(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, reporter=None, accelerator=None, prefix: str = ""):
+    """`genrecal distill`: resolve the recipe, then run the engine on it."""
+    from .engine.distill import distill as run_engine
+    from .engine.parallel import make_accelerator
+
+    accelerator = accelerator or make_accelerator(recipe)
+    inputs = resolve(recipe, reporter, accelerator)
+    return run_engine(recipe, inputs, resume=resume, overwrite=overwrite, reporter=reporter,
+                      accelerator=accelerator, prefix=prefix)

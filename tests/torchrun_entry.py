@@ -1,0 +1,57 @@
+"""`torchrun ... tests/torchrun_entry.py distill RECIPE`: the real CLI on every rank, with what the
+multi-process tests need to observe or break, set through environment variables:
+
+GENRECAL_TEST_RECORD=DIR   each rank writes DIR/rank-<r>.json (what accelerate saw: its index and
+                           the number of processes) and appends every training row index it
+                           encodes to DIR/items-<r>.txt
+GENRECAL_TEST_NAN=R:N      on rank R, the N-th call of the student's L_sft returns NaN
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def main() -> None:
+    from accelerate import PartialState
+
+    state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU") == "1")  # as Accelerator() reads it
+    record = os.environ.get("GENRECAL_TEST_RECORD")
+    if record:
+        out = Path(record)
+        out.mkdir(parents=True, exist_ok=True)
+        view = {"process_index": state.process_index, "num_processes": state.num_processes,
+                "distributed_type": str(state.distributed_type)}
+        (out / f"rank-{state.process_index}.json").write_text(json.dumps(view))
+        from genrecal_cli.data import PairDataset
+
+        real = PairDataset.__getitem__
+
+        def recording(self, idx):
+            with open(out / f"items-{state.process_index}.txt", "a") as f:
+                f.write(f"{self.keep[idx]}\n")
+            return real(self, idx)
+
+        PairDataset.__getitem__ = recording
+    nan = os.environ.get("GENRECAL_TEST_NAN")
+    if nan:
+        rank, at = map(int, nan.split(":"))
+        if state.process_index == rank:
+            from genrecal_cli.engine import objective
+
+            real_sft, calls = objective.losses.sft, []
+
+            def poisoned(*args, **kwargs):
+                calls.append(1)
+                value = real_sft(*args, **kwargs)
+                return value * float("nan") if len(calls) == at else value
+
+            objective.losses.sft = poisoned
+    from genrecal_cli.cli import main as cli_main
+
+    cli_main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()
