@@ -141,10 +141,13 @@ def main():
     p, dev, dtype = PRESETS[args.preset], torch.device(args.device), getattr(torch, args.dtype)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
+    # As the engine trains: the frozen teacher in --dtype, the student and the Recalibrator with
+    # fp32 masters, compute under autocast in --dtype.
     teacher = build("qwen2", *p["t"], dtype, dev)
-    student = build("llama", *p["s"], dtype, dev)
+    student = build("llama", *p["s"], torch.float32, dev)
     teacher.model.requires_grad_(False)
-    rec = Recalibrator(teacher.hidden_size, student.text_config, student.decoder_layer_class).to(dev, dtype)
+    rec = Recalibrator(teacher.hidden_size, student.text_config, student.decoder_layer_class).to(dev, torch.float32)
+    autocast = lambda: torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
     tb = batch(p["t"][2], p["batch"], p["tq"], p["ta"], dev, 1)
     sb = batch(p["s"][2], p["batch"], p["sq"], p["sa"], dev, 2)
     recipe = recipe_from_dict({"teacher": {"path": "zoo:x"}, "student": {"path": "zoo:y"},
@@ -155,28 +158,32 @@ def main():
 
     def step(stage):
         student.model.requires_grad_(stage != "align")
-        tf = teacher_features(teacher, tb, "hidden") if stage != "finetune" else None
-        loss = module(sb, tf, head, stage=stage).loss
+        with autocast():
+            tf = teacher_features(teacher, tb, "hidden") if stage != "finetune" else None
+            loss = module(sb, tf, head, stage=stage).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     def teacher_forward():
-        teacher_features(teacher, tb, "hidden")
+        with autocast():
+            teacher_features(teacher, tb, "hidden")
 
-    tf_fixed = teacher_features(teacher, tb, "hidden")
-    with torch.no_grad():
+    with autocast():
+        tf_fixed = teacher_features(teacher, tb, "hidden")
+    with torch.no_grad(), autocast():
         zs = student.body(input_ids=sb["input_ids"], attention_mask=sb["attention_mask"])
     lq = int(sb["answer_start"].max())
     qmask = (torch.arange(lq, device=dev)[None] < sb["answer_start"][:, None]).long()
 
     def rec_alone(teacher_only):
         def f():
-            if teacher_only:
-                r = rec(tf_fixed.question, tf_fixed.question_mask, tf_fixed.answer_in, tf_fixed.answer_mask, question_from_teacher=True)
-            else:
-                r = rec(zs[:, :lq], qmask, tf_fixed.answer_in, tf_fixed.answer_mask)
-            ar, kl = losses.recalibration_terms(teacher.head, r[tf_fixed.answer_mask.bool()], tf_fixed.rows, tf_fixed.targets)
+            with autocast():
+                if teacher_only:
+                    r = rec(tf_fixed.question, tf_fixed.question_mask, tf_fixed.answer_in, tf_fixed.answer_mask, question_from_teacher=True)
+                else:
+                    r = rec(zs[:, :lq].float(), qmask, tf_fixed.answer_in, tf_fixed.answer_mask)
+                ar, kl = losses.recalibration_terms(head, r[tf_fixed.answer_mask.bool()], tf_fixed.rows, tf_fixed.targets)
             (ar + kl).backward()
             rec.zero_grad(set_to_none=True)
         return f

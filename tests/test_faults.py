@@ -32,6 +32,9 @@ def _recipe(path: Path, out: Path, *, align=2, distill=8, grad_accum=1) -> Path:
     return path
 
 
+ENTRY = Path(__file__).with_name("cli_entry.py")
+
+
 def _start(recipe: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "genrecal_cli", "distill", str(recipe), *extra], cwd=ROOT,
                             env={**os.environ, **ENV, "COLUMNS": "200"}, stdout=subprocess.PIPE,
@@ -116,3 +119,20 @@ def test_signal_saves_then_resume_is_bit_identical(tmp_path, straight, sig, stag
     resumed = run_cli("distill", str(recipe), "--resume", env=ENV)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     _same_weights(straight[accum], out)
+
+
+def test_sigterm_inside_an_optimizer_step_saves_after_that_update(tmp_path, straight):
+    """The signal lands inside the 5th optimizer step (distill's 3rd: align has 2): that update
+    completes, the checkpoint holds it, and the resumed run ends bit-identical."""
+    out = tmp_path / "out"
+    recipe = _recipe(tmp_path / "r.toml", out)
+    env = {**os.environ, **ENV, "GENRECAL_TEST_SIGNAL": "SIGTERM:5"}
+    done = subprocess.run([sys.executable, str(ENTRY), "distill", str(recipe)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 143, done.stderr[-2000:]
+    assert "distill: stopped by SIGTERM at step 3/8" in done.stderr
+    assert json.loads((out / "checkpoints" / "distill-0000003" / "meta.json").read_text())["step"] == 3
+    resumed = run_cli("distill", str(recipe), "--resume", env=ENV)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming after distill step 3/8" in resumed.stdout
+    _same_weights(straight[1], out)

@@ -16,7 +16,7 @@ import torch
 
 from .conftest import ROOT, run_cli
 
-ENTRY = Path(__file__).with_name("torchrun_entry.py")
+ENTRY = Path(__file__).with_name("cli_entry.py")
 
 
 def _recipe(path: Path, out: Path, stages: str, **train) -> Path:

@@ -98,6 +98,8 @@ class _NonFinite(Exception):
 
 def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: str | None = None) -> dict:
     """Train one stage to its end (or to a stop request); returns its summary."""
+    from accelerate.utils import send_to_device
+
     recipe, acc, reporter = run.recipe, run.accelerator, run.reporter
     st: StageSpec = getattr(recipe.stages, stage)
     label = label or stage
@@ -150,10 +152,8 @@ def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: 
     stop = run.stop or StopRequests()
     try:
         while step < total:
-            sums, stop_asked = torch.zeros(len(names) + 1), 0
+            sums = torch.zeros(len(names) + 1)
             for i in range(st.grad_accum):
-                from accelerate.utils import send_to_device
-
                 batch = send_to_device(next(batches), acc.device)
                 last = i == st.grad_accum - 1
                 with acc.autocast():
@@ -161,11 +161,11 @@ def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: 
                 with nullcontext() if last else acc.no_sync(module):
                     with acc.autocast():
                         out = module(batch["student"], tf, head, stage=stage, reg_in_distill=st.reg)
-                    # One small collective per micro-batch: every process's loss terms, tokens,
-                    # items and stop request. All processes see a bad loss (and stop) together.
+                    # One small collective per micro-batch, before backward: every process's loss
+                    # terms, tokens and items. All processes see a bad loss and stop together.
                     mine = torch.stack([out.loss.detach().float(), *(out.terms[k].detach().float() for k in names)])
                     sbatch = batch["student"]
-                    counts = [float(sbatch["attention_mask"].sum()), float(sbatch["input_ids"].shape[0]), float(stop.requested or 0)]
+                    counts = [float(sbatch["attention_mask"].sum()), float(sbatch["input_ids"].shape[0])]
                     everyone = gather_rows(acc, torch.cat([mine.cpu(), torch.tensor(counts)])).cpu()
                     k = len(names) + 1
                     bad = ~torch.isfinite(everyone[:, :k]).all(1)
@@ -174,10 +174,9 @@ def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: 
                         terms = {n: round(float(v), 4) for n, v in zip(("loss", *names), everyone[rank, :k])}
                         raise _NonFinite(f"at step {step + 1} on process {rank} ({terms})")
                     acc.backward(out.loss / st.grad_accum)
-                sums += everyone[:, :k].mean(0).cpu()
+                sums += everyone[:, :k].mean(0)
                 seen_tokens += int(everyone[:, k].sum())
                 seen_items += int(everyone[:, k + 1].sum())
-                stop_asked = max(stop_asked, int(everyone[:, k + 2].max()))  # the signal number, 0: none
             if st.max_grad_norm > 0:
                 acc.clip_grad_norm_(module.parameters(), st.max_grad_norm)
             lr = scheduler.get_last_lr()[0]  # the rate this update uses
@@ -185,6 +184,9 @@ def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: 
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            # A signal on any process (even one that arrived inside this update) stops all of them
+            # after this update: the signal's number, agreed, 0 when none.
+            stop_asked = int(gather_rows(acc, torch.tensor([float(stop.requested or 0)])).max())
 
             probe_now = probe is not None and (step % recipe.train.probe_every == 0 or step == total)
             metrics = {n: float(v) / st.grad_accum for n, v in zip(("loss", *names), sums)}
@@ -198,7 +200,7 @@ def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: 
                         metrics.update(alignment_stats(batch, tf, out.recalibrated, head))
                 reporter.step(label, step, metrics)
 
-            if stop_asked:  # agreed by every process in this update's collectives
+            if stop_asked:
                 _save_progress(run, stage, step, total, acc, module, optimizer, scheduler, metrics, layout)
                 raise Interrupted(
                     f"{label}: stopped by {signal_name(stop_asked)} at step {step}/{total}; checkpoint saved in "

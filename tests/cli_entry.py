@@ -1,10 +1,12 @@
-"""`torchrun ... tests/torchrun_entry.py distill RECIPE`: the real CLI on every rank, with what the
-multi-process tests need to observe or break, set through environment variables:
+"""The real CLI (`python tests/cli_entry.py distill RECIPE`, or under torchrun on every rank) with
+what the tests need to observe or break, set through environment variables:
 
 GENRECAL_TEST_RECORD=DIR   each rank writes DIR/rank-<r>.json (what accelerate saw: its index and
                            the number of processes) and appends every training row index it
                            encodes to DIR/items-<r>.txt
 GENRECAL_TEST_NAN=R:N      on rank R, the N-th call of the student's L_sft returns NaN
+GENRECAL_TEST_SIGNAL=S:N   the process sends itself signal S (e.g. SIGTERM) from inside its N-th
+                           optimizer step (counted across stages), before the parameters move
 """
 
 import json
@@ -48,6 +50,22 @@ def main() -> None:
                 return value * float("nan") if len(calls) == at else value
 
             objective.losses.sft = poisoned
+    sig = os.environ.get("GENRECAL_TEST_SIGNAL")
+    if sig:
+        import signal
+
+        import torch
+
+        name, at = sig.split(":")
+        real_step, steps = torch.optim.AdamW.step, []
+
+        def step_with_signal(self, *args, **kwargs):
+            steps.append(1)
+            if len(steps) == int(at):
+                os.kill(os.getpid(), getattr(signal, name))  # handled by the next bytecode, inside this step
+            return real_step(self, *args, **kwargs)
+
+        torch.optim.AdamW.step = step_with_signal
     from genrecal_cli.cli import main as cli_main
 
     cli_main(sys.argv[1:])
