@@ -55,11 +55,18 @@ def distill(
     """Run the recipe's stages (align -> distill -> finetune) and export the student."""
     from .recipe import load_recipe
 
+    import os
+
     loaded = load_recipe(recipe, overrides or [])
     console = _console()
-    console.print(_plan_table(loaded))
-    teacher = loaded.teacher.path if loaded.teacher else "-"
-    console.print(f"teacher [bold]{teacher}[/]\nstudent [bold]{loaded.student.path}[/]\ndata    {loaded.data.source}\noutput  {loaded.train.output_dir}")
+    # Under torchrun / accelerate launch every process runs this; the plan is printed once.
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if os.environ.get("RANK", "0") == "0":
+        console.print(_plan_table(loaded))
+        teacher = loaded.teacher.path if loaded.teacher else "-"
+        console.print(f"teacher [bold]{teacher}[/]\nstudent [bold]{loaded.student.path}[/]\ndata    {loaded.data.source}\noutput  {loaded.train.output_dir}")
+        if not dry_run:
+            console.print(f"processes {processes}: global batch = batch per process x accum x {processes}")
     if dry_run:
         return
     _quiet_libraries()

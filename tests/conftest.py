@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -13,6 +14,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A Hugging Face cache of the suite's own (set before anything imports huggingface_hub, which
+# reads it once): what this machine's ~/.cache holds can neither help nor hurt a test.
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="genrecal-tests-hf-")
+os.environ.pop("HF_DATASETS_CACHE", None)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -240,8 +240,11 @@ def test_no_image_token_id(cli, models, tmp_path):
     assert "has no usable image token id: 151655" in proc.stderr
 
 
-def test_mmmu_offline_without_data(cli, models):
-    proc = cli("eval", models["student"], "--bench", "mmmu", "--limit", "1", env={"HF_DATASETS_OFFLINE": "1"})
+def test_mmmu_offline_without_data(cli, models, tmp_path):
+    # an empty home and Hugging Face cache of its own: whatever this machine's cache holds
+    env = {"HF_DATASETS_OFFLINE": "1", "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"),
+           "HF_DATASETS_CACHE": str(tmp_path / "hf" / "datasets"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    proc = cli("eval", models["student"], "--bench", "mmmu", "--limit", "1", env=env)
     assert proc.returncode == 1
     assert "the MMMU/MMMU data set (mmmu) is not in the local Hugging Face cache" in proc.stderr
     assert "--data-dir DIR" in proc.stderr

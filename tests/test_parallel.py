@@ -92,6 +92,9 @@ def test_one_epoch_sees_every_item_once_across_ranks(tmp_path):
     accuracy = json.loads((tmp_path / "out" / "student" / "genrecal.json").read_text())["accuracy"]
     assert accuracy["student before"]["n"] == accuracy["student after"]["n"] == 5
     assert "accuracy on the validation split" in done.stdout
+    # the run's header and plan, once (rank 0), with the number of processes
+    assert done.stdout.count("processes 2: global batch = batch per process x accum x 2") == 1
+    assert done.stdout.count("finetune: 5 updates of 8 items (batch_size 4 x grad_accum 1 x 2 processes)") == 1
 
 
 def test_a_nan_on_one_rank_stops_every_rank_with_one_message(tmp_path):

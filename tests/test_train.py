@@ -60,11 +60,55 @@ def full_run(tmp_path_factory, tiny_pair):
     return out, result, rec
 
 
-def test_accuracy_is_measured_before_and_after(full_run):
-    _, result, _ = full_run
-    assert set(result.accuracy) == {"teacher", "student before", "student after"}
-    for acc in result.accuracy.values():
-        assert acc["n"] == 6 and 0.0 <= acc["accuracy"] <= 1.0
+def test_accuracy_is_measured_before_and_after(tmp_path, monkeypatch, tiny_pair):
+    """A stub generator whose answers are known: the teacher answers everything right, the
+    student wrong before training and right after: 1.0 / 0.0 / 1.0, per group too."""
+    from genrecal_cli.engine import accuracy as accuracy_module
+    from genrecal_cli.run import load_rows
+
+    asked = []
+
+    def stub(vlm, items, **kwargs):
+        who = "teacher" if vlm.family == "qwen2_vl" else "student"
+        asked.append((who, len(items)))
+        wrong = who == "student" and len(asked) == 2  # the student before any stage
+        return ["nothing" if wrong else row["answer"] for row in items]
+
+    monkeypatch.setattr(accuracy_module, "generate_answers", stub)
+    recipe = _recipe(tmp_path, stages=("align", "finetune"), steps=1, eval_items=6)
+    result = distill(recipe, reporter=Recorder())
+    assert asked == [("teacher", 6), ("student", 6), ("student", 6)]
+    assert {k: v["accuracy"] for k, v in result.accuracy.items()} == {"teacher": 1.0, "student before": 0.0, "student after": 1.0}
+    rows = load_rows(recipe.data, "validation").select(range(6))
+    groups = {f"form:{r['form']}" for r in rows} | {f"kind:{r['kind']}" for r in rows}
+    assert set(result.accuracy["student after"]["groups"]) == groups
+    assert set(result.accuracy["student before"]["groups"].values()) == {0.0}
+    assert set(result.accuracy["teacher"]["groups"].values()) == {1.0}
+    saved = json.loads((tmp_path / "student" / "genrecal.json").read_text())["accuracy"]
+    assert saved == json.loads(json.dumps(result.accuracy))
+
+
+def test_accuracy_on_other_data_is_exact_match(tmp_path, monkeypatch, tiny_pair):
+    """Data that is not the built-in shapes: normalised exact match with the answer column, no groups."""
+    from PIL import Image
+
+    from genrecal_cli.engine import accuracy as accuracy_module
+
+    items = []
+    for i in range(4):
+        Image.new("RGB", (32, 32), (60 * i, 0, 0)).save(tmp_path / f"{i}.png")
+        items.append({"image": f"{i}.png", "question": f"What is item {i}?", "answer": f"Item {i}."})
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in items))
+    # right for three items (once with other case and punctuation), wrong for the last
+    monkeypatch.setattr(accuracy_module, "generate_answers",
+                        lambda vlm, rows, **kw: ["item 0", "ITEM 1!", "Item 2.", "something else"])
+    raw = _recipe(tmp_path / "out", stages=("finetune",), steps=1, eval_items=4).to_dict()
+    raw.pop("teacher")
+    raw["data"] = {"source": str(data), "max_length": 256}
+    result = distill(recipe_from_dict(raw), reporter=Recorder())
+    for name in ("student before", "student after"):
+        assert result.accuracy[name] == {"accuracy": 0.75, "n": 4, "groups": {}}
 
 
 def test_stage_checkpoints_have_the_exact_file_set(full_run):
@@ -82,25 +126,85 @@ def test_stage_checkpoints_have_the_exact_file_set(full_run):
 
 
 def test_align_trains_only_the_recalibrator(full_run, tiny_pair):
+    """After align the student is untouched and the Recalibrator is not the one it started as
+    (rebuilt here from the same seed)."""
+    from accelerate.utils import set_seed
+
+    from genrecal_cli.engine.recalibrator import Recalibrator
+
     out, _, _ = full_run
-    _, student = tiny_pair  # the untouched built-in student
+    teacher, student = tiny_pair  # the untouched built-in pair
     before = student.model.state_dict()
     after_align = _student_weights(out / "align" / "student")
     assert all(torch.equal(before[k], v) for k, v in after_align.items())
-    rec_align = load_file(str(out / "align" / "recalibrator.safetensors"))
-    rec_distill = load_file(str(out / "distill" / "recalibrator.safetensors"))
-    assert any(not torch.equal(rec_align[k], rec_distill[k]) for k in rec_align)
+    set_seed(0)  # train.seed, as the run seeds it before building the Recalibrator
+    fresh = Recalibrator(teacher.hidden_size, student.text_config, student.decoder_layer_class).state_dict()
+    aligned = load_file(str(out / "align" / "recalibrator.safetensors"))
+    assert aligned.keys() == fresh.keys()
+    moved = [k for k in fresh if not torch.equal(fresh[k], aligned[k])]
+    assert len(moved) > len(fresh) // 2, moved
+
+
+def _parts(weights: dict, family: str) -> dict[str, list[str]]:
+    """Parameter names of the student's vision encoder (projector excluded), projector, language body."""
+    enc, proj = {"llava": ("vision_tower", "multi_modal_projector"), "qwen2_vl": ("visual", "visual.merger")}[family]
+    projector = [k for k in weights if f".{proj}." in k]
+    encoder = [k for k in weights if f".{enc}." in k and k not in projector]
+    language = [k for k in weights if ".language_model." in k]
+    assert projector and encoder and language
+    return {"encoder": encoder, "projector": projector, "language": language}
+
+
+def _moved(a: dict, b: dict, keys: list[str]) -> int:
+    return sum(not torch.equal(a[k], b[k]) for k in keys)
 
 
 def test_distill_trains_the_language_body_not_the_vision_encoder(full_run):
     out, _, _ = full_run
     a = _student_weights(out / "align" / "student")
     d = _student_weights(out / "distill" / "student")
-    vision = [k for k in a if "vision_tower" in k]
-    language = [k for k in a if "language_model" in k]
-    assert vision and language
-    assert all(torch.equal(a[k], d[k]) for k in vision)
-    assert sum(not torch.equal(a[k], d[k]) for k in language) > len(language) // 2
+    parts = _parts(a, "llava")
+    assert _moved(a, d, parts["encoder"]) == 0 and _moved(a, d, parts["projector"]) == 0  # projector frozen by default
+    assert _moved(a, d, parts["language"]) > len(parts["language"]) // 2
+
+
+@pytest.mark.parametrize("student", ["zoo:tiny-student", "zoo:qwen2_vl"])
+def test_train_projector_trains_the_projector_in_distill(tmp_path, student):
+    raw = _recipe(tmp_path, stages=("distill",), steps=2).to_dict()
+    raw["student"]["path"] = student
+    raw["stages"]["distill"]["train_projector"] = True
+    distill(recipe_from_dict(raw), reporter=Recorder())
+    from genrecal_cli.world.zoo import resolve_source
+
+    family = "llava" if student == "zoo:tiny-student" else "qwen2_vl"
+    before, after = _student_weights(resolve_source(student)), _student_weights(tmp_path / "distill" / "student")
+    parts = _parts(before, family)
+    assert _moved(before, after, parts["encoder"]) == 0
+    assert _moved(before, after, parts["projector"]) == len(parts["projector"])
+    assert _moved(before, after, parts["language"]) > len(parts["language"]) // 2
+
+
+def test_a_qwen2_vl_student_through_every_stage(tmp_path):
+    """A Qwen2-VL student (its projector inside its vision encoder, M-RoPE text rotary): align
+    leaves it alone, distill trains the language body only, finetune the projector too."""
+    raw = _recipe(tmp_path, steps=2).to_dict()
+    raw["student"]["path"] = "zoo:qwen2_vl"
+    rec = Recorder()
+    distill(recipe_from_dict(raw), reporter=rec)
+    from genrecal_cli.world.zoo import resolve_source
+
+    w = {name: _student_weights(path) for name, path in (
+        ("start", resolve_source("zoo:qwen2_vl")), ("align", tmp_path / "align" / "student"),
+        ("distill", tmp_path / "distill" / "student"), ("finetune", tmp_path / "finetune" / "student"))}
+    parts = _parts(w["start"], "qwen2_vl")
+    every = [k for keys in parts.values() for k in keys]
+    assert _moved(w["start"], w["align"], every) == 0
+    assert _moved(w["align"], w["distill"], parts["encoder"] + parts["projector"]) == 0
+    assert _moved(w["align"], w["distill"], parts["language"]) > len(parts["language"]) // 2
+    assert _moved(w["distill"], w["finetune"], parts["encoder"]) == 0
+    assert _moved(w["distill"], w["finetune"], parts["projector"]) == len(parts["projector"])
+    for stage, _, m in rec.rows:
+        assert all(torch.isfinite(torch.tensor(m[k])) for k in ("loss",))
 
 
 def test_finetune_trains_the_projector_but_not_the_vision_encoder(full_run):
@@ -122,24 +226,78 @@ def test_losses_are_finite_and_logged(full_run):
             assert 0.0 <= m["boundary_agreement"] <= 1.0 and 0.0 <= m["top1"] <= 1.0
 
 
-def test_exported_student_is_plain_and_generates(full_run):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    out, result, _ = full_run
-    assert result.student_dir == out / "student"
-    saved = load_file(str(out / "student" / "model.safetensors"))
-    assert not any("recalibrator" in k or "rec_body" in k or "proj_pre" in k for k in saved)
-    weights = _student_weights(out / "student")
-    assert torch.equal(weights["lm_head.weight"], _student_weights(out / "finetune" / "student")["lm_head.weight"])
-    model = AutoModelForImageTextToText.from_pretrained(out / "student")
-    processor = AutoProcessor.from_pretrained(out / "student")
-    assert processor.chat_template
+_FRESH_EXPORT = """
+import json, sys
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+out = {}
+for folder in sys.argv[1:]:
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    image = Image.new("RGB", (64, 64), (200, 30, 30))
     prompt = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "text", "text": "How many shapes are there?"}]}], add_generation_prompt=True
-    )
-    ids = processor(text=[prompt], return_tensors="pt")
-    gen = model.generate(**ids, max_new_tokens=4, do_sample=False)
-    assert gen.shape[1] > ids["input_ids"].shape[1]
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the square?"}]}],
+        add_generation_prompt=True)
+    inputs = processor(text=[prompt], images=[[image]], return_tensors="pt")
+    image_id = model.config.image_token_id if hasattr(model.config, "image_token_id") else model.config.image_token_index
+    with torch.no_grad():
+        logits = model(**inputs).logits[0, -1]
+    out[folder] = {"processor": type(processor).__name__, "image_tokens": int((inputs["input_ids"] == image_id).sum()),
+                   "logits": logits.tolist()}
+out["genrecal imported"] = any(m.startswith("genrecal_cli") for m in sys.modules)
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, tiny_pair):
+    """One finetune step per family; the exported students."""
+    from genrecal_cli.models import FAMILIES
+
+    folders = {}
+    for family in FAMILIES:
+        out = tmp_path_factory.mktemp(f"export-{family}")
+        raw = _recipe(out, stages=("finetune",), steps=1).to_dict()
+        raw.pop("teacher")
+        raw["student"]["path"] = f"zoo:{family}"
+        distill(recipe_from_dict(raw), reporter=Recorder())
+        folders[family] = out
+    return folders
+
+
+def test_exported_student_is_plain_and_generates(exports):
+    """Each family's export, loaded in a fresh process without genrecal by the plain Auto classes,
+    with an image: no Recalibrator inside, the processor class and image-token count the model
+    expects, and the same next-token logits as the trained student seen through genrecal."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from genrecal_cli.models import load_vlm
+
+    for family, out in exports.items():
+        saved = load_file(str(out / "student" / "model.safetensors"))
+        assert not any("recalibrator" in k or "rec_body" in k or "proj_pre" in k for k in saved)
+    done = subprocess.run([sys.executable, "-c", _FRESH_EXPORT, *(str(o / "student") for o in exports.values())],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fresh = json.loads(done.stdout.strip().splitlines()[-1])
+    assert fresh.pop("genrecal imported") is False
+    for family, out in exports.items():
+        seen = fresh[str(out / "student")]
+        trained = load_vlm(str(out / "finetune" / "student"))  # the trained weights, through genrecal's own view
+        config_class = json.loads((out / "student" / "processor_config.json").read_text()).get("processor_class")
+        assert seen["processor"] == config_class, family
+        assert seen["image_tokens"] == trained.image_tokens_per_image((64, 64)), family
+        prompt = trained.processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the square?"}]}],
+            add_generation_prompt=True)
+        inputs = trained.processor(text=[prompt], images=[[Image.new("RGB", (64, 64), (200, 30, 30))]], return_tensors="pt")
+        with torch.no_grad():
+            expected = trained.model(**inputs).logits[0, -1]
+        torch.testing.assert_close(torch.tensor(seen["logits"]), expected, rtol=1e-4, atol=1e-4, msg=family)
 
 
 def test_align_loss_falls(tmp_path, tiny_pair):
@@ -277,16 +435,37 @@ def test_gradient_accumulation_draws_accum_batches_per_update(tmp_path, monkeypa
     assert rec.rows[0][2]["lr"] == pytest.approx(1e-3) and rec.rows[-1][2]["lr"] == pytest.approx(1e-4)
 
 
-def test_reliance_probe_is_logged_in_teacher_stages_only(full_run):
-    _, _, rec = full_run
+def test_reliance_probe_is_logged_in_teacher_stages_only(full_run, tiny_pair):
+    """The probe runs at the last step of align and distill (probe_every 50 > 3 steps), never in
+    finetune, and what it logged at align's end is reliance() recomputed from align's checkpoint
+    on the same batch (the first probe_items training items)."""
+    from genrecal_cli.data import Collator, PairDataset
     from genrecal_cli.display import PROBE_KEYS
+    from genrecal_cli.engine.objective import GenRecal
+    from genrecal_cli.engine.probe import reliance
+    from genrecal_cli.engine.recalibrator import Recalibrator
+    from genrecal_cli.engine.teacher import head_fn, teacher_features
+    from genrecal_cli.models import load_vlm
+    from genrecal_cli.run import load_rows
 
+    out, _, rec = full_run
     probed = {(stage, step) for stage, step, m in rec.rows if set(PROBE_KEYS) <= set(m)}
-    assert probed == {("align", 3), ("distill", 3)}  # probe_every 50 > 3 steps: the last step only
-    for stage, step, m in rec.rows:
-        if (stage, step) in probed:
-            assert all(0.0 <= m[k] <= 1.0 for k in PROBE_KEYS if "_top1_" in k)
-            assert all(m[k] > 0 for k in PROBE_KEYS if "_ar_" in k)
+    assert probed == {("align", 3), ("distill", 3)}
+    logged = next(m for stage, step, m in rec.rows if (stage, step) == ("align", 3))
+
+    teacher, _ = tiny_pair
+    student = load_vlm(str(out / "align" / "student"))
+    recal = Recalibrator(teacher.hidden_size, student.text_config, student.decoder_layer_class)
+    recal.load_state_dict(load_file(str(out / "align" / "recalibrator.safetensors")))
+    recipe = _recipe(out, eval_items=6)
+    sides = {"teacher": teacher.processor, "student": student.processor}
+    dataset = PairDataset(load_rows(recipe.data, "train"), recipe.data, sides).scan()
+    batch = Collator(sides)([dataset[i] for i in range(recipe.train.probe_items)])
+    module = GenRecal(student.model, recal, recipe.loss).eval()
+    again = reliance(module, batch["student"], teacher_features(teacher, batch["teacher"], "hidden"), head_fn(teacher.head))
+    assert set(again) == set(PROBE_KEYS)
+    for k in PROBE_KEYS:
+        assert logged[k] == pytest.approx(again[k], abs=1e-5), k
 
 
 def _probe_setup(tiny_pair, answer_input="hidden"):

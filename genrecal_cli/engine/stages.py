@@ -285,7 +285,9 @@ def _run_probe(acc, module, probe: dict, teacher, head, recipe: Recipe) -> dict[
 
 class PeakMemory:
     """Peak memory from now on: resident set of this process (Linux: VmHWM after a reset through
-    /proc/self/clear_refs) and, on CUDA, the allocator's peak."""
+    /proc/self/clear_refs) and, on CUDA, the allocator's peak. The reset also lowers what
+    `/usr/bin/time` reports as the process's maximum resident set to the last stage's peak;
+    cgroup accounting (Slurm, containers) is not affected."""
 
     def __init__(self):
         self._reset = False

@@ -1,0 +1,115 @@
+"""Recipe options through the whole engine, each with its effect checked: the learning-rate
+schedules and warm-up, epochs and max_steps, answer_input = "embeddings", new_positions = false."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from genrecal_cli.recipe import recipe_from_dict
+from genrecal_cli.run import distill
+
+from .test_train import Recorder, _recipe
+
+
+def _finetune(tmp_path, **stage):
+    raw = _recipe(tmp_path, stages=("finetune",), steps=6).to_dict()
+    raw.pop("teacher")
+    raw["data"]["shapes_size"] = 16
+    raw["stages"]["finetune"].update(stage)
+    raw["stages"]["finetune"] = {k: v for k, v in raw["stages"]["finetune"].items() if v is not None}
+    rec = Recorder()
+    distill(recipe_from_dict(raw), reporter=rec)
+    return rec.rows
+
+
+def _expected(schedule: str, lr=1e-3, end=1e-4, warmup=2, total=6) -> list[float]:
+    """The schedule written out independently: warm-up k/warmup, then from lr to lr_end over the
+    remaining updates, the last update at lr_end."""
+    out = []
+    for s in range(total):
+        if s < warmup:
+            out.append(lr * (s + 1) / warmup)
+            continue
+        t = (s - warmup) / (total - warmup - 1)
+        out.append({"constant": lr, "linear": lr + (end - lr) * t,
+                    "cosine": end + (lr - end) * (1 + math.cos(math.pi * t)) / 2}[schedule])
+    return out
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_schedules_with_warmup_give_the_written_rates(tmp_path, schedule):
+    rows = _finetune(tmp_path, schedule=schedule, warmup_steps=2)
+    assert [m["lr"] for _, _, m in rows] == pytest.approx(_expected(schedule), rel=1e-9)
+
+
+def test_epochs_count_passes_and_max_steps_caps_them(tmp_path):
+    # 16 items, batch 4: 4 updates an epoch; 1.5 epochs -> 6 updates; max_steps 5 caps it
+    rows = _finetune(tmp_path / "a", steps=None, epochs=1.5)
+    assert [s for _, s, _ in rows] == [1, 2, 3, 4, 5, 6]
+    rows = _finetune(tmp_path / "b", steps=None, epochs=1.5, max_steps=5)
+    assert [s for _, s, _ in rows] == [1, 2, 3, 4, 5]
+    assert json.loads((tmp_path / "b" / "finetune" / "meta.json").read_text())["total_steps"] == 5
+
+
+def _spy_align(tmp_path, monkeypatch, **recalibrator):
+    """One align step; what the Recalibrator and its rotary were given on their first call."""
+    from genrecal_cli.engine.recalibrator import Recalibrator, Rotary1D
+
+    seen = {}
+    real_forward, real_rotary = Recalibrator.forward, Rotary1D.forward
+
+    def forward(self, question, question_mask, answer, answer_mask, **kw):
+        seen.setdefault("call", dict(question_mask=question_mask, answer=answer.detach().clone(),
+                                     answer_mask=answer_mask, **kw))
+        return real_forward(self, question, question_mask, answer, answer_mask, **kw)
+
+    def rotary(self, x, position_ids):
+        seen.setdefault("positions", position_ids.clone())
+        return real_rotary(self, x, position_ids)
+
+    monkeypatch.setattr(Recalibrator, "forward", forward)
+    monkeypatch.setattr(Rotary1D, "forward", rotary)
+    raw = _recipe(tmp_path, stages=("align",), steps=1).to_dict()
+    raw["recalibrator"] = recalibrator
+    distill(recipe_from_dict(raw), reporter=Recorder())
+    return seen
+
+
+@pytest.mark.parametrize("answer_input", ["hidden", "embeddings"])
+def test_answer_input_chooses_what_stands_for_the_teacher_answer(tmp_path, monkeypatch, tiny_pair, answer_input):
+    """"embeddings": the Recalibrator's answer input is the teacher's input embeddings of its
+    answer tokens; "hidden": the teacher's last hidden states there (something else)."""
+    teacher, _ = tiny_pair
+    call = _spy_align(tmp_path, monkeypatch, answer_input=answer_input)["call"]
+    mask = call["answer_mask"].bool()
+    # the answer tokens are the embedding rows the input equals (embeddings) or not (hidden)
+    table = teacher.input_embeddings.weight.detach()
+    given = call["answer"][mask]
+    nearest = (given[:, None, :] - table[None]).abs().amax(-1).min(1).values  # exact, unlike cdist
+    if answer_input == "embeddings":
+        assert float(nearest.max()) == 0.0
+    else:
+        assert float(nearest.min()) > 1e-3
+
+
+@pytest.mark.parametrize("new_positions", [True, False])
+def test_new_positions_off_keeps_the_teacher_answer_positions(tmp_path, monkeypatch, new_positions):
+    seen = _spy_align(tmp_path, monkeypatch, new_positions=new_positions)
+    positions, call = seen["positions"], seen["call"]
+    q_len = call["question_mask"].sum(1)
+    n = positions.shape[1]
+    contiguous = torch.arange(n)[None].expand_as(positions)
+    if new_positions:
+        assert torch.equal(positions, contiguous)
+    else:
+        # question positions 0.., then the answer continues from where it stood in the teacher's
+        # own sequence, not from the student's question length
+        start = call["answer_offset"]
+        for r in range(positions.shape[0]):
+            assert positions[r, : q_len[r]].tolist() == list(range(int(q_len[r])))
+            assert int(positions[r, q_len[r]]) == int(start[r])
+        assert not torch.equal(positions, contiguous)
