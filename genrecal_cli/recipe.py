@@ -27,6 +27,7 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Schedule = Literal["linear", "cosine", "constant"]
 AnswerInput = Literal["hidden", "embeddings"]
+TeacherPlacement = Literal["replicate", "shard"]
 
 # A hub id is "name" or "org/name"; anything else that does not exist locally is a missing path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -207,6 +208,15 @@ class TrainSpec:
 
 
 @dataclass(frozen=True)
+class ParallelSpec:
+    """How the models are placed on several processes (one process: nothing changes)."""
+
+    # "replicate": every process holds the whole frozen teacher; "shard": FSDP2 splits it over
+    # the processes (one unit per decoder layer and vision block), its LM head whole on each.
+    teacher: TeacherPlacement = "replicate"
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A whole distillation recipe. `teacher` may be absent for finetune-only recipes."""
 
@@ -217,6 +227,7 @@ class Recipe:
     loss: LossSpec = field(default_factory=LossSpec)
     stages: StagesSpec = field(default_factory=StagesSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
+    parallel: ParallelSpec = field(default_factory=ParallelSpec)
     origin: str = field(default="<memory>", compare=False)  # the file it came from
 
     def _check(self, key: str, problems: list[str]) -> None:
@@ -228,6 +239,9 @@ class Recipe:
                 f"teacher: stage{'s' if len(needs_teacher) > 1 else ''} {', '.join(needs_teacher)} "
                 "need a teacher; add a [teacher] table with a `path`"
             )
+        if self.parallel.teacher == "shard" and self.recalibrator.answer_input == "embeddings":
+            problems.append('parallel.teacher: "shard" does not support recalibrator.answer_input = "embeddings" yet '
+                            '(the teacher\'s input embeddings are sharded); use "replicate" or answer_input = "hidden"')
         if self.stages.align.enabled and not (self.loss.ar or self.loss.kl or self.loss.reg):
             problems.append("stages.align: trains the Recalibrator on loss.ar, loss.kl and loss.reg, which are all 0; "
                             "give one a weight or disable the stage (enabled = false)")

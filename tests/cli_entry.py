@@ -2,8 +2,9 @@
 what the tests need to observe or break, set through environment variables:
 
 GENRECAL_TEST_RECORD=DIR   each rank writes DIR/rank-<r>.json (what accelerate saw: its index and
-                           the number of processes) and appends every training row index it
-                           encodes to DIR/items-<r>.txt
+                           the number of processes), appends every training row index it
+                           encodes to DIR/items-<r>.txt and, when the teacher is sharded, writes
+                           the share of the teacher it holds to DIR/teacher-<r>.json
 GENRECAL_TEST_NAN=R:N      on rank R, the N-th call of the student's L_sft returns NaN
 GENRECAL_TEST_SIGNAL=S:N   the process sends itself signal S (e.g. SIGTERM) from inside its N-th
                            optimizer step (counted across stages), before the parameters move
@@ -36,6 +37,17 @@ def main() -> None:
             return real(self, idx)
 
         PairDataset.__getitem__ = recording
+        from genrecal_cli.engine import distill as engine_distill
+        from genrecal_cli.engine.parallel import local_share
+
+        real_shard = engine_distill.shard_teacher
+
+        def shard_and_record(teacher, accelerator):
+            real_shard(teacher, accelerator)
+            shares = {"inner": local_share(teacher.model.model), "head": local_share(teacher.model.get_output_embeddings())}
+            (out / f"teacher-{state.process_index}.json").write_text(json.dumps(shares))
+
+        engine_distill.shard_teacher = shard_and_record
     nan = os.environ.get("GENRECAL_TEST_NAN")
     if nan:
         rank, at = map(int, nan.split(":"))

@@ -133,3 +133,79 @@ def test_kill_9_on_two_ranks_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("n", "batch", "procs"), [(36, 4, 2), (37, 4, 2), (33, 4, 3), (25, 4, 3), (16, 4, 1), (5, 8, 2)])
+def test_rank_batches_deal_every_item_once_per_epoch(n, batch, procs):
+    """Pure check of the dealing: each epoch's items appear once across the ranks (all of them,
+    but for fewer than `procs` left over), ranks have the same number of micro-batches, and
+    another epoch is another order."""
+    from genrecal_cli.engine.parallel import RankBatches
+
+    ranks = [RankBatches(n, batch, procs, r, seed=3) for r in range(procs)]
+    assert len({len(r) for r in ranks}) == 1
+    seen = [i for r in ranks for b in r for i in b]
+    assert len(seen) == len(set(seen)) == n - ranks[0].dropped and ranks[0].dropped < procs
+    assert all(0 < len(b) <= batch for r in ranks for b in r)
+    first = [b for b in ranks[0]]
+    ranks[0].set_epoch(1)
+    assert [b for b in ranks[0]] != first
+    ranks[0].set_epoch(0, skip=1)
+    assert [b for b in ranks[0]] == first[1:]
+
+
+def test_too_few_items_for_the_processes_is_a_clear_error():
+    from genrecal_cli.engine.parallel import RankBatches
+    from genrecal_cli.errors import DataError
+
+    with pytest.raises(DataError, match="3 usable training item.s. cannot give each of 4 processes one"):
+        RankBatches(3, 2, 4, 0, seed=0)
+
+
+def test_a_sharded_teacher_holds_half_on_each_rank_and_trains_like_a_replicated_one(tmp_path):
+    """[parallel] teacher = "shard" (FSDP2 over 2 gloo ranks): each rank holds about half of the
+    teacher's inner model and the whole LM head; every logged loss and the final student equal
+    the replicated run's; the teacher's accuracy is skipped with a note."""
+    stages = "[stages.align]\nsteps = 2\nbatch_size = 4\n[stages.distill]\nsteps = 3\nbatch_size = 4\n"
+    replicated = _recipe(tmp_path / "rep.toml", tmp_path / "rep", stages)
+    sharded = _recipe(tmp_path / "shard.toml", tmp_path / "shard", stages + '[parallel]\nteacher = "shard"\n')
+    sharded.write_text(sharded.read_text().replace("eval_items = 0", "eval_items = 3"))
+    done = _torchrun(["distill", str(replicated)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = _torchrun(["distill", str(sharded)], record=tmp_path / "rec")
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_two_ranks(tmp_path / "rec")
+    shares = [json.loads((tmp_path / "rec" / f"teacher-{r}.json").read_text()) for r in (0, 1)]
+    assert all(0.45 < s["inner"] < 0.55 and s["head"] == 1.0 for s in shares), shares
+    a, b = _rows(tmp_path / "rep"), _rows(tmp_path / "shard")
+    assert [(r["stage"], r["step"]) for r in a] == [(r["stage"], r["step"]) for r in b]
+    for ra, rb in zip(a, b):
+        for term in ("ar", "kl", "reg", "sft", "top1"):
+            if term in ra:
+                assert rb[term] == pytest.approx(ra[term], rel=1e-4, abs=1e-6), (ra["stage"], ra["step"], term)
+    from safetensors.torch import load_file
+
+    x = load_file(str(tmp_path / "rep" / "student" / "model.safetensors"))
+    y = load_file(str(tmp_path / "shard" / "student" / "model.safetensors"))
+    for k in x:
+        torch.testing.assert_close(x[k], y[k], rtol=1e-5, atol=1e-6)
+    accuracy = json.loads((tmp_path / "shard" / "student" / "genrecal.json").read_text())["accuracy"]
+    assert "teacher" not in accuracy and accuracy["student after"]["n"] == 3
+    assert "teacher accuracy skipped: the teacher is sharded" in done.stdout
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava", "internvl", "idefics3"])
+def test_shard_units_are_every_decoder_layer_and_vision_block(family):
+    """What a sharded teacher of each family is cut into: all its decoder layers, and blocks of
+    its vision encoder; never the whole language model or vision encoder as one unit."""
+    from genrecal_cli.engine.parallel import shard_units
+    from genrecal_cli.models import load_vlm
+    from genrecal_cli.world.zoo import resolve_source
+
+    vlm = load_vlm(resolve_source(f"zoo:{family}"))
+    units = shard_units(vlm.model.model)
+    ids = {id(u) for u in units}
+    assert all(id(layer) in ids for layer in vlm.language_model.layers)
+    vision = [u for u in units if any(u is m for m in vlm.vision_encoder.modules())]
+    assert vision, family
+    assert id(vlm.language_model) not in ids and id(vlm.vision_encoder) not in ids

@@ -170,3 +170,17 @@ def test_probe_settings_are_checked():
     probs = problems_of({**MINIMAL, "train": {"probe_every": -1, "probe_items": 1}})
     assert any(p.startswith("train.probe_every: -1 must be >= 0") for p in probs)
     assert any(p.startswith("train.probe_items: 1 must be >= 2") for p in probs)
+
+
+def test_parallel_table_and_its_limits():
+    assert recipe_from_dict(MINIMAL).parallel.teacher == "replicate"
+    assert recipe_from_dict({**MINIMAL, "parallel": {"teacher": "shard"}}).parallel.teacher == "shard"
+    assert problems_of({**MINIMAL, "parallel": {"teacher": "shrad"}}) == [
+        "parallel.teacher: 'shrad' is not one of 'replicate', 'shard'; did you mean 'shard'?"]
+    problems = problems_of({**MINIMAL, "parallel": {"teacher": "shard"}, "recalibrator": {"answer_input": "embeddings"}})
+    assert len(problems) == 1 and problems[0].startswith('parallel.teacher: "shard" does not support') and "answer_input" in problems[0]
+
+
+def test_checkpoint_settings_are_checked():
+    assert problems_of({**MINIMAL, "train": {"save_every": -1, "keep_checkpoints": 0}}) == [
+        "train.save_every: -1 must be >= 0 (0 = only at the end of each stage)", "train.keep_checkpoints: 0 must be > 0"]

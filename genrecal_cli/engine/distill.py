@@ -20,7 +20,7 @@ from . import checkpoint as ckpt
 from .accuracy import Scorer, accuracy
 from .faults import StopRequests
 from .objective import TEACHER_STAGES
-from .parallel import MASTER_DTYPE, make_accelerator
+from .parallel import MASTER_DTYPE, make_accelerator, shard_teacher
 from .recalibrator import Recalibrator
 from .stages import Run, run_stage
 
@@ -88,8 +88,11 @@ def distill(
         teacher = load_vlm(inputs.teacher, revision=recipe.teacher.revision, dtype=recipe.teacher.dtype,
                            trust_remote_code=recipe.teacher.trust_remote_code)
         teacher.model.requires_grad_(False)
-        teacher.model.to(acc.device)
         _warn_if_swapped(teacher, student, reporter)
+        if teacher_sharded(recipe, acc):
+            shard_teacher(teacher, acc)
+        else:
+            teacher.model.to(acc.device)
         set_seed(recipe.train.seed)
         if recipe.uses_recalibrator:
             rec = Recalibrator(teacher.hidden_size, student.text_config, student.decoder_layer_class,
@@ -100,7 +103,12 @@ def distill(
 
     result = RunResult(out, out / "student")
     if inputs.validation is not None:
-        if teacher is not None:
+        if teacher is not None and teacher_sharded(recipe, acc):
+            # generate() reaches the vision tower outside the sharded inner model's forward,
+            # where its parameters are not gathered
+            if reporter is not None:
+                reporter.note("teacher accuracy skipped: the teacher is sharded (parallel.teacher = \"shard\")", style="yellow")
+        elif teacher is not None:
             result.accuracy["teacher"] = _accuracy(teacher, inputs, recipe, acc)
         if found is None:  # the student as it came in, before any stage of this run
             result.accuracy["student before"] = _accuracy(student, inputs, recipe, acc)
@@ -132,6 +140,10 @@ def distill(
             reporter.note(f"student exported to {out / 'student'}")
     acc.wait_for_everyone()
     return result
+
+
+def teacher_sharded(recipe: Recipe, acc) -> bool:
+    return recipe.parallel.teacher == "shard" and acc.num_processes > 1
 
 
 def _accuracy(vlm, inputs: Inputs, recipe: Recipe, acc) -> dict:

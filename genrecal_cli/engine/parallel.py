@@ -16,6 +16,7 @@ from typing import Iterator
 
 import torch
 
+from ..errors import DataError
 from ..recipe import Recipe
 
 MASTER_DTYPE = torch.float32  # what every trained parameter and its optimizer state is kept in
@@ -52,7 +53,8 @@ class RankBatches(torch.utils.data.Sampler):
         self.dropped = rest - self.partial
         self.per_epoch = full + (1 if self.partial else 0)
         if self.per_epoch == 0:
-            raise ValueError(f"{n_items} items cannot give each of {processes} processes one item")
+            raise DataError(f"{n_items} usable training item(s) cannot give each of {processes} processes one; "
+                            "use fewer processes or more data")
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """The next iteration yields `epoch`'s micro-batches from number `skip` on (resume)."""
@@ -96,3 +98,54 @@ def gather_objects(accelerator, items: list) -> list:
     from accelerate.utils import gather_object
 
     return gather_object(items)
+
+
+# ---------------------------------------------------------------------------------------------
+# a sharded teacher (FSDP2)
+
+
+def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks a model is sharded by: modules whose class one of its (sub)models names in
+    `_no_split_modules` (decoder layers, vision blocks); where none does, the elements of its
+    ModuleLists of repeated blocks."""
+    from transformers import PreTrainedModel
+
+    names = {n for m in model.modules() if isinstance(m, PreTrainedModel) for n in (m._no_split_modules or [])}
+    units = [m for m in model.modules() if type(m).__name__ in names]
+    if not units:
+        units = [child for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1
+                 for child in m if type(child) is type(m[0])]
+    return units
+
+
+def shard_teacher(teacher, accelerator) -> None:
+    """Shard the frozen teacher over every process with FSDP2: one unit per decoder layer and
+    vision block, then the inner model (what `VLM.body` calls) as the root, each resharded after
+    its forward. The LM head sits outside the inner model and stays whole on every process, as
+    L_ar, L_kl and L_reg need it at every step. Each process reads the whole checkpoint first
+    (host memory: one full copy per process)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = teacher.model
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head.weight is embeddings.weight:  # tied: the head must stay whole, the embeddings are sharded
+        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    head.to(accelerator.device)
+    mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+    inner = model.model
+    for unit in shard_units(inner):
+        fully_shard(unit, mesh=mesh, reshard_after_forward=True)
+    fully_shard(inner, mesh=mesh, reshard_after_forward=True)
+    model.requires_grad_(False)
+
+
+def local_share(model: torch.nn.Module) -> float:
+    """The share of `model`'s parameter elements this process holds (1.0 unsharded)."""
+    from torch.distributed.tensor import DTensor
+
+    total = local = 0
+    for p in model.parameters():
+        total += p.numel()
+        local += p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+    return local / max(total, 1)
