@@ -22,9 +22,10 @@ import platform
 import random
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..errors import GenrecalError
 
@@ -53,6 +54,18 @@ def fresh_tmp(target: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
+
+
+@contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside `target`; on success it replaces `target`."""
+    target = Path(target)
+    tmp = fresh_tmp(target)
+    try:
+        yield tmp
+        replace_dir(target, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,12 +155,8 @@ def _write_common(folder: Path, stage: str, student, processor, recalibrator, re
 def save_stage(output_dir: Path, stage: str, *, student, processor, recalibrator, recipe: dict, meta: dict) -> Path:
     """OUTPUT/<stage>/ for a finished stage, atomically. Call on the main process only."""
     target = Path(output_dir) / stage
-    tmp = fresh_tmp(target)
-    try:
+    with atomic_dir(target) as tmp:
         _write_common(tmp, stage, student, processor, recalibrator, recipe, meta)
-        replace_dir(target, tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -188,14 +197,10 @@ def save_checkpoint(
 def export_student(output_dir: Path, student, processor, meta: dict) -> Path:
     """OUTPUT/student/: a plain checkpoint of the student's own architecture (no Recalibrator)."""
     target = Path(output_dir) / "student"
-    tmp = fresh_tmp(target)
-    try:
+    with atomic_dir(target) as tmp:
         student.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         (tmp / "genrecal.json").write_text(json.dumps(_finite({"versions": versions(), **meta}), indent=2, default=str))
-        replace_dir(target, tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -244,7 +249,7 @@ def in_progress(output_dir: Path) -> list[Found]:
     """The mid-stage checkpoints of a run, oldest first."""
     found = []
     folder = Path(output_dir) / CHECKPOINTS
-    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+    for path in folder.iterdir() if folder.is_dir() else []:
         meta = read_meta(path)
         if meta is not None and meta.get("stage") in STAGES and not path.name.startswith("."):
             found.append(Found(meta["stage"], path, meta))

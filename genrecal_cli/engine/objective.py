@@ -29,20 +29,6 @@ class Output:
     recalibrated: torch.Tensor | None = None
 
 
-def term_names(stage: str, weights: LossSpec, *, recalibrator: bool, reg_in_distill: bool) -> tuple[str, ...]:
-    """The loss terms `GenRecal.forward` returns for `stage`, in a fixed order (every rank agrees)."""
-    names: list[str] = []
-    if stage in TEACHER_STAGES and recalibrator:
-        names += ["ar", "kl"]
-        if stage == "align" or reg_in_distill:
-            names.append("reg")
-    if stage in ("distill", "finetune"):
-        names.append("sft")
-        if stage == "distill" and weights.uld:
-            names.append("uld")
-    return tuple(names)
-
-
 class GenRecal(nn.Module):
     """The student and (in align and distill) the Recalibrator.
 
@@ -71,7 +57,7 @@ class GenRecal(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         recalibrated = None
         if stage in TEACHER_STAGES and self.recalibrator is not None:
-            tf = teacher
+            tf = teacher  # the method's name for them: teacher features
             q, q_mask = student_question(z_s, sbatch)
             answer = tf.answer_mask.bool()
             rec = self.recalibrator(q, q_mask, tf.answer_in, tf.answer_mask, answer_offset=tf.answer_start)[answer]

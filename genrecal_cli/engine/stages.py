@@ -24,7 +24,7 @@ from ..errors import GenrecalError
 from ..recipe import Recipe, StageSpec
 from . import checkpoint as ckpt
 from .faults import Interrupted, StopRequests, signal_name
-from .objective import TEACHER_STAGES, GenRecal, term_names
+from .objective import TEACHER_STAGES, GenRecal
 from .parallel import RankBatches, gather_rows, total_updates
 from .probe import alignment_stats, reliance
 from .recalibrator import Recalibrator
@@ -92,10 +92,6 @@ def lr_lambda(st: StageSpec, total: int):
 # the loop
 
 
-class _NonFinite(Exception):
-    pass
-
-
 def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: str | None = None) -> dict:
     """Train one stage to its end (or to a stop request); returns its summary."""
     from accelerate.utils import send_to_device
@@ -135,7 +131,6 @@ def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: 
         step = resume.step
     head = head_fn(teacher.head) if teacher is not None else None
     probe = _probe_batch(dataset, sides, recipe, acc) if rec is not None else None
-    names = term_names(stage, recipe.loss, recalibrator=rec is not None, reg_in_distill=st.reg)
     module, optimizer = acc.prepare(module, optimizer)
     module.train()
 
@@ -148,70 +143,67 @@ def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: 
                 f"one epoch = {len(sampler) / st.grad_accum:,.1f} updates"
             )
     batches = _micro_batches(loader, sampler, step * st.grad_accum)
-    t0, seen_items, seen_tokens, metrics = time.perf_counter(), 0, 0, {}
+    t0, seen_items, seen_tokens, metrics, names = time.perf_counter(), 0, 0, {}, ()
     stop = run.stop or StopRequests()
-    try:
-        while step < total:
-            sums = torch.zeros(len(names) + 1)
-            for i in range(st.grad_accum):
-                batch = send_to_device(next(batches), acc.device)
-                last = i == st.grad_accum - 1
+    while step < total:
+        sums = 0.0
+        for i in range(st.grad_accum):
+            batch = send_to_device(next(batches), acc.device)
+            last = i == st.grad_accum - 1
+            with acc.autocast():
+                tf = teacher_features(teacher, batch["teacher"], recipe.recalibrator.answer_input) if teacher else None
+            with nullcontext() if last else acc.no_sync(module):
                 with acc.autocast():
-                    tf = teacher_features(teacher, batch["teacher"], recipe.recalibrator.answer_input) if teacher else None
-                with nullcontext() if last else acc.no_sync(module):
-                    with acc.autocast():
-                        out = module(batch["student"], tf, head, stage=stage, reg_in_distill=st.reg)
-                    # One small collective per micro-batch, before backward: every process's loss
-                    # terms, tokens and items. All processes see a bad loss and stop together.
-                    mine = torch.stack([out.loss.detach().float(), *(out.terms[k].detach().float() for k in names)])
-                    sbatch = batch["student"]
-                    counts = [float(sbatch["attention_mask"].sum()), float(sbatch["input_ids"].shape[0])]
-                    everyone = gather_rows(acc, torch.cat([mine.cpu(), torch.tensor(counts)])).cpu()
-                    k = len(names) + 1
-                    bad = ~torch.isfinite(everyone[:, :k]).all(1)
-                    if bad.any():
-                        rank = int(bad.nonzero()[0])
-                        terms = {n: round(float(v), 4) for n, v in zip(("loss", *names), everyone[rank, :k])}
-                        raise _NonFinite(f"at step {step + 1} on process {rank} ({terms})")
-                    acc.backward(out.loss / st.grad_accum)
-                sums += everyone[:, :k].mean(0)
-                seen_tokens += int(everyone[:, k].sum())
-                seen_items += int(everyone[:, k + 1].sum())
-            if st.max_grad_norm > 0:
-                acc.clip_grad_norm_(module.parameters(), st.max_grad_norm)
-            lr = scheduler.get_last_lr()[0]  # the rate this update uses
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            # A signal on any process (even one that arrived inside this update) stops all of them
-            # after this update: the signal's number, agreed, 0 when none.
-            stop_asked = int(gather_rows(acc, torch.tensor([float(stop.requested or 0)])).max())
+                    out = module(batch["student"], tf, head, stage=stage, reg_in_distill=st.reg)
+                # One small collective per micro-batch, before backward: every process's loss
+                # terms, tokens and items. All processes see a bad loss and stop together.
+                names = ("loss", *out.terms)  # the same on every process: the same code path
+                mine = torch.stack([out.loss.detach().float(), *(v.detach().float() for v in out.terms.values())])
+                sbatch = batch["student"]
+                counts = [float(sbatch["attention_mask"].sum()), float(sbatch["input_ids"].shape[0])]
+                everyone = gather_rows(acc, torch.cat([mine.cpu(), torch.tensor(counts)])).cpu()
+                k = len(names)
+                bad = ~torch.isfinite(everyone[:, :k]).all(1)
+                if bad.any():
+                    rank = int(bad.nonzero()[0])
+                    terms = {n: round(float(v), 4) for n, v in zip(names, everyone[rank, :k])}
+                    raise GenrecalError(
+                        f"{label}: loss became non-finite at step {step + 1} on process {rank} ({terms}); the last "
+                        f"good checkpoint is kept in {out_dir}; lower stages.{stage}.lr or check the data")
+                acc.backward(out.loss / st.grad_accum)
+            sums += everyone[:, :k].mean(0)
+            seen_tokens += int(everyone[:, k].sum())
+            seen_items += int(everyone[:, k + 1].sum())
+        if st.max_grad_norm > 0:
+            acc.clip_grad_norm_(module.parameters(), st.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]  # the rate this update uses
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        # A signal on any process (even one that arrived inside this update) stops all of them
+        # after this update: the signal's number, agreed, 0 when none.
+        stop_asked = int(gather_rows(acc, torch.tensor([float(stop.requested or 0)])).max())
 
-            probe_now = probe is not None and (step % recipe.train.probe_every == 0 or step == total)
-            metrics = {n: float(v) / st.grad_accum for n, v in zip(("loss", *names), sums)}
-            dt = time.perf_counter() - t0
-            metrics.update(lr=lr, items_per_s=seen_items / dt, tokens_per_s=seen_tokens / dt, **layout)
-            if probe_now:  # every process runs it: a sharded teacher's forward is collective
-                metrics.update(_run_probe(acc, module, probe, teacher, head, recipe))
-            if reporter is not None and acc.is_main_process:
-                if tf is not None and (step % recipe.train.log_every == 0 or step == total or probe_now):
-                    with acc.autocast():
-                        metrics.update(alignment_stats(batch, tf, out.recalibrated, head))
-                reporter.step(label, step, metrics)
+        probe_now = probe is not None and (step % recipe.train.probe_every == 0 or step == total)
+        metrics = {n: float(v) / st.grad_accum for n, v in zip(names, sums)}
+        dt = time.perf_counter() - t0
+        metrics.update(lr=lr, items_per_s=seen_items / dt, tokens_per_s=seen_tokens / dt, **layout)
+        if probe_now:  # every process runs it: a sharded teacher's forward is collective
+            metrics.update(_run_probe(acc, module, probe, teacher, head, recipe))
+        if reporter is not None and acc.is_main_process:
+            if tf is not None and (step % recipe.train.log_every == 0 or step == total or probe_now):
+                with acc.autocast():
+                    metrics.update(alignment_stats(batch, tf, out.recalibrated, head))
+            reporter.step(label, step, metrics)
 
-            if stop_asked:
-                _save_progress(run, stage, step, total, acc, module, optimizer, scheduler, metrics, layout)
-                raise Interrupted(
-                    f"{label}: stopped by {signal_name(stop_asked)} at step {step}/{total}; checkpoint saved in "
-                    f"{ckpt.checkpoint_dir(out_dir, stage, step)}; run again with --resume to continue", stop_asked)
-            if recipe.train.save_every and step % recipe.train.save_every == 0 and step < total:
-                _save_progress(run, stage, step, total, acc, module, optimizer, scheduler, metrics, layout)
-    except _NonFinite as exc:
-        raise GenrecalError(
-            f"{label}: loss became non-finite {exc}; the last good checkpoint is kept in {out_dir}; "
-            f"lower stages.{stage}.lr or check the data"
-        ) from None
+        if stop_asked:
+            _save_progress(run, stage, step, total, acc, module, optimizer, scheduler, metrics, layout)
+            raise Interrupted(
+                f"{label}: stopped by {signal_name(stop_asked)} at step {step}/{total}; checkpoint saved in "
+                f"{ckpt.checkpoint_dir(out_dir, stage, step)}; run again with --resume to continue", stop_asked)
+        if recipe.train.save_every and step % recipe.train.save_every == 0 and step < total:
+            _save_progress(run, stage, step, total, acc, module, optimizer, scheduler, metrics, layout)
 
     summary = {"steps": step, "metrics": metrics, **layout, "peak_rss_mb": peak.rss_mb(), **peak.device()}
     acc.wait_for_everyone()
@@ -221,7 +213,7 @@ def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: 
                         meta={"step": step, "total_steps": total, "finished": True, **summary})
     acc.wait_for_everyone()
     if reporter is not None:
-        reporter.stage_end(label, {k: v for k, v in metrics.items() if k in ("loss", *names)})
+        reporter.stage_end(label, {k: v for k, v in metrics.items() if k in names})
     return summary
 
 

@@ -39,15 +39,15 @@ def teacher_features(teacher, batch: dict, answer_input: str) -> TeacherFeatures
     with torch.inference_mode():
         z = teacher.body(**model_inputs(batch))
         emb = teacher.input_embeddings(batch["input_ids"]) if answer_input == "embeddings" else None
-    # Leave inference mode (clone) and float32: these feed a graph that trains.
-    z = z.float()
+    # A float32 copy outside inference mode: these feed a graph that trains.
+    z = z.to(torch.float32, copy=True)
     start = batch["answer_start"]
     a_len = batch["answer_mask"].sum(1)
     lq, la = int(start.max()), int(a_len.max())
     k = torch.arange(la, device=z.device)[None, :]
     a_mask = k < a_len[:, None]
     a_pos = (start[:, None] + k).clamp(max=z.shape[1] - 1)
-    src = emb.float() if emb is not None else z
+    src = emb.to(torch.float32, copy=True) if emb is not None else z
     answer_in = gather_rows(src, a_pos)
     rows = gather_rows(z, a_pos - 1)[a_mask]
     targets = batch["input_ids"].gather(1, a_pos)[a_mask]
