@@ -271,9 +271,12 @@ def load_vlm(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     device: str | torch.device | None = None,
+    empty: bool = False,
 ) -> VLM:
     """Load model (safetensors only) and processor from a local folder or a hub id.
 
+    `empty`: build the model from its config with its parameters on the meta device (no
+    storage, no weights read; buffers are real), for a process that will receive its shard.
     Raises ModelLoadError with one line naming `path` for anything the user can fix.
     """
     if dtype not in DTYPES:
@@ -282,6 +285,16 @@ def load_vlm(
     config = _load_config(path, revision, trust_remote_code)
     family = _family_of(config, path)
 
+    if empty:
+        from accelerate import init_empty_weights
+
+        if dtype == "auto":
+            dtype = str(getattr(config, "dtype", None) or "float32").replace("torch.", "")
+        with init_empty_weights():
+            model = AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, dtype),
+                                                            trust_remote_code=trust_remote_code)
+        model.eval()
+        return VLM(model, _load_processor(path, family, revision, trust_remote_code), family.name, path)
     try:
         model = AutoModelForImageTextToText.from_pretrained(
             path,

@@ -28,6 +28,7 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Schedule = Literal["linear", "cosine", "constant"]
 AnswerInput = Literal["hidden", "embeddings"]
 TeacherPlacement = Literal["replicate", "shard"]
+StudentPlacement = Literal["ddp", "shard"]
 
 # A hub id is "name" or "org/name"; anything else that does not exist locally is a missing path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -193,6 +194,9 @@ class TrainSpec:
     # question features real, another item's and zeroed. 0 switches the probe off.
     probe_every: int = 50
     probe_items: int = 16
+    # Recompute the student's decoder activations in backward instead of keeping them (less
+    # memory, about a third more student compute).
+    gradient_checkpointing: bool = False
 
     def _check(self, key: str, problems: list[str]) -> None:
         _positive(self.log_every, f"{key}.log_every", problems)
@@ -214,6 +218,16 @@ class ParallelSpec:
     # "replicate": every process holds the whole frozen teacher; "shard": FSDP2 splits it over
     # the processes (one unit per decoder layer and vision block), its LM head whole on each.
     teacher: TeacherPlacement = "replicate"
+    # "ddp": every process holds the whole student + Recalibrator (gradients all-reduced);
+    # "shard": FSDP2 splits their weights, gradients and optimizer states over the processes.
+    student: StudentPlacement = "ddp"
+    # Hybrid sharding: shard over groups of shard_group processes (one node), replicate across
+    # the groups. Unset: one group of every process.
+    shard_group: Optional[int] = None
+
+    def _check(self, key: str, problems: list[str]) -> None:
+        if self.shard_group is not None:
+            _positive(self.shard_group, f"{key}.shard_group", problems)
 
 
 @dataclass(frozen=True)
@@ -239,9 +253,6 @@ class Recipe:
                 f"teacher: stage{'s' if len(needs_teacher) > 1 else ''} {', '.join(needs_teacher)} "
                 "need a teacher; add a [teacher] table with a `path`"
             )
-        if self.parallel.teacher == "shard" and self.recalibrator.answer_input == "embeddings":
-            problems.append('parallel.teacher: "shard" does not support recalibrator.answer_input = "embeddings" yet '
-                            '(the teacher\'s input embeddings are sharded); use "replicate" or answer_input = "hidden"')
         if self.stages.align.enabled and not (self.loss.ar or self.loss.kl or self.loss.reg):
             problems.append("stages.align: trains the Recalibrator on loss.ar, loss.kl and loss.reg, which are all 0; "
                             "give one a weight or disable the stage (enabled = false)")

@@ -7,6 +7,7 @@ other data sources are read. The engine (`engine.distill`) then gets plain folde
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 from .errors import GenrecalError
@@ -31,7 +32,9 @@ def resolve_model(spec, role: str, reporter=None, accelerator=None) -> str:
     from .recipe import load_recipe
     from .world.zoo import resolve_source
 
-    path = resolve_source(spec.path)
+    # A zoo model is built once per machine: the local main process first, the others reuse it.
+    with accelerator.local_main_process_first() if accelerator is not None else nullcontext():
+        path = resolve_source(spec.path)
     if spec.recipe is None or Path(path).exists():
         return path
     if reporter is not None:

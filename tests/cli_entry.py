@@ -3,8 +3,9 @@ what the tests need to observe or break, set through environment variables:
 
 GENRECAL_TEST_RECORD=DIR   each rank writes DIR/rank-<r>.json (what accelerate saw: its index and
                            the number of processes), appends every training row index it
-                           encodes to DIR/items-<r>.txt and, when the teacher is sharded, writes
-                           the share of the teacher it holds to DIR/teacher-<r>.json
+                           encodes to DIR/items-<r>.txt and, when the teacher / the student is
+                           sharded, writes the share of it that it holds to DIR/teacher-<r>.json
+                           / DIR/student-<r>.json
 GENRECAL_TEST_NAN=R:N      on rank R, the N-th call of the student's L_sft returns NaN
 GENRECAL_TEST_SIGNAL=S:N   the process sends itself signal S (e.g. SIGTERM) from inside its N-th
                            optimizer step (counted across stages), before the parameters move
@@ -42,12 +43,22 @@ def main() -> None:
 
         real_shard = engine_distill.shard_teacher
 
-        def shard_and_record(teacher, accelerator):
-            real_shard(teacher, accelerator)
-            shares = {"inner": local_share(teacher.model.model), "head": local_share(teacher.model.get_output_embeddings())}
+        def shard_and_record(teacher, accelerator, mesh):
+            on_meta = any(p.is_meta for p in teacher.model.parameters())  # this process read no weights
+            real_shard(teacher, accelerator, mesh)
+            shares = {"inner": local_share(teacher.model.model), "head": local_share(teacher.model.get_output_embeddings()),
+                      "loaded_on_meta": on_meta}
             (out / f"teacher-{state.process_index}.json").write_text(json.dumps(shares))
 
         engine_distill.shard_teacher = shard_and_record
+        real_trainable = engine_distill.shard_trainable
+
+        def shard_trainable_and_record(module, mesh):
+            real_trainable(module, mesh)
+            shares = {"student": local_share(module.student), "recalibrator": local_share(module.recalibrator) if module.recalibrator is not None else None}
+            (out / f"student-{state.process_index}.json").write_text(json.dumps(shares))
+
+        engine_distill.shard_trainable = shard_trainable_and_record
     nan = os.environ.get("GENRECAL_TEST_NAN")
     if nan:
         rank, at = map(int, nan.split(":"))

@@ -113,3 +113,31 @@ def test_new_positions_off_keeps_the_teacher_answer_positions(tmp_path, monkeypa
             assert positions[r, : q_len[r]].tolist() == list(range(int(q_len[r])))
             assert int(positions[r, q_len[r]]) == int(start[r])
         assert not torch.equal(positions, contiguous)
+
+
+def test_gradient_checkpointing_recomputes_the_student_layers_and_changes_no_result(tmp_path, monkeypatch):
+    """train.gradient_checkpointing: the inside of every student decoder layer runs twice per
+    training forward (forward, then again in backward), and the losses equal those of a run
+    without it. (Counted on the layers' MLP: transformers wraps the layer's own forward.)"""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    calls = []
+    real = LlamaMLP.forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaMLP, "forward", counting)
+    runs = {}
+    for on in (False, True):
+        calls.clear()
+        raw = _recipe(tmp_path / str(on), stages=("finetune",), steps=2).to_dict()
+        raw.pop("teacher")
+        raw["data"]["shapes_size"] = 8
+        raw["train"].update(gradient_checkpointing=on, eval_items=0, probe_every=0)
+        rec = Recorder()
+        distill(recipe_from_dict(raw), reporter=rec)
+        runs[on] = ([m["sft"] for _, _, m in rec.rows], len(calls))
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-6)
+    assert runs[False][1] > 0 and runs[True][1] == 2 * runs[False][1]

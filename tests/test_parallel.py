@@ -33,10 +33,17 @@ def _torchrun(args, env=None, record=None, timeout=420, wait=True):
     if record is not None:
         full_env["GENRECAL_TEST_RECORD"] = str(record)
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000), str(ENTRY), *args]
+    proc = subprocess.Popen(cmd, env=full_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     if not wait:
-        return subprocess.Popen(cmd, env=full_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-    return subprocess.run(cmd, env=full_env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        return proc
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks: a hung collective leaves no orphans
+        out, err = proc.communicate()
+        raise AssertionError(f"2-rank run still going after {timeout} s (hung?):\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _assert_two_ranks(record: Path) -> None:
@@ -162,36 +169,181 @@ def test_too_few_items_for_the_processes_is_a_clear_error():
         RankBatches(3, 2, 4, 0, seed=0)
 
 
-def test_a_sharded_teacher_holds_half_on_each_rank_and_trains_like_a_replicated_one(tmp_path):
-    """[parallel] teacher = "shard" (FSDP2 over 2 gloo ranks): each rank holds about half of the
-    teacher's inner model and the whole LM head; every logged loss and the final student equal
-    the replicated run's; the teacher's accuracy is skipped with a note."""
-    stages = "[stages.align]\nsteps = 2\nbatch_size = 4\n[stages.distill]\nsteps = 3\nbatch_size = 4\n"
-    replicated = _recipe(tmp_path / "rep.toml", tmp_path / "rep", stages)
-    sharded = _recipe(tmp_path / "shard.toml", tmp_path / "shard", stages + '[parallel]\nteacher = "shard"\n')
-    sharded.write_text(sharded.read_text().replace("eval_items = 0", "eval_items = 3"))
-    done = _torchrun(["distill", str(replicated)])
+# The sharding tests compare against one replicated run of the three stages (2 ranks, DDP).
+SHARD_STAGES = ("[stages.align]\nsteps = 2\nbatch_size = 4\n[stages.distill]\nsteps = 3\nbatch_size = 4\ngrad_accum = 2\n"
+                "[stages.finetune]\nsteps = 2\nbatch_size = 4\n")
+
+
+@pytest.fixture(scope="module")
+def replicated(tmp_path_factory):
+    """Teacher replicated, student DDP: the reference every sharded run must equal."""
+    tmp = tmp_path_factory.mktemp("replicated")
+    recipe = _recipe(tmp / "rep.toml", tmp / "rep", SHARD_STAGES, save_every=2)
+    done = _torchrun(["distill", str(recipe)], record=tmp / "rec")
     assert done.returncode == 0, done.stderr[-3000:]
-    done = _torchrun(["distill", str(sharded)], record=tmp_path / "rec")
-    assert done.returncode == 0, done.stderr[-3000:]
-    _assert_two_ranks(tmp_path / "rec")
-    shares = [json.loads((tmp_path / "rec" / f"teacher-{r}.json").read_text()) for r in (0, 1)]
-    assert all(0.45 < s["inner"] < 0.55 and s["head"] == 1.0 for s in shares), shares
-    a, b = _rows(tmp_path / "rep"), _rows(tmp_path / "shard")
+    _assert_two_ranks(tmp / "rec")
+    return tmp / "rep"
+
+
+def _same_run(reference: Path, other: Path, rel: float = 1e-4) -> None:
+    """Every logged loss term of `other` equals the reference's, and so does the exported student."""
+    from safetensors.torch import load_file
+
+    a, b = _rows(reference), _rows(other)
     assert [(r["stage"], r["step"]) for r in a] == [(r["stage"], r["step"]) for r in b]
     for ra, rb in zip(a, b):
         for term in ("ar", "kl", "reg", "sft", "top1"):
             if term in ra:
-                assert rb[term] == pytest.approx(ra[term], rel=1e-4, abs=1e-6), (ra["stage"], ra["step"], term)
-    from safetensors.torch import load_file
-
-    x = load_file(str(tmp_path / "rep" / "student" / "model.safetensors"))
-    y = load_file(str(tmp_path / "shard" / "student" / "model.safetensors"))
+                assert rb[term] == pytest.approx(ra[term], rel=rel, abs=1e-6), (ra["stage"], ra["step"], term)
+    x = load_file(str(reference / "student" / "model.safetensors"))
+    y = load_file(str(other / "student" / "model.safetensors"))
+    assert x.keys() == y.keys()
+    moved = [k for k in x if not torch.equal(x[k], load_file(str(reference / "align" / "student" / "model.safetensors"))[k])]
+    assert moved  # the comparison is about weights that trained
     for k in x:
-        torch.testing.assert_close(x[k], y[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(y[k], x[k], rtol=1e-5, atol=1e-6)
+
+
+def _shares(record: Path, what: str) -> list[dict]:
+    return [json.loads((record / f"{what}-{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_a_sharded_teacher_holds_half_on_each_rank_and_trains_like_a_replicated_one(tmp_path, replicated):
+    """[parallel] teacher = "shard" (FSDP2 over 2 gloo ranks): each rank holds about half of the
+    teacher's inner model and the whole LM head; only rank 0 read the teacher's weights (rank 1
+    built it on the meta device and received its shard); every logged loss and the final student
+    equal the replicated run's; the teacher's accuracy is skipped with a note."""
+    sharded = _recipe(tmp_path / "shard.toml", tmp_path / "shard", SHARD_STAGES + '[parallel]\nteacher = "shard"\n',
+                      save_every=2)
+    sharded.write_text(sharded.read_text().replace("eval_items = 0", "eval_items = 3"))
+    done = _torchrun(["distill", str(sharded)], record=tmp_path / "rec")
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_two_ranks(tmp_path / "rec")
+    shares = _shares(tmp_path / "rec", "teacher")
+    assert all(0.45 < s["inner"] < 0.55 and s["head"] == 1.0 for s in shares), shares
+    assert [s["loaded_on_meta"] for s in shares] == [False, True]
+    _same_run(replicated, tmp_path / "shard")
     accuracy = json.loads((tmp_path / "shard" / "student" / "genrecal.json").read_text())["accuracy"]
     assert "teacher" not in accuracy and accuracy["student after"]["n"] == 3
     assert "teacher accuracy skipped: the teacher is sharded" in done.stdout
+
+
+def test_a_sharded_student_trains_like_ddp_and_exports_a_plain_folder(tmp_path, replicated):
+    """[parallel] student = "shard" with the teacher sharded too: each rank holds about half of the
+    student and of the Recalibrator; every loss and the exported student equal the DDP run's; a
+    mid-stage checkpoint is a torch.distributed.checkpoint folder with one file per rank; the
+    export is a plain folder that loads with from_pretrained in this (another) process."""
+    from transformers import AutoModelForImageTextToText
+
+    both = '[parallel]\nteacher = "shard"\nstudent = "shard"\n'
+    recipe = _recipe(tmp_path / "s.toml", tmp_path / "shard", SHARD_STAGES + both, save_every=2)
+    recipe.write_text(recipe.read_text().replace("eval_items = 0", "eval_items = 3"))
+    done = _torchrun(["distill", str(recipe)], record=tmp_path / "rec")
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_two_ranks(tmp_path / "rec")
+    shares = _shares(tmp_path / "rec", "student")
+    assert all(0.45 < s["student"] < 0.55 and 0.45 < s["recalibrator"] < 0.55 for s in shares), shares
+    _same_run(replicated, tmp_path / "shard")
+    state = tmp_path / "shard" / "checkpoints" / "distill-0000002"
+    assert sorted(p.name for p in (state / "state").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not (state / "optimizer.pt").exists() and not (state / "student").exists()
+    assert json.loads((state / "meta.json").read_text())["sharded"] is True
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "shard" / "student", use_safetensors=True)
+    assert not any(type(p).__name__ == "DTensor" for p in model.parameters())
+    accuracy = json.loads((tmp_path / "shard" / "student" / "genrecal.json").read_text())["accuracy"]
+    assert accuracy["student after"]["n"] == 3
+
+
+def test_kill_9_under_sharding_then_resume_matches_the_uninterrupted_run(tmp_path, replicated):
+    """Both models sharded: kill -9 after the distill checkpoint at step 2, resume from the
+    sharded checkpoint on 2 ranks; the result equals the reference run's."""
+    both = '[parallel]\nteacher = "shard"\nstudent = "shard"\n'
+    recipe = _recipe(tmp_path / "b.toml", tmp_path / "broken", SHARD_STAGES + both, save_every=2)
+    # optimizer steps: align 1-2, distill 3-5; both ranks die inside distill's third update
+    proc = _torchrun(["distill", str(recipe)], wait=False, env={"GENRECAL_TEST_SIGNAL": "SIGKILL:5"})
+    proc.communicate(timeout=420)
+    assert proc.returncode != 0
+    mark = tmp_path / "broken" / "checkpoints" / "distill-0000002"
+    assert mark.exists() and not (tmp_path / "broken" / "distill").exists()
+    resumed = _torchrun(["distill", str(recipe), "--resume"], record=tmp_path / "rec")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_two_ranks(tmp_path / "rec")
+    assert "resuming after distill step 2/3" in resumed.stdout
+    _same_run(replicated, tmp_path / "broken")
+
+
+def test_hybrid_sharding_with_groups_of_one_replicates_the_teacher(tmp_path, replicated):
+    """parallel.shard_group = 1 on 2 ranks: a (2 x 1) mesh, so each rank holds the whole teacher
+    and student (replicated across the groups) and trains like the reference."""
+    hybrid = '[parallel]\nteacher = "shard"\nstudent = "shard"\nshard_group = 1\n'
+    recipe = _recipe(tmp_path / "h.toml", tmp_path / "hybrid", SHARD_STAGES + hybrid, save_every=2)
+    done = _torchrun(["distill", str(recipe)], record=tmp_path / "rec")
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_two_ranks(tmp_path / "rec")
+    assert all(s["inner"] == 1.0 for s in _shares(tmp_path / "rec", "teacher"))
+    assert all(s["student"] == 1.0 for s in _shares(tmp_path / "rec", "student"))
+    _same_run(replicated, tmp_path / "hybrid")
+
+
+def test_a_sharded_teacher_does_not_hang_when_only_one_rank_has_an_image(tmp_path):
+    """Two items, one with an image and one text-only, batch 1 on each of 2 ranks: every micro-
+    batch has the vision tower's work on one rank only. The rank without an image still takes
+    part in the sharded vision blocks' all-gathers, so the run ends (it would wait forever)."""
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "red.png")
+    rows = [{"image": "red.png", "question": "What colour is the square?", "answer": "red"},
+            {"image": None, "question": "What is two plus two?", "answer": "four"}]
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stages = "[stages.align]\nsteps = 2\nbatch_size = 1\n[stages.distill]\nsteps = 2\nbatch_size = 1\n"
+    recipe = _recipe(tmp_path / "r.toml", tmp_path / "out", stages + '[parallel]\nteacher = "shard"\n', probe_every=0)
+    recipe.write_text(recipe.read_text().replace("shapes_size = 32", f'source = "{tmp_path / "mixed.jsonl"}"'))
+    done = _torchrun(["distill", str(recipe)], record=tmp_path / "rec", timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_two_ranks(tmp_path / "rec")
+    seen = {r: (tmp_path / "rec" / f"items-{r}.txt").read_text().split() for r in (0, 1)}
+    assert sorted(seen[0][:1] + seen[1][:1]) == ["0", "1"]  # the first micro-batch: one item each
+    assert [r["step"] for r in _rows(tmp_path / "out")] == [1, 2, 1, 2]
+
+
+def test_answer_embeddings_from_a_sharded_teacher_equal_the_replicated_ones(tmp_path):
+    """recalibrator.answer_input = "embeddings": the sharded teacher's input embeddings are
+    gathered for the call; align's losses equal those of the replicated teacher."""
+    stages = '[stages.align]\nsteps = 2\nbatch_size = 4\n[recalibrator]\nanswer_input = "embeddings"\n'
+    runs = {}
+    for placement in ("replicate", "shard"):
+        recipe = _recipe(tmp_path / f"{placement}.toml", tmp_path / placement,
+                         stages + f'[parallel]\nteacher = "{placement}"\n', probe_every=0)
+        done = _torchrun(["distill", str(recipe)], record=tmp_path / f"rec-{placement}")
+        assert done.returncode == 0, done.stderr[-3000:]
+        _assert_two_ranks(tmp_path / f"rec-{placement}")
+        runs[placement] = _rows(tmp_path / placement)
+    assert len(runs["shard"]) == 2
+    for a, b in zip(runs["replicate"], runs["shard"]):
+        for term in ("ar", "kl", "reg"):
+            assert b[term] == pytest.approx(a[term], rel=1e-5), (a["step"], term)
+
+
+def test_a_shard_group_that_does_not_divide_the_processes_is_refused():
+    from types import SimpleNamespace
+
+    from genrecal_cli.engine.parallel import device_mesh
+    from genrecal_cli.errors import GenrecalError
+
+    with pytest.raises(GenrecalError, match="parallel.shard_group = 3 does not divide the 8 processes"):
+        device_mesh(SimpleNamespace(num_processes=8, device=torch.device("cpu")), 3)
+
+
+def test_resuming_a_checkpoint_under_another_student_placement_is_refused(tmp_path):
+    from genrecal_cli.engine.checkpoint import Found
+    from genrecal_cli.engine.stages import _check_layout
+    from genrecal_cli.errors import GenrecalError
+
+    layout = {"processes": 2, "global_batch": 8}
+    found = Found("distill", tmp_path / "c", {**layout, "sharded": True})
+    _check_layout(found, layout, True, "distill")  # the same placement: fine
+    with pytest.raises(GenrecalError, match='written with parallel.student = "shard"; this run has "ddp"'):
+        _check_layout(found, layout, False, "distill")
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava", "internvl", "idefics3"])

@@ -177,8 +177,10 @@ def test_parallel_table_and_its_limits():
     assert recipe_from_dict({**MINIMAL, "parallel": {"teacher": "shard"}}).parallel.teacher == "shard"
     assert problems_of({**MINIMAL, "parallel": {"teacher": "shrad"}}) == [
         "parallel.teacher: 'shrad' is not one of 'replicate', 'shard'; did you mean 'shard'?"]
-    problems = problems_of({**MINIMAL, "parallel": {"teacher": "shard"}, "recalibrator": {"answer_input": "embeddings"}})
-    assert len(problems) == 1 and problems[0].startswith('parallel.teacher: "shard" does not support') and "answer_input" in problems[0]
+    assert recipe_from_dict({**MINIMAL, "parallel": {"student": "shard", "shard_group": 8}}).parallel.shard_group == 8
+    assert problems_of({**MINIMAL, "parallel": {"student": "zero3"}}) == [
+        "parallel.student: 'zero3' is not one of 'ddp', 'shard'"]
+    assert problems_of({**MINIMAL, "parallel": {"shard_group": 0}}) == ["parallel.shard_group: 0 must be > 0"]
 
 
 def test_checkpoint_settings_are_checked():

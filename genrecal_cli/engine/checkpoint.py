@@ -7,7 +7,11 @@ Layout of a run's output folder:
     OUTPUT/checkpoints/<stage>-<step>/   a stage in progress (train.save_every, Ctrl-C, SIGTERM):
                                          the same plus optimizer.pt, scheduler.pt and
                                          rng/rank-<r>.pt for every process; the newest
-                                         train.keep_checkpoints are kept
+                                         train.keep_checkpoints are kept. With a sharded
+                                         student (parallel.student = "shard") the student,
+                                         Recalibrator and optimizer are state/ instead, a
+                                         torch.distributed.checkpoint folder every process
+                                         writes its own shards into
     OUTPUT/student/                      the exported student: its own architecture, processor
     OUTPUT/metrics.jsonl                 one JSON object per logged step
 Every folder is written under a temporary name and renamed into place, so a crash never leaves
@@ -135,14 +139,18 @@ def _finite(x):
     return x
 
 
-def _write_common(folder: Path, stage: str, student, processor, recalibrator, recipe: dict, meta: dict) -> None:
+def _write_common(folder: Path, stage: str, student, processor, recalibrator, recipe: dict, meta: dict,
+                  student_state: dict | None = None, recalibrator_state: dict | None = None) -> None:
+    """`student_state` / `recalibrator_state`: whole state dicts gathered from sharded modules
+    (gathered_states), written instead of the modules' own (sharded) ones."""
     from safetensors.torch import save_file
 
-    student.save_pretrained(folder / "student", safe_serialization=True)
-    processor.save_pretrained(folder / "student")
+    if student is not None:
+        student.save_pretrained(folder / "student", safe_serialization=True, state_dict=student_state)
+        processor.save_pretrained(folder / "student")
     if recalibrator is not None:
-        state = {k: v.detach().contiguous().cpu() for k, v in recalibrator.state_dict().items()}
-        save_file(state, str(folder / "recalibrator.safetensors"))
+        state = recalibrator_state if recalibrator_state is not None else recalibrator.state_dict()
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(folder / "recalibrator.safetensors"))
     (folder / "recipe.json").write_text(json.dumps(recipe, indent=2))
     full_meta = {"stage": stage, "saved_at": time.time(), "versions": versions(), **meta}
     (folder / "meta.json").write_text(json.dumps(_finite(full_meta), indent=2, default=str))
@@ -152,12 +160,25 @@ def _write_common(folder: Path, stage: str, student, processor, recalibrator, re
 # saving
 
 
-def save_stage(output_dir: Path, stage: str, *, student, processor, recalibrator, recipe: dict, meta: dict) -> Path:
+def save_stage(output_dir: Path, stage: str, *, student, processor, recalibrator, recipe: dict, meta: dict,
+               student_state: dict | None = None, recalibrator_state: dict | None = None) -> Path:
     """OUTPUT/<stage>/ for a finished stage, atomically. Call on the main process only."""
     target = Path(output_dir) / stage
     with atomic_dir(target) as tmp:
-        _write_common(tmp, stage, student, processor, recalibrator, recipe, meta)
+        _write_common(tmp, stage, student, processor, recalibrator, recipe, meta, student_state, recalibrator_state)
     return target
+
+
+def gathered_states(module, *, with_recalibrator: bool) -> dict[str, dict | None]:
+    """A sharded objective.GenRecal's student and Recalibrator as whole state dicts on the main
+    process (save_stage's student_state / recalibrator_state). Every process must call it."""
+    from .parallel import full_state, sub_state
+
+    state = full_state(module)
+    if not state:  # not the main process
+        return {}
+    return {"student_state": sub_state(state, "student"),
+            "recalibrator_state": sub_state(state, "recalibrator") if with_recalibrator else None}
 
 
 def checkpoint_dir(output_dir: Path, stage: str, step: int) -> Path:
@@ -165,13 +186,17 @@ def checkpoint_dir(output_dir: Path, stage: str, step: int) -> Path:
 
 
 def save_checkpoint(
-    accelerator, output_dir: Path, stage: str, step: int, *,
+    accelerator, output_dir: Path, stage: str, step: int, *, module=None,
     student, processor, recalibrator, optimizer, scheduler, recipe: dict, meta: dict, keep: int,
 ) -> Path:
     """OUTPUT/checkpoints/<stage>-<step>/ for a stage in progress, atomically; every process calls
-    it (each writes its own RNG state), the main one writes the rest and keeps the newest `keep`."""
+    it (each writes its own RNG state, and its shards when `module` is sharded), the main one
+    writes the rest, renames the folder into place and keeps the newest `keep`."""
     import torch
 
+    from .parallel import is_sharded
+
+    sharded = module is not None and is_sharded(module)
     target = checkpoint_dir(output_dir, stage, step)
     tmp = target.with_name(f".{target.name}.tmp")
     if accelerator.is_main_process:
@@ -179,11 +204,16 @@ def save_checkpoint(
         (tmp / "rng").mkdir()
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / "rng" / f"rank-{accelerator.process_index}.pt")
+    if sharded:
+        _save_sharded_state(tmp / "state", module, optimizer)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         try:
-            _write_common(tmp, stage, student, processor, recalibrator, recipe, meta)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            if sharded:  # the student and Recalibrator are in state/
+                _write_common(tmp, stage, None, processor, None, recipe, meta)
+            else:
+                _write_common(tmp, stage, student, processor, recalibrator, recipe, meta)
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             replace_dir(target, tmp)
         finally:
@@ -192,6 +222,30 @@ def save_checkpoint(
             shutil.rmtree(old.path, ignore_errors=True)
     accelerator.wait_for_everyone()
     return target
+
+
+def _save_sharded_state(folder: Path, module, optimizer) -> None:
+    """Every process writes its shards of the module and its optimizer (torch.distributed.checkpoint)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(module, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder))
+
+
+def load_sharded_state(folder: Path, module, optimizer) -> None:
+    """Read state/ of a sharded checkpoint into the sharded module and its optimizer (every process)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(module, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    try:
+        dcp.load(state, checkpoint_id=str(Path(folder) / "state"))
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign checkpoint, named with its cause
+        raise GenrecalError(f"cannot read the sharded checkpoint {Path(folder) / 'state'}: "
+                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
 def export_student(output_dir: Path, student, processor, meta: dict) -> Path:

@@ -19,8 +19,8 @@ from ..recipe import Recipe
 from . import checkpoint as ckpt
 from .accuracy import Scorer, accuracy
 from .faults import StopRequests
-from .objective import TEACHER_STAGES
-from .parallel import MASTER_DTYPE, make_accelerator, shard_teacher
+from .objective import TEACHER_STAGES, GenRecal
+from .parallel import MASTER_DTYPE, device_mesh, full_state, make_accelerator, shard_teacher, shard_trainable, sub_state
 from .recalibrator import Recalibrator
 from .stages import Run, run_stage
 
@@ -83,14 +83,19 @@ def distill(
                        trust_remote_code=recipe.student.trust_remote_code)
     export_dtype = student.model.dtype
     student.model.to(device=acc.device, dtype=MASTER_DTYPE)
+    if recipe.train.gradient_checkpointing:
+        _checkpoint_activations(student.model)
+    shard_t, shard_s = teacher_sharded(recipe, acc), student_sharded(recipe, acc)
+    mesh = device_mesh(acc, recipe.parallel.shard_group) if shard_t or shard_s else None
     teacher = rec = None
     if any(s in TEACHER_STAGES for s in remaining):
+        # Sharded: only the main process reads the weights, the others receive their shards.
         teacher = load_vlm(inputs.teacher, revision=recipe.teacher.revision, dtype=recipe.teacher.dtype,
-                           trust_remote_code=recipe.teacher.trust_remote_code)
+                           trust_remote_code=recipe.teacher.trust_remote_code, empty=shard_t and not acc.is_main_process)
         teacher.model.requires_grad_(False)
         _warn_if_swapped(teacher, student, reporter)
-        if teacher_sharded(recipe, acc):
-            shard_teacher(teacher, acc)
+        if shard_t:
+            shard_teacher(teacher, acc, mesh)
         else:
             teacher.model.to(acc.device)
         set_seed(recipe.train.seed)
@@ -98,7 +103,7 @@ def distill(
             rec = Recalibrator(teacher.hidden_size, student.text_config, student.decoder_layer_class,
                                num_blocks=recipe.recalibrator.num_blocks, new_positions=recipe.recalibrator.new_positions)
             rec.to(device=acc.device, dtype=MASTER_DTYPE)
-    if found is not None:
+    if found is not None and (found.path / "student").is_dir():  # a sharded checkpoint loads in its stage
         _load_state(found.path, student, rec)
 
     result = RunResult(out, out / "student")
@@ -113,9 +118,12 @@ def distill(
         if found is None:  # the student as it came in, before any stage of this run
             result.accuracy["student before"] = _accuracy(student, inputs, recipe, acc)
 
+    module = GenRecal(student.model, rec, recipe.loss)
+    if shard_s:
+        shard_trainable(module, mesh)
     with StopRequests() as stop:
-        run = Run(recipe, acc, student, teacher, rec, inputs.train, reporter, stop)
-        teacher = rec = None  # the run owns them now, and drops them when no later stage needs them
+        run = Run(recipe, acc, student, teacher, rec, inputs.train, module=module, reporter=reporter, stop=stop)
+        teacher = rec = module = None  # the run owns them now, and drops them when no later stage needs them
         for stage in remaining:
             set_seed(recipe.train.seed + ckpt.STAGES.index(stage))
             from_ckpt = found if (found is not None and not found.finished and found.stage == stage) else None
@@ -125,9 +133,14 @@ def distill(
             acc.free_memory()
             if not any(s in TEACHER_STAGES for s in remaining[remaining.index(stage) + 1 :]):
                 run.teacher = run.recalibrator = None
+                if not shard_s:  # a sharded Recalibrator stays registered with the sharded root
+                    run.module.recalibrator = None
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+    if shard_s:  # the trained student whole again, on every process, for the accuracy and the export
+        student = _whole_student(run, inputs, recipe, acc)
+    run = None
     if inputs.validation is not None:
         result.accuracy["student after"] = _accuracy(student, inputs, recipe, acc)
 
@@ -144,6 +157,25 @@ def distill(
 
 def teacher_sharded(recipe: Recipe, acc) -> bool:
     return recipe.parallel.teacher == "shard" and acc.num_processes > 1
+
+
+def student_sharded(recipe: Recipe, acc) -> bool:
+    return recipe.parallel.student == "shard" and acc.num_processes > 1
+
+
+def _whole_student(run: Run, inputs: Inputs, recipe: Recipe, acc):
+    """A plain (unsharded) copy of the sharded student's trained weights on every process."""
+    from ..models import load_vlm
+
+    state = sub_state(full_state(run.module, everywhere=True), "student")
+    run.module = run.student = None
+    gc.collect()
+    plain = load_vlm(inputs.student, revision=recipe.student.revision, dtype="float32",
+                     trust_remote_code=recipe.student.trust_remote_code, empty=True)
+    plain.model.load_state_dict(state, assign=True)
+    plain.model.tie_weights()
+    plain.model.to(acc.device)
+    return plain
 
 
 def _accuracy(vlm, inputs: Inputs, recipe: Recipe, acc) -> dict:
@@ -166,6 +198,14 @@ def _load_state(folder: Path, student, rec) -> None:
     student.model.load_state_dict(saved.state_dict())
     if rec is not None and (folder / "recalibrator.safetensors").exists():
         rec.load_state_dict(load_file(str(folder / "recalibrator.safetensors")))
+
+
+def _checkpoint_activations(model) -> None:
+    """Recompute the model's decoder layers in backward instead of keeping their activations."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _warn_if_swapped(teacher, student, reporter) -> None:

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, GenrecalError
 from ..recipe import Recipe
 
 MASTER_DTYPE = torch.float32  # what every trained parameter and its optimizer state is kept in
@@ -101,7 +101,22 @@ def gather_objects(accelerator, items: list) -> list:
 
 
 # ---------------------------------------------------------------------------------------------
-# a sharded teacher (FSDP2)
+# sharding (FSDP2)
+
+
+def device_mesh(accelerator, shard_group: int | None):
+    """The mesh models are sharded over: every process (1-D), or with `shard_group` = g, groups
+    of g processes that each hold one sharded copy, replicated across the groups (hybrid
+    sharding: shard within a node, replicate across nodes)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    n, g = accelerator.num_processes, shard_group or accelerator.num_processes
+    if n % g:
+        raise GenrecalError(f"parallel.shard_group = {g} does not divide the {n} processes; use a divisor of {n} "
+                            "(usually the GPUs per node)")
+    if g == n:
+        return init_device_mesh(accelerator.device.type, (n,))
+    return init_device_mesh(accelerator.device.type, (n // g, g), mesh_dim_names=("replicate", "shard"))
 
 
 def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -118,26 +133,108 @@ def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     return units
 
 
-def shard_teacher(teacher, accelerator) -> None:
-    """Shard the frozen teacher over every process with FSDP2: one unit per decoder layer and
-    vision block, then the inner model (what `VLM.body` calls) as the root, each resharded after
-    its forward. The LM head sits outside the inner model and stays whole on every process, as
-    L_ar, L_kl and L_reg need it at every step. Each process reads the whole checkpoint first
-    (host memory: one full copy per process)."""
-    from torch.distributed.device_mesh import init_device_mesh
+def shard_teacher(teacher, accelerator, mesh) -> None:
+    """Shard the frozen teacher with FSDP2: one unit per decoder layer and vision block, then the
+    inner model (what `VLM.body` calls) as the root, each resharded after its forward. The LM
+    head sits outside the inner model and stays whole on every process, as L_ar, L_kl and L_reg
+    need it at every step.
+
+    Only the main process holds the weights (`load_vlm`); every other process built the model on
+    the meta device (`load_vlm(empty=True)`) and receives its shard and the head from the main
+    process, so host memory holds one full copy, not one per process."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import fully_shard
 
     model = teacher.model
+    full = model.state_dict() if accelerator.is_main_process else {}  # references, not copies
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
     if head.weight is embeddings.weight:  # tied: the head must stay whole, the embeddings are sharded
         head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-    head.to(accelerator.device)
-    mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
     inner = model.model
-    for unit in shard_units(inner):
+    units = shard_units(inner)
+    for unit in units:
         fully_shard(unit, mesh=mesh, reshard_after_forward=True)
     fully_shard(inner, mesh=mesh, reshard_after_forward=True)
+    vision = [u for u in units if any(u is m for m in teacher.vision_encoder.modules())]
+    if vision:
+        _gather_vision_everywhere(teacher, vision)
+    # Storage for what is still on the meta device; buffers (rotary frequencies and the like)
+    # were computed when the model was built and are kept.
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    model.to_empty(device=accelerator.device)
+    for name, b in model.named_buffers():
+        b.copy_(buffers[name])
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     model.requires_grad_(False)
+
+
+def _gather_vision_everywhere(teacher, vision_units: list) -> None:
+    """Keep every process's collectives in step when some batches have images and others not.
+
+    A process whose batch has no image skips the vision tower, while the others all-gather its
+    sharded blocks; they would wait forever. So as the teacher's forward starts, the processes
+    agree whether any of them has images (one scalar all-reduce per teacher forward), and one
+    that has none gathers and releases the vision blocks, in their order, when its language
+    model starts: the point where the others have run the vision tower (in every family)."""
+    import torch.distributed as dist
+
+    behind = {"vision": False}
+
+    def forward_starts(module, args, kwargs):
+        mine = kwargs.get("pixel_values") is not None
+        anyone = torch.tensor([float(mine)], device=next(module.parameters()).device)
+        dist.all_reduce(anyone, op=dist.ReduceOp.MAX)
+        behind["vision"] = bool(anyone.item()) and not mine
+
+    def language_starts(module, args, kwargs):
+        if behind["vision"]:
+            behind["vision"] = False
+            for unit in vision_units:
+                unit.unshard()
+                unit.reshard()
+
+    teacher.model.model.register_forward_pre_hook(forward_starts, with_kwargs=True)
+    teacher.language_model.register_forward_pre_hook(language_starts, with_kwargs=True)
+
+
+def shard_trainable(module: torch.nn.Module, mesh) -> None:
+    """Shard what trains (objective.GenRecal: the student and the Recalibrator) with FSDP2:
+    weights, gradients and AdamW states split over the mesh. Units: the student's decoder
+    layers and vision blocks, the Recalibrator's blocks and the Recalibrator; the root is the
+    module whose forward the loop calls, so parameters it owns directly (embeddings, heads,
+    norms, projectors; a head tied to the embeddings stays one parameter) are gathered for the
+    whole forward, whichever submodule uses them."""
+    from torch.distributed.fsdp import fully_shard
+
+    rec = getattr(module, "recalibrator", None)
+    for unit in shard_units(module.student):
+        fully_shard(unit, mesh=mesh)
+    if rec is not None:
+        for unit in shard_units(rec):
+            fully_shard(unit, mesh=mesh)
+        fully_shard(rec, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def full_state(module: torch.nn.Module, *, everywhere: bool = False) -> dict[str, torch.Tensor]:
+    """A sharded module's whole state dict on the CPU: on the main process only (an empty dict on
+    the others), or with `everywhere` on every process. Every process must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
+    return {k: v.cpu() for k, v in state.items()} if everywhere else state
+
+
+def sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of `state` under `prefix.`, with the prefix removed."""
+    cut = len(prefix) + 1
+    return {k[cut:]: v for k, v in state.items() if k.startswith(prefix + ".")}
 
 
 def local_share(model: torch.nn.Module) -> float:

@@ -25,7 +25,7 @@ from ..recipe import Recipe, StageSpec
 from . import checkpoint as ckpt
 from .faults import Interrupted, StopRequests, signal_name
 from .objective import TEACHER_STAGES, GenRecal
-from .parallel import RankBatches, gather_rows, total_updates
+from .parallel import RankBatches, gather_rows, is_sharded, total_updates
 from .probe import alignment_stats, reliance
 from .recalibrator import Recalibrator
 from .teacher import head_fn, teacher_features
@@ -41,6 +41,7 @@ class Run:
     teacher: Any | None  # models.VLM, frozen, in its recipe dtype; None once no stage needs it
     recalibrator: Recalibrator | None
     train_rows: Any  # the training split (a datasets.Dataset)
+    module: GenRecal | None = None  # what trains: the student + Recalibrator, sharded when the recipe says so
     reporter: Any | None = None
     stop: StopRequests | None = None
 
@@ -119,19 +120,24 @@ def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: 
 
     # what trains, with which optimizer and schedule
     params = set_trainable(stage, run.student, rec, st)
-    module = GenRecal(run.student.model, rec, recipe.loss)
+    module = run.module if run.module is not None else GenRecal(run.student.model, rec, recipe.loss)
+    sharded = is_sharded(module)  # FSDP2 (parallel.student = "shard"); else DDP through accelerate
     optimizer = torch.optim.AdamW(params, lr=st.lr, weight_decay=st.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(st, total))
     step = 0
     if resume is not None:
-        _check_layout(resume, layout, label)
-        optimizer.load_state_dict(ckpt.load_tensors(resume.path / "optimizer.pt"))
+        _check_layout(resume, layout, sharded, label)
+        if sharded:
+            ckpt.load_sharded_state(resume.path, module, optimizer)
+        else:
+            optimizer.load_state_dict(ckpt.load_tensors(resume.path / "optimizer.pt"))
         scheduler.load_state_dict(ckpt.load_tensors(resume.path / "scheduler.pt"))
         ckpt.set_rng_state(ckpt.load_tensors(resume.path / "rng" / f"rank-{acc.process_index}.pt"))
         step = resume.step
     head = head_fn(teacher.head) if teacher is not None else None
     probe = _probe_batch(dataset, sides, recipe, acc) if rec is not None else None
-    module, optimizer = acc.prepare(module, optimizer)
+    if not sharded:
+        module, optimizer = acc.prepare(module, optimizer)
     module.train()
 
     if reporter is not None:
@@ -152,7 +158,7 @@ def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: 
             last = i == st.grad_accum - 1
             with acc.autocast():
                 tf = teacher_features(teacher, batch["teacher"], recipe.recalibrator.answer_input) if teacher else None
-            with nullcontext() if last else acc.no_sync(module):
+            with _grad_sync(acc, module, sharded, last):
                 with acc.autocast():
                     out = module(batch["student"], tf, head, stage=stage, reg_in_distill=st.reg)
                 # One small collective per micro-batch, before backward: every process's loss
@@ -207,10 +213,11 @@ def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: 
 
     summary = {"steps": step, "metrics": metrics, **layout, "peak_rss_mb": peak.rss_mb(), **peak.device()}
     acc.wait_for_everyone()
+    states = ckpt.gathered_states(acc.unwrap_model(module), with_recalibrator=rec is not None) if sharded else {}
     if acc.is_main_process:
         ckpt.save_stage(out_dir, stage, student=acc.unwrap_model(module).student, processor=run.student.processor,
                         recalibrator=rec, recipe=recipe.to_dict(),
-                        meta={"step": step, "total_steps": total, "finished": True, **summary})
+                        meta={"step": step, "total_steps": total, "finished": True, **summary}, **states)
     acc.wait_for_everyone()
     if reporter is not None:
         reporter.stage_end(label, {k: v for k, v in metrics.items() if k in names})
@@ -227,7 +234,20 @@ def _micro_batches(loader, sampler: RankBatches, start: int):
         epoch, skip = epoch + 1, 0
 
 
-def _check_layout(resume: ckpt.Found, layout: dict, label: str) -> None:
+def _grad_sync(acc, module, sharded: bool, sync: bool):
+    """Gradients are reduced across processes only on the last micro-batch of an update."""
+    if sharded:
+        module.set_requires_gradient_sync(sync)
+        return nullcontext()
+    return nullcontext() if sync else acc.no_sync(module)
+
+
+def _check_layout(resume: ckpt.Found, layout: dict, sharded: bool, label: str) -> None:
+    if bool(resume.meta.get("sharded")) != sharded:
+        was, now = ('"shard"', '"ddp"') if resume.meta.get("sharded") else ('"ddp"', '"shard"')
+        raise GenrecalError(
+            f"{label}: the checkpoint {resume.path} was written with parallel.student = {was}; this run has {now}. "
+            "Resume with the same setting, or start over with --overwrite")
     saved = {k: resume.meta.get(k) for k in layout}
     if saved != layout:
         raise GenrecalError(
@@ -241,11 +261,12 @@ def _check_layout(resume: ckpt.Found, layout: dict, label: str) -> None:
 def _save_progress(run, stage, step, total, acc, module, optimizer, scheduler, metrics, layout) -> None:
     recipe = run.recipe
     ckpt.save_checkpoint(
-        acc, Path(recipe.train.output_dir), stage, step,
+        acc, Path(recipe.train.output_dir), stage, step, module=acc.unwrap_model(module),
         student=acc.unwrap_model(module).student, processor=run.student.processor,
         recalibrator=run.recalibrator if stage in TEACHER_STAGES else None,
         optimizer=optimizer, scheduler=scheduler, recipe=recipe.to_dict(),
-        meta={"step": step, "total_steps": total, "finished": False, "metrics": metrics, **layout},
+        meta={"step": step, "total_steps": total, "finished": False, "metrics": metrics, **layout,
+              "sharded": is_sharded(acc.unwrap_model(module))},
         keep=recipe.train.keep_checkpoints,
     )
     if run.reporter is not None:
@@ -267,11 +288,16 @@ def _run_probe(acc, module, probe: dict, teacher, head, recipe: Recipe) -> dict[
     module = acc.unwrap_model(module)
     was_training = module.training
     module.eval()
+    sharded = is_sharded(module)
     try:
         with acc.autocast():  # the same precision as the training forward
             tf = teacher_features(teacher, probe["teacher"], recipe.recalibrator.answer_input)
+            if sharded:  # the probe calls the parts directly: gather what the root holds first
+                module.unshard()
             return reliance(module, probe["student"], tf, head)
     finally:
+        if sharded:
+            module.reshard()
         module.train(was_training)
 
 

@@ -36,10 +36,10 @@ def teacher_features(teacher, batch: dict, answer_input: str) -> TeacherFeatures
     Call it under the run's autocast, like the training forward. The features come back as
     float32 whatever the teacher's dtype: they feed trainable fp32 modules (the Recalibrator).
     """
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: a sharded teacher's gathered weights must stay normal tensors
         z = teacher.body(**model_inputs(batch))
-        emb = teacher.input_embeddings(batch["input_ids"]) if answer_input == "embeddings" else None
-    # A float32 copy outside inference mode: these feed a graph that trains.
+        emb = _input_embeddings(teacher, batch["input_ids"]) if answer_input == "embeddings" else None
+    # A float32 copy: these feed a graph that trains, and must not alias the teacher's buffers.
     z = z.to(torch.float32, copy=True)
     start = batch["answer_start"]
     a_len = batch["answer_mask"].sum(1)
@@ -53,6 +53,20 @@ def teacher_features(teacher, batch: dict, answer_input: str) -> TeacherFeatures
     targets = batch["input_ids"].gather(1, a_pos)[a_mask]
     q_mask = torch.arange(lq, device=z.device)[None, :] < start[:, None]
     return TeacherFeatures(z[:, :lq], q_mask.long(), answer_in, a_mask.long(), start, rows, targets)
+
+
+def _input_embeddings(teacher, ids: torch.Tensor) -> torch.Tensor:
+    """The teacher's input embeddings of `ids`. Sharded (FSDP2), they belong to the inner model's
+    own parameters: gathered for this call (on every process: it is collective) and released."""
+    inner = teacher.model.model
+    sharded = hasattr(inner, "unshard") and hasattr(inner, "reshard")
+    if sharded:
+        inner.unshard()
+    try:
+        return teacher.input_embeddings(ids)
+    finally:
+        if sharded:
+            inner.reshard()
 
 
 def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
