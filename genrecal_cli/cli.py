@@ -48,26 +48,42 @@ def _root(
 def distill(
     recipe: Path = typer.Argument(..., help="A TOML recipe, e.g. recipes/tiny-shapes.toml."),
     overrides: Optional[List[str]] = SetOption,
-    dry_run: bool = typer.Option(False, "--dry-run", help="Validate the recipe, show the plan and stop."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate the recipe, show the stages (with --gpus: the memory plan) and stop."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in the output folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete an earlier run in the output folder first."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", metavar="N", help="With --dry-run: plan the memory of each of N GPUs (reads the models' configs and safetensors headers, loads nothing)."),
+    gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", metavar="GIB", help="With --gpus: the memory of one GPU in GiB, e.g. 80."),
+    json_out: Optional[str] = typer.Option(None, "--json", metavar="PATH|-", help="With --gpus: also write the memory plan as JSON ('-' = stdout only)."),
 ) -> None:
     """Run the recipe's stages (align -> distill -> finetune) and export the student."""
     from .recipe import load_recipe
 
     import os
 
+    # The memory plan only runs dry: a real run's process count comes from its launcher
+    # (accelerate launch / torchrun), so --gpus there would promise what it cannot set.
+    if (gpus is None) != (gpu_memory is None):
+        raise GenrecalError("--gpus N and --gpu-memory GIB go together: the plan needs both (e.g. --gpus 8 --gpu-memory 80)")
+    if json_out is not None and gpus is None:
+        raise GenrecalError("--json writes the memory plan: give --gpus N --gpu-memory GIB with it")
+    if gpus is not None and not dry_run:
+        raise GenrecalError("--gpus/--gpu-memory plan the memory without training: add --dry-run (a run takes its "
+                            "number of processes from its launcher, e.g. accelerate launch --num_processes N)")
     loaded = load_recipe(recipe, overrides or [])
     console = _console()
     # Under torchrun / accelerate launch every process runs this; the plan is printed once.
     processes = int(os.environ.get("WORLD_SIZE", "1"))
-    if os.environ.get("RANK", "0") == "0":
+    if os.environ.get("RANK", "0") == "0" and json_out != "-":
         console.print(_plan_table(loaded))
         teacher = loaded.teacher.path if loaded.teacher else "-"
         console.print(f"teacher [bold]{teacher}[/]\nstudent [bold]{loaded.student.path}[/]\ndata    {loaded.data.source}\noutput  {loaded.train.output_dir}")
         if not dry_run:
             console.print(f"processes {processes}: global batch = batch per process x accum x {processes}")
+        elif gpus is None:
+            console.print("[dim]add --gpus N --gpu-memory GIB for the memory each GPU needs[/]")
     if dry_run:
+        if gpus is not None and os.environ.get("RANK", "0") == "0":
+            _memory_plan(loaded, gpus, gpu_memory, json_out, console)
         return
     _quiet_libraries()
     from .display import Reporter
@@ -179,6 +195,21 @@ def chat(
 
     run_chat(model, images=[str(p) for p in image or []], system=system, max_new_tokens=max_new_tokens,
              temperature=temperature, device=device, context=context)
+
+
+def _memory_plan(recipe, gpus: int, gpu_memory: float, json_out: Optional[str], console) -> None:
+    from .plan import make_plan, render
+
+    if any(m is not None and (m.path.startswith("zoo:") or m.recipe) for m in (recipe.teacher, recipe.student)):
+        _quiet_libraries()  # a zoo model is built on first use; keep transformers' progress bars out
+    plan = make_plan(recipe, gpus, gpu_memory)
+    if json_out == "-":
+        typer.echo(plan.to_json())
+        return
+    render(plan, console)
+    if json_out:
+        Path(json_out).write_text(plan.to_json(), encoding="utf-8")
+        console.print(f"plan written to [bold]{json_out}[/]")
 
 
 def _answers(source: str, spec, samples: int) -> list[str]:

@@ -22,6 +22,22 @@ os.environ.pop("HF_DATASETS_CACHE", None)
 ROOT = Path(__file__).resolve().parents[1]
 
 
+HEAVY = ("torch", "transformers", "datasets", "accelerate")
+
+
+def heavy_imports(argv: list[str]) -> list[str]:
+    """Run `genrecal ARGV` in a fresh interpreter; the heavy libraries it imported (it must exit 0)."""
+    code = (
+        "import sys\nfrom genrecal_cli.cli import main\n"
+        f"try:\n    main({argv!r})\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+        f"print('HEAVY=' + ','.join(sorted(m for m in {HEAVY!r} if m in sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    line = out.stdout.strip().splitlines()[-1]
+    return [m for m in line.removeprefix("HEAVY=").split(",") if m]
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300, input: str | None = None):
     """Run `python -m genrecal_cli ARGS` as a user would (`input` piped to stdin); returns the CompletedProcess."""
     full_env = {**os.environ, "COLUMNS": "200", **(env or {})}

@@ -4,6 +4,7 @@ what they promise. The figures themselves come from the full presets (docs/resul
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -167,3 +168,23 @@ def test_replicate_rerun_evaluates_only_the_new_models(tmp_path, monkeypatch):
     report = json.loads(out.read_text())
     assert [m["path"] for m in report["models"]] == ["/m1", "/m2", "/m3"]
     assert report["comparison"][0]["values"] == pytest.approx({"/m1": 0.1, "/m2": 0.2, "/m3": 0.3})
+
+
+def test_gpu_check_smoke_runs_the_engine_and_reports_its_figures(tmp_path):
+    """bench/gpu_check.py with tiny shapes on CPU: the pair is built, items have the sizes it
+    reports on both sides, the distill updates are timed, the plan's estimate is there, losses
+    are finite."""
+    out = tmp_path / "gpu.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--small", "--device", "cpu", "--warmup", "1",
+         "--steps", "1", "--batch", "2", "--work", str(tmp_path), "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    sides = figures["tokens_per_item"]
+    assert sides["student"]["tokens"] > sides["student"]["answer"] >= 24 and sides["teacher"]["answer"] > 0
+    assert figures["distill_s_per_update"] > 0 and figures["student_tokens_per_s"] > 0
+    assert figures["model_tflops_per_update"] > 0 and figures["mfu"] is None  # no peak known for a CPU
+    assert figures["peak_memory_mib"]["planned"] > 0
+    assert set(figures["losses"]) == {"ar", "kl", "reg", "sft"}

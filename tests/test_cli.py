@@ -8,20 +8,11 @@ from pathlib import Path
 
 from genrecal_cli import __version__
 
-from .conftest import ROOT
+from .conftest import heavy_imports
 
 
 def test_help_imports_neither_torch_nor_transformers():
-    code = (
-        "import sys\n"
-        "from genrecal_cli.cli import main\n"
-        "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
-        "heavy = sorted(m for m in ('torch', 'transformers', 'datasets', 'accelerate') if m in sys.modules)\n"
-        "print('HEAVY=' + ','.join(heavy))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "HEAVY="
+    assert heavy_imports(["--help"]) == []
 
 
 def test_every_command_has_help(cli):

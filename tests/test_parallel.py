@@ -4,6 +4,7 @@ thread each), checked against one process. Every test asserts that 2 ranks ran."
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -270,6 +271,28 @@ def test_kill_9_under_sharding_then_resume_matches_the_uninterrupted_run(tmp_pat
     _assert_two_ranks(tmp_path / "rec")
     assert "resuming after distill step 2/3" in resumed.stdout
     _same_run(replicated, tmp_path / "broken")
+
+
+def test_both_models_sharded_in_bf16_train_all_three_stages(tmp_path):
+    """precision = "bf16" with the teacher and the student sharded: every stage runs on 2 ranks,
+    every loss is finite and falls or holds, and the export is the student's own dtype (fp32)."""
+    both = '[parallel]\nteacher = "shard"\nstudent = "shard"\n'
+    stages = ("[stages.align]\nsteps = 2\nbatch_size = 4\n[stages.distill]\nsteps = 2\nbatch_size = 4\n"
+              "[stages.finetune]\nsteps = 2\nbatch_size = 4\n")
+    recipe = _recipe(tmp_path / "bf16.toml", tmp_path / "out", stages + both, precision='"bf16"', probe_every=2)
+    done = _torchrun(["distill", str(recipe)], record=tmp_path / "rec")
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_two_ranks(tmp_path / "rec")
+    rows = _rows(tmp_path / "out")
+    assert [(r["stage"], r["step"]) for r in rows] == [(s, k) for s in ("align", "distill", "finetune") for k in (1, 2)]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    probed = [r for r in rows if "rely_first_ar_real" in r]  # the reliance probe ran on the sharded modules
+    assert [(r["stage"], r["step"]) for r in probed] == [("align", 2), ("distill", 2)]
+    assert all(math.isfinite(r["rely_first_ar_real"]) for r in probed)
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "out" / "student" / "model.safetensors"))
+    assert {v.dtype for v in weights.values()} == {torch.float32}
 
 
 def test_hybrid_sharding_with_groups_of_one_replicates_the_teacher(tmp_path, replicated):

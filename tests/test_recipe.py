@@ -186,3 +186,22 @@ def test_parallel_table_and_its_limits():
 def test_checkpoint_settings_are_checked():
     assert problems_of({**MINIMAL, "train": {"save_every": -1, "keep_checkpoints": 0}}) == [
         "train.save_every: -1 must be >= 0 (0 = only at the end of each stage)", "train.keep_checkpoints: 0 must be > 0"]
+
+
+def test_the_launch_files_the_real_recipes_name_exist_and_start_the_processes_they_say():
+    """Each real recipe's header names accelerate config files that exist; each loads as an
+    accelerate cluster config of plain multi-GPU processes (no FSDP or mixed precision of its
+    own: the recipe chooses those), with the process count its name says."""
+    import re
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    named = set()
+    for recipe in ("internvl-to-qwen.toml", "qwen2vl-72b-to-2b.toml"):
+        named |= set(re.findall(r"recipes/accelerate/[\w.-]+\.yaml", (ROOT / "recipes" / recipe).read_text()))
+    assert named == {"recipes/accelerate/one-node-8gpu.yaml", "recipes/accelerate/two-nodes-8gpu.yaml"}
+    for path, (machines, processes) in (("recipes/accelerate/one-node-8gpu.yaml", (1, 8)),
+                                        ("recipes/accelerate/two-nodes-8gpu.yaml", (2, 16))):
+        config = load_config_from_file(str(ROOT / path))
+        assert (config.num_machines, config.num_processes) == (machines, processes)
+        assert config.distributed_type.value == "MULTI_GPU" and config.mixed_precision == "no"

@@ -183,11 +183,14 @@ def build_tiny_vlm(
     tokenizer=None,
     pretrain_steps: int = 0,
     cell_positions: bool = False,
+    text: dict | None = None,
 ) -> Path:
     """Build a tiny `family` VLM with randomly initialised weights (the model's own init, seeded),
     with `pretrain_steps` > 0 first teach its vision encoder and projector to see shapes
     scenes (pretrain_vision), and save model (safetensors) and processor into `out_dir`;
-    returns `out_dir`."""
+    returns `out_dir`. `text` overrides the language model's config (e.g. a real model's
+    hidden_size, intermediate_size, heads, vocab_size for a random model of realistic shape: the
+    tokenizer stays tiny, the embedding and head rows beyond it are simply never used)."""
     import torch
     from transformers import AutoModelForImageTextToText
 
@@ -196,6 +199,8 @@ def build_tiny_vlm(
         raise ValueError(f"image_size {image_size} must be a multiple of 16 (patch 8, merged or shuffled 2x2)")
     tokenizer = tokenizer or build_tokenizer(family, vocab_style)
     config = _CONFIGS[family](tokenizer, hidden_size, num_layers, image_size)
+    if text:
+        _override_text(config, family, text)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config)
     processor = _PROCESSORS[family](tokenizer, image_size, config)
@@ -223,6 +228,22 @@ def _padded_vocab(tokenizer) -> int:
     # Real checkpoints pad the embedding to a multiple of 64 (so vocab_size != len(tokenizer));
     # downstream code must cope with that, so the tiny ones do it too.
     return -(-len(tokenizer) // 64) * 64
+
+
+def _override_text(config, family: str, text: dict) -> None:
+    t = config.text_config
+    for key, value in text.items():
+        setattr(t, key, value)
+    head_dim = t.hidden_size // t.num_attention_heads
+    if getattr(t, "head_dim", None) is not None:
+        t.head_dim = head_dim
+    rope = getattr(t, "rope_parameters", None) or {}
+    if "mrope_section" in rope:
+        rope["mrope_section"] = _mrope(head_dim)
+    if family == "qwen2_vl":  # the vision merger outputs the language model's width
+        config.vision_config.hidden_size = t.hidden_size
+    elif family == "qwen2_5_vl":
+        config.vision_config.out_hidden_size = t.hidden_size
 
 
 def _text_config(tokenizer, hidden: int, layers: int) -> dict:
