@@ -120,6 +120,20 @@ def _read_json(path: Path) -> dict:
 
 
 def _hub_config(repo: str, revision: Optional[str], role: str) -> tuple[dict, dict]:
+    import logging
+
+    import huggingface_hub.file_download  # noqa: F401 - first: its import configures the loggers
+
+    hub_log = logging.getLogger("huggingface_hub.utils._http")  # where the retries are logged
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # its retry warnings would bury the one-line answer
+    try:
+        return _from_hub(repo, revision, role)
+    finally:
+        hub_log.setLevel(level)
+
+
+def _from_hub(repo: str, revision: Optional[str], role: str) -> tuple[dict, dict]:
     import huggingface_hub
 
     try:
