@@ -15,7 +15,8 @@ stages.py, parallel.py):
     layer's working set, and the fp32 teacher features;
   - student forward/backward: the features, the student's activations, autocast's bf16 copies of
     the weights that train (kept for backward), the Recalibrator's activations, the logits chunk
-    of the losses, and (student sharded) FSDP's gathered fp32 root + two units + one unit's grads;
+    of the losses, and (student sharded) FSDP's gathered root + two units + one unit's grads in the compute dtype (instead of
+    autocast's copies);
   - optimizer step: foreach AdamW's sqrt(v) buffer (4 B per trained param);
   - the reliance probe (align, distill): train.probe_items items through the teacher, the
     student and three Recalibrator passes at once, their logits unchunked.
@@ -162,7 +163,8 @@ def estimate(job: Job, s: Settings, stage: str) -> StageMemory:
         ckpt = st.text.layers * 4 * d_s + a_layer + 16 * d_s + e * S
         acts, other = (ckpt * tokens, whole * tokens) if s.checkpointing else (whole * tokens, ckpt * tokens)
     student["student activations"] = acts
-    if e == 2 and trains + rec:
+    sharded_student = s.student_shard and gs > 1
+    if e == 2 and trains + rec and not sharded_student:  # sharded: FSDP gathers in bf16 instead (below)
         student["autocast bf16 copies of trained weights"] = 2 * (trains + rec)
     logits = K_SFT * chunk * V_s if stage != "align" else 0
     if with_teacher:
@@ -192,10 +194,10 @@ def estimate(job: Job, s: Settings, stage: str) -> StageMemory:
                                             "probe: teacher pass or Recalibrator + logits":
                                                 max(teacher_side, rec_side + 10 * r * V_t)}
     student["logits chunk (losses)"] = logits
-    if s.student_shard and gs > 1:
+    if sharded_student:  # gathered in the compute dtype (parallel.shard_trainable's mixed precision)
         rec_root = 2 * t.text.hidden * d_s + 2 * t.text.hidden if rec else 0
         student["student gathered (FSDP: root, 2 units, grads)"] = \
-            4 * (st.root + st.parts["head"] + rec_root) + 3 * 4 * st.unit
+            e * (st.root + st.parts["head"] + rec_root) + 3 * e * st.unit
     phases["student forward + backward"] = student
     phases["optimizer step"] = {"AdamW step buffer (foreach sqrt(v))": 4 * (trains + rec) / gs}
     as_int = lambda d: {k: int(v) for k, v in d.items()}  # noqa: E731

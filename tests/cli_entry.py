@@ -53,8 +53,8 @@ def main() -> None:
         engine_distill.shard_teacher = shard_and_record
         real_trainable = engine_distill.shard_trainable
 
-        def shard_trainable_and_record(module, mesh):
-            real_trainable(module, mesh)
+        def shard_trainable_and_record(module, mesh, compute_dtype=None):
+            real_trainable(module, mesh, compute_dtype)
             shares = {"student": local_share(module.student), "recalibrator": local_share(module.recalibrator) if module.recalibrator is not None else None}
             (out / f"student-{state.process_index}.json").write_text(json.dumps(shares))
 

@@ -123,7 +123,11 @@ def test_gradient_checkpointing_lowers_the_student_activations():
         a_on = stage(on, name).phases["student forward + backward"]["student activations"]
         assert a_on < a_off / 5
         assert stage(off, name).other_checkpointing == a_on and stage(on, name).other_checkpointing == a_off
-    assert stage(on, "distill").total < stage(off, "distill").total
+    def student_phase(plan):
+        return sum(stage(plan, "distill").phases["student forward + backward"].values())
+
+    # the student's phase shrinks; the stage's peak may then be another phase (the probe's)
+    assert student_phase(on) < student_phase(off) and stage(on, "distill").total <= stage(off, "distill").total
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -20,7 +20,8 @@ from . import checkpoint as ckpt
 from .accuracy import Scorer, accuracy
 from .faults import StopRequests
 from .objective import TEACHER_STAGES, GenRecal
-from .parallel import MASTER_DTYPE, device_mesh, full_state, make_accelerator, shard_teacher, shard_trainable, sub_state
+from .parallel import (MASTER_DTYPE, compute_dtype, device_mesh, full_state, make_accelerator, shard_teacher,
+                       shard_trainable, sub_state)
 from .recalibrator import Recalibrator
 from .stages import Run, run_stage
 
@@ -120,7 +121,7 @@ def distill(
 
     module = GenRecal(student.model, rec, recipe.loss)
     if shard_s:
-        shard_trainable(module, mesh)
+        shard_trainable(module, mesh, compute_dtype(recipe))
     with StopRequests() as stop:
         run = Run(recipe, acc, student, teacher, rec, inputs.train, module=module, reporter=reporter, stop=stop)
         teacher = rec = module = None  # the run owns them now, and drops them when no later stage needs them

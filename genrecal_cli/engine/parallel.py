@@ -30,6 +30,11 @@ def mixed_precision(recipe: Recipe) -> str:
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[p]
 
 
+def compute_dtype(recipe: Recipe) -> torch.dtype | None:
+    """The low precision the recipe computes in; None for fp32."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision(recipe))
+
+
 def make_accelerator(recipe: Recipe):
     """The run's Accelerator: compute in the recipe's precision (autocast), masters in fp32."""
     from accelerate import Accelerator
@@ -197,23 +202,41 @@ def _gather_vision_everywhere(teacher, vision_units: list) -> None:
     teacher.language_model.register_forward_pre_hook(language_starts, with_kwargs=True)
 
 
-def shard_trainable(module: torch.nn.Module, mesh) -> None:
+def shard_trainable(module: torch.nn.Module, mesh, compute_dtype: torch.dtype | None = None) -> None:
     """Shard what trains (objective.GenRecal: the student and the Recalibrator) with FSDP2:
     weights, gradients and AdamW states split over the mesh. Units: the student's decoder
     layers and vision blocks, the Recalibrator's blocks and the Recalibrator; the root is the
     module whose forward the loop calls, so parameters it owns directly (embeddings, heads,
     norms, projectors; a head tied to the embeddings stays one parameter) are gathered for the
-    whole forward, whichever submodule uses them."""
-    from torch.distributed.fsdp import fully_shard
+    whole forward, whichever submodule uses them.
 
+    `compute_dtype` (bf16 / fp16 runs): weights are gathered in it (half the bytes moved) and
+    gradients reduced in fp32 into the fp32 shards, so no whole low-precision copy of the weights
+    is kept for backward, as autocast keeps from fp32 weights."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     rec = getattr(module, "recalibrator", None)
     for unit in shard_units(module.student):
-        fully_shard(unit, mesh=mesh)
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
     if rec is not None:
         for unit in shard_units(rec):
-            fully_shard(unit, mesh=mesh)
-        fully_shard(rec, mesh=mesh)
-    fully_shard(module, mesh=mesh)
+            fully_shard(unit, mesh=mesh, mp_policy=policy)
+        fully_shard(rec, mesh=mesh, mp_policy=policy)
+    fully_shard(module, mesh=mesh, mp_policy=policy)
+
+
+def after_trainable_changed(module: torch.nn.Module) -> None:
+    """FSDP2 fixes each unit's gradient dtypes (mixed precision: reduce in fp32 into fp32 shards)
+    from the parameters that train when the unit is first used. A stage that unfreezes other
+    parameters has every unit read them again: `unshard` reruns a unit's (idempotent) lazy init.
+    One gather of each unit per stage; every process must call it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.unshard()
+            m.reshard()
 
 
 def is_sharded(module: torch.nn.Module) -> bool:

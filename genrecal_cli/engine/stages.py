@@ -25,7 +25,7 @@ from ..recipe import Recipe, StageSpec
 from . import checkpoint as ckpt
 from .faults import Interrupted, StopRequests, signal_name
 from .objective import TEACHER_STAGES, GenRecal
-from .parallel import RankBatches, gather_rows, is_sharded, total_updates
+from .parallel import RankBatches, after_trainable_changed, gather_rows, is_sharded, total_updates
 from .probe import alignment_stats, reliance
 from .recalibrator import Recalibrator
 from .teacher import head_fn, teacher_features
@@ -122,6 +122,8 @@ def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: 
     params = set_trainable(stage, run.student, rec, st)
     module = run.module if run.module is not None else GenRecal(run.student.model, rec, recipe.loss)
     sharded = is_sharded(module)  # FSDP2 (parallel.student = "shard"); else DDP through accelerate
+    if sharded:
+        after_trainable_changed(module)
     optimizer = torch.optim.AdamW(params, lr=st.lr, weight_decay=st.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(st, total))
     step = 0
