@@ -185,9 +185,12 @@ def main() -> None:
     seconds = (timed[-1][1] - rows[args.warmup - 1][1]) / len(timed) if args.warmup else None
     teacher, student = load_vlm(str(teacher_dir), empty=True), load_vlm(str(student_dir), empty=True)
     from genrecal_cli.model_shape import read_shape
+    from genrecal_cli.plan import recalibrator_params
 
     rec = result.stages["distill"]
-    flops = model_flops(teacher, student, _rec_params(recipe, read_shape), sides) * args.batch
+    rec_params = recalibrator_params(read_shape(recipe.teacher, "teacher"), read_shape(recipe.student, "student"),
+                                     recipe.recalibrator.num_blocks)
+    flops = model_flops(teacher, student, rec_params, sides) * args.batch
     name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
     peak = args.peak_tflops * 1e12 if args.peak_tflops else next((v for k, v in PEAK_BF16.items() if k in name), None)
     measured_mb = rec.get("peak_gpu_mb") if device == "cuda" else rec.get("peak_rss_mb")
@@ -211,13 +214,6 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     if not all(math.isfinite(v) for v in figures["losses"].values()):
         sys.exit("non-finite loss in the GPU check")
-
-
-def _rec_params(recipe, read_shape) -> int:
-    from genrecal_cli.plan import recalibrator_params
-
-    return recalibrator_params(read_shape(recipe.teacher, "teacher"), read_shape(recipe.student, "student"),
-                               recipe.recalibrator.num_blocks)
 
 
 if __name__ == "__main__":

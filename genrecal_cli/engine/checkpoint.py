@@ -209,6 +209,7 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         try:
+            meta = {**meta, "sharded": sharded}  # resuming needs the same placement (stages._check_layout)
             if sharded:  # the student and Recalibrator are in state/
                 _write_common(tmp, stage, None, processor, None, recipe, meta)
             else:

@@ -109,7 +109,7 @@ def distill(
 
     result = RunResult(out, out / "student")
     if inputs.validation is not None:
-        if teacher is not None and teacher_sharded(recipe, acc):
+        if teacher is not None and shard_t:
             # generate() reaches the vision tower outside the sharded inner model's forward,
             # where its parameters are not gathered
             if reporter is not None:

@@ -12,6 +12,7 @@ the processes (2 processes x batch 8 see exactly the items that 1 process x batc
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Iterator
 
 import torch
@@ -243,6 +244,21 @@ def is_sharded(module: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(module, FSDPModule)
+
+
+@contextmanager
+def gathered(module: torch.nn.Module) -> Iterator[None]:
+    """Within the block, a sharded module's own parameters are whole (for code that calls its
+    parts directly, outside its forward); released after. Collective: every process enters it.
+    An unsharded module: nothing to do."""
+    if not is_sharded(module):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
 
 
 def full_state(module: torch.nn.Module, *, everywhere: bool = False) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ from ..recipe import Recipe, StageSpec
 from . import checkpoint as ckpt
 from .faults import Interrupted, StopRequests, signal_name
 from .objective import TEACHER_STAGES, GenRecal
-from .parallel import RankBatches, after_trainable_changed, gather_rows, is_sharded, total_updates
+from .parallel import RankBatches, after_trainable_changed, gather_rows, gathered, is_sharded, total_updates
 from .probe import alignment_stats, reliance
 from .recalibrator import Recalibrator
 from .teacher import head_fn, teacher_features
@@ -267,8 +267,7 @@ def _save_progress(run, stage, step, total, acc, module, optimizer, scheduler, m
         student=acc.unwrap_model(module).student, processor=run.student.processor,
         recalibrator=run.recalibrator if stage in TEACHER_STAGES else None,
         optimizer=optimizer, scheduler=scheduler, recipe=recipe.to_dict(),
-        meta={"step": step, "total_steps": total, "finished": False, "metrics": metrics, **layout,
-              "sharded": is_sharded(acc.unwrap_model(module))},
+        meta={"step": step, "total_steps": total, "finished": False, "metrics": metrics, **layout},
         keep=recipe.train.keep_checkpoints,
     )
     if run.reporter is not None:
@@ -290,16 +289,12 @@ def _run_probe(acc, module, probe: dict, teacher, head, recipe: Recipe) -> dict[
     module = acc.unwrap_model(module)
     was_training = module.training
     module.eval()
-    sharded = is_sharded(module)
     try:
         with acc.autocast():  # the same precision as the training forward
             tf = teacher_features(teacher, probe["teacher"], recipe.recalibrator.answer_input)
-            if sharded:  # the probe calls the parts directly: gather what the root holds first
-                module.unshard()
-            return reliance(module, probe["student"], tf, head)
+            with gathered(module):  # the probe calls the parts directly, outside the root's forward
+                return reliance(module, probe["student"], tf, head)
     finally:
-        if sharded:
-            module.reshard()
         module.train(was_training)
 
 

@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from ..data import model_inputs
+from .parallel import gathered
 
 
 @dataclass
@@ -58,15 +59,8 @@ def teacher_features(teacher, batch: dict, answer_input: str) -> TeacherFeatures
 def _input_embeddings(teacher, ids: torch.Tensor) -> torch.Tensor:
     """The teacher's input embeddings of `ids`. Sharded (FSDP2), they belong to the inner model's
     own parameters: gathered for this call (on every process: it is collective) and released."""
-    inner = teacher.model.model
-    sharded = hasattr(inner, "unshard") and hasattr(inner, "reshard")
-    if sharded:
-        inner.unshard()
-    try:
+    with gathered(teacher.model.model):
         return teacher.input_embeddings(ids)
-    finally:
-        if sharded:
-            inner.reshard()
 
 
 def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
