@@ -73,8 +73,10 @@ def write_data(work: Path, student: Path, teacher: Path, items: int, question: i
     each side, measured with the engine's own encoder."""
     from PIL import Image
 
-    from genrecal_cli.data import encode
+    from genrecal_cli.data.formats import to_conversation
+    from genrecal_cli.data.render import encode
     from genrecal_cli.models import load_vlm
+    from genrecal_cli.recipe import DataSpec
 
     Image.new("RGB", (64, 64), (200, 40, 40)).save(work / "image.png")
     s_proc, t_proc = load_vlm(str(student), empty=True).processor, load_vlm(str(teacher), empty=True).processor
@@ -90,10 +92,11 @@ def write_data(work: Path, student: Path, teacher: Path, items: int, question: i
     q, a = text(question), text(answer)
     image = Image.open(work / "image.png")
     sides = {}
-    for name, proc in (("student", s_proc), ("teacher", t_proc)):
-        enc = encode(proc, image, q, a, 100_000)
-        sides[name] = {"tokens": len(enc.input_ids), "answer": enc.num_answer_tokens}
     row = {"image": "image.png", "question": q, "answer": a}
+    conv = to_conversation(row, "columns", DataSpec(), 0)
+    for name, proc in (("student", s_proc), ("teacher", t_proc)):
+        enc = encode(proc, conv, [image.convert("RGB")])
+        sides[name] = {"tokens": len(enc.input_ids), "answer": enc.num_answer_tokens}
     (work / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for _ in range(items)))
     return sides
 

@@ -30,7 +30,7 @@ import torch
 from genrecal_cli.engine import losses  # noqa: E402
 from genrecal_cli.engine.recalibrator import Recalibrator  # noqa: E402
 from genrecal_cli.recipe import recipe_from_dict  # noqa: E402
-from genrecal_cli.engine.objective import GenRecal  # noqa: E402
+from genrecal_cli.engine.objective import GenRecal, student_question  # noqa: E402
 from genrecal_cli.engine.teacher import head_fn, teacher_features  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +73,9 @@ def batch(vocab, b, q, a, device, seed):
         ids[r, :n] = torch.randint(5, vocab, (n,), generator=g)
         att[r, :n] = 1
         labels[r, qlen[r]:n] = ids[r, qlen[r]:n]
-    out = {"input_ids": ids, "attention_mask": att, "labels": labels, "answer_mask": labels != -100, "answer_start": qlen}
+    # one turn: segment 0 the question, 1 the answer, -1 padding (data/render.py)
+    segment = torch.where(labels != -100, 1, torch.where(att.bool(), 0, -1))
+    out = {"input_ids": ids, "attention_mask": att, "labels": labels, "answer_mask": labels != -100, "segment": segment}
     return {k: v.to(device) for k, v in out.items()}
 
 
@@ -173,17 +175,16 @@ def main():
         tf_fixed = teacher_features(teacher, tb, "hidden")
     with torch.no_grad(), autocast():
         zs = student.body(input_ids=sb["input_ids"], attention_mask=sb["attention_mask"])
-    lq = int(sb["answer_start"].max())
-    qmask = (torch.arange(lq, device=dev)[None] < sb["answer_start"][:, None]).long()
+    zq = student_question(zs.float(), sb)
 
     def rec_alone(teacher_only):
         def f():
             with autocast():
                 if teacher_only:
-                    r = rec(tf_fixed.question, tf_fixed.question_mask, tf_fixed.answer_in, tf_fixed.answer_mask, question_from_teacher=True)
+                    r = rec(tf_fixed.question, tf_fixed.answer, question_from_teacher=True)
                 else:
-                    r = rec(zs[:, :lq].float(), qmask, tf_fixed.answer_in, tf_fixed.answer_mask)
-                ar, kl = losses.recalibration_terms(head, r[tf_fixed.answer_mask.bool()], tf_fixed.rows, tf_fixed.targets)
+                    r = rec(zq, tf_fixed.answer)
+                ar, kl = losses.recalibration_terms(head, r, tf_fixed.rows, tf_fixed.targets)
             (ar + kl).backward()
             rec.zero_grad(set_to_none=True)
         return f

@@ -180,7 +180,7 @@ class ChatSession:
         raise TurnError(f"unknown command {cmd.name}\n{help_text()}")
 
     def attach(self, path: str) -> str:
-        from .data import SkipItem, open_image
+        from .data.sources import SkipItem, open_image
 
         if not path:
             raise TurnError("usage: /image PATH")

@@ -213,16 +213,23 @@ def _memory_plan(recipe, gpus: int, gpu_memory: float, json_out: Optional[str], 
 
 
 def _answers(source: str, spec, samples: int) -> list[str]:
-    """The first `samples` answers of a data source, as sample text for inspect-vocab."""
+    """The first `samples` answers (every assistant turn) of a data source, in any layout, as
+    sample text for inspect-vocab."""
     import dataclasses
 
-    from .data import answer_text
+    from .data.formats import answers_of, detect, to_conversation
     from .recipe import DataSpec
     from .run import load_rows
 
     spec = dataclasses.replace(spec or DataSpec(), source=source, num_train=None)
     rows = load_rows(spec, spec.train_split)
-    return [answer_text(a) for a in rows.select(range(min(samples, len(rows))))[spec.answer_column]]
+    fmt = detect(rows.column_names, spec)
+    answers: list[str] = []
+    for i in range(len(rows)):
+        answers += answers_of(to_conversation(rows[i], fmt, spec, i))
+        if len(answers) >= samples:
+            break
+    return answers[:samples]
 
 
 def _quiet_libraries() -> None:

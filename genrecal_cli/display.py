@@ -25,6 +25,7 @@ METRICS_FILE = "metrics.jsonl"
 
 LOSS_TERMS = ("ar", "kl", "reg", "sft", "uld")
 SPEED_KEYS = ("lr", "items_per_s", "tokens_per_s")
+DATA_KEYS = ("pad_share", "skipped_items", "truncated_items")  # padding in the batches; rows skipped / cut so far
 ALIGN_KEYS = (
     "teacher_q_tokens",
     "student_q_tokens",
@@ -44,7 +45,7 @@ PROBE_KEYS = tuple(
 RUN_KEYS = ("processes", "global_batch")
 # Known keys first, in this order, then any others sorted: every line of metrics.jsonl lists its
 # keys in the same order, so the file reads well with `tail -f` and diffs cleanly.
-KNOWN_KEYS = ("loss", *LOSS_TERMS, *SPEED_KEYS, *ALIGN_KEYS, *PROBE_KEYS, *RUN_KEYS)
+KNOWN_KEYS = ("loss", *LOSS_TERMS, *SPEED_KEYS, *DATA_KEYS, *ALIGN_KEYS, *PROBE_KEYS, *RUN_KEYS)
 _RESERVED = ("stage", "step", "time")
 
 _PANEL_WIDTH = 80
@@ -328,7 +329,7 @@ class Reporter:
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
 
     def _line(self, st: _Stage, step: int, metrics: Mapping[str, Any]) -> str:
-        """e.g. `distill  120/300  loss 2.314 (ar 1.10 kl 0.41)  lr 4.1e-04  14.2 items/s  1,830 tok/s  top1 0.62  boundaries 71%  [00:42<01:03]`"""
+        """e.g. `distill  120/300  loss 2.314 (ar 1.10 kl 0.41)  lr 4.1e-04  14.2 items/s  1,830 tok/s  pad 21%  top1 0.62  boundaries 71%  [00:42<01:03]`"""
         m = {k: n for k in metrics if (n := _number(metrics[k])) is not None}
         if st.total is not None:
             parts = [f"{st.name}  {step:>{len(str(st.total))}}/{st.total}"]
@@ -345,6 +346,10 @@ class Reporter:
             parts.append(f"{_fixed(m['items_per_s'], 1)} items/s")
         if "tokens_per_s" in m:
             parts.append(f"{m['tokens_per_s']:,.0f} tok/s")
+        if "pad_share" in m:
+            parts.append(f"pad {_percent(m['pad_share'])}")
+        if m.get("skipped_items"):
+            parts.append(f"skipped {m['skipped_items']:,}")
         if "top1" in m:
             parts.append(f"top1 {_fixed(m['top1'], 2)}")
         if "boundary_agreement" in m:
@@ -383,6 +388,10 @@ class Reporter:
             speeds.append(("items/s", Text(_fixed(m["items_per_s"], 1))))
         if "tokens_per_s" in m:
             speeds.append(("tokens/s", Text(f"{m['tokens_per_s']:,.0f}")))
+        if "pad_share" in m:
+            speeds.append(("padding", Text(_percent(m["pad_share"]))))
+        if m.get("skipped_items"):
+            speeds.append(("skipped", Text(f"{m['skipped_items']:,}")))
         for i in range(max(len(losses), len(speeds))):
             a = losses[i] if i < len(losses) else ("", "")
             b = speeds[i] if i < len(speeds) else ("", "")

@@ -233,9 +233,35 @@ class VLM:
         ids = self.processor(images=[Image.new("RGB", (width, height))], text=[placeholder])["input_ids"][0]
         return sum(1 for i in ids if i == self.image_token_id)
 
+    def blank_image_inputs(self) -> dict[str, Any]:
+        """What the processor gives for one small blank image, minus the text: the inputs of
+        `image_features`, for a pass through the vision side on a batch without images."""
+        height, width = _default_image_size(self.processor.image_processor)
+        out = self.processor(images=[[Image.new("RGB", (width, height))]], text=[_placeholder(self)], return_tensors="pt")
+        return {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")}
+
+    def image_features(self, **image_inputs) -> list[torch.Tensor]:
+        """The vision encoder and projector's output for processor image inputs, as tensors."""
+        return image_features(self.model, **image_inputs)
+
     def body(self, **inputs) -> torch.Tensor:
         """Last hidden states after the final norm, [B, T, H]: `head(body(**x))` is `model(**x).logits`."""
         return self.model.model(**inputs).last_hidden_state
+
+
+def image_features(model, **image_inputs) -> list[torch.Tensor]:
+    """`model` (an ...ForConditionalGeneration) vision encoder and projector's output, as tensors."""
+    out = model.model.get_image_features(**image_inputs)
+    found, todo = [], [out]
+    while todo:  # a tensor, a tuple or list of them, or a ModelOutput holding them
+        x = todo.pop()
+        if isinstance(x, torch.Tensor):
+            found.append(x)
+        elif isinstance(x, (list, tuple)):
+            todo.extend(x)
+        elif hasattr(x, "values"):
+            todo.extend(v for v in x.values() if v is not None)
+    return found
 
 
 def _default_image_size(image_processor) -> tuple[int, int]:

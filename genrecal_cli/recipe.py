@@ -29,10 +29,12 @@ Schedule = Literal["linear", "cosine", "constant"]
 AnswerInput = Literal["hidden", "embeddings"]
 TeacherPlacement = Literal["replicate", "shard"]
 StudentPlacement = Literal["ddp", "shard"]
+DataFormat = Literal["auto", "columns", "messages", "conversations"]
 
 # A hub id is "name" or "org/name"; anything else that does not exist locally is a missing path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow", ".toml", ".safetensors", ".model", ".tiktoken")
+BUILT_IN_DATA = ("shapes", "chats")  # data sets made offline on first use (world/)
 ZOO_PREFIX = "zoo:"  # built-in tiny offline models, built on first use (see zoo.py)
 
 
@@ -64,25 +66,43 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
-    """The training data: one image (or none), a question and an answer per item."""
+    """The training data: conversations with images (or none), in one of the layouts of
+    data/formats.py (image + question + answer columns, chat messages, LLaVA conversations)."""
 
-    source: str = "shapes"  # "shapes" (built-in), a .jsonl/.parquet file, a datasets folder or a hub id
-    image_column: str = "image"
+    source: str = "shapes"  # built-in "shapes" (one turn) or "chats" (several turns and images), a .jsonl/.json/.parquet/.csv file, a folder or a hub id
+    format: DataFormat = "auto"  # "auto": told by the columns (messages, conversations, or question + answer)
+    image_column: str = "image"  # columns layout: one image (or none); conversations layout: a path or a list
     question_column: str = "question"
     answer_column: str = "answer"
-    max_length: int = 512  # tokens per item on each side; items whose image or answer would be cut are skipped
+    messages_column: str = "messages"  # chat messages: role + content (a string or typed parts)
+    images_column: str = "images"  # the messages' images, one per {"type": "image"} part, in order
+    conversations_column: str = "conversations"  # LLaVA-style turns: from human / gpt, <image> placeholders
+    image_root: Optional[str] = None  # folder of relative image paths; unset: the source's folder
+    max_length: int = 512  # tokens per item on each side; trailing turns that do not fit are dropped, an item whose first turn does not fit is skipped
+    streaming: bool = False  # read the training split as a stream (hub or large sources): no download or pass up front; stages need `steps`
+    shuffle_buffer: int = 1000  # streaming: rows shuffled within a buffer of this many (and the shards' order)
+    group_by_length: bool = False  # batches of items with similar token counts (less padding), shuffled in groups of 64 batches
+    num_workers: Optional[int] = None  # loader workers per process encoding items; unset: on GPUs the cores per process less one (at most 8), on CPUs half of them less one
     train_split: str = "train"
     eval_split: str = "validation"
     num_train: Optional[int] = None  # use only the first N training items
-    shapes_size: int = 2000  # items in the built-in shapes train split (source = "shapes" only)
+    shapes_size: int = 2000  # items in the built-in train split (source = "shapes" or "chats" only)
 
     def _check(self, key: str, problems: list[str]) -> None:
-        if self.source != "shapes":
+        if self.source not in BUILT_IN_DATA:
             _check_source(self.source, f"{key}.source", problems)
+        if self.image_root is not None and not Path(self.image_root).expanduser().is_dir():
+            problems.append(f"{key}.image_root: not a folder: {self.image_root}")
         _positive(self.max_length, f"{key}.max_length", problems)
         _positive(self.shapes_size, f"{key}.shapes_size", problems)
         if self.num_train is not None:
             _positive(self.num_train, f"{key}.num_train", problems)
+        _positive(self.shuffle_buffer, f"{key}.shuffle_buffer", problems)
+        if self.streaming and self.group_by_length:
+            problems.append(f"{key}.group_by_length: not available with {key}.streaming (lengths are known only "
+                            "for rows already read); turn one off")
+        if self.num_workers is not None and self.num_workers < 0:
+            problems.append(f"{key}.num_workers: {self.num_workers} must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -253,6 +273,11 @@ class Recipe:
                 f"teacher: stage{'s' if len(needs_teacher) > 1 else ''} {', '.join(needs_teacher)} "
                 "need a teacher; add a [teacher] table with a `path`"
             )
+        if self.data.streaming:
+            for name in self.stages.enabled():
+                if getattr(self.stages, name).steps is None:
+                    problems.append(f"stages.{name}: data.streaming needs `steps` (a stream's length, and so an "
+                                    "epoch's, is not known in advance)")
         if self.stages.align.enabled and not (self.loss.ar or self.loss.kl or self.loss.reg):
             problems.append("stages.align: trains the Recalibrator on loss.ar, loss.kl and loss.reg, which are all 0; "
                             "give one a weight or disable the stage (enabled = false)")

@@ -1,8 +1,8 @@
 """The edge of `genrecal distill`: resolve what a recipe names into what the engine takes.
 
 A `zoo:` model is built into the cache, a model whose `recipe` says how to make it is trained
-first (a run of its own), the built-in `shapes` data is generated (and brings its own scorer),
-other data sources are read. The engine (`engine.distill`) then gets plain folders and rows.
+first (a run of its own), the built-in `shapes` data is generated and the built-in `chats`
+conversations are written to a folder (each brings its own scorer), other data sources are read. The engine (`engine.distill`) then gets plain folders and rows.
 """
 
 from __future__ import annotations
@@ -16,14 +16,32 @@ from .recipe import DataSpec, Recipe
 
 def load_rows(spec: DataSpec, split: str, *, seed: int = 0):
     """One split of the recipe's data as a `datasets.Dataset`, columns checked."""
-    from .data import check_split, load_split
+    from .data.sources import check_split, load_split
 
     if spec.source == "shapes":
         from .world.shapes import make_split
 
         n = spec.shapes_size if split == "train" else max(200, spec.shapes_size // 10)
         return check_split(make_split(split, n, seed=seed), spec, split)
+    if spec.source == "chats":
+        import dataclasses
+
+        spec = dataclasses.replace(spec, source=str(chats_folder(spec, seed)))
     return load_split(spec, split)
+
+
+def load_stream(spec: DataSpec, split: str, *, seed: int = 0):
+    """One split of the recipe's data as a stream (data.streaming); the built-in shapes data is
+    made in memory first."""
+    from .data.sources import as_stream, check_stream, load_stream as stream_external
+
+    if spec.source == "shapes":
+        return check_stream(as_stream(load_rows(spec, split, seed=seed)), spec, split)
+    if spec.source == "chats":
+        import dataclasses
+
+        spec = dataclasses.replace(spec, source=str(chats_folder(spec, seed)))
+    return stream_external(spec, split)
 
 
 def resolve_model(spec, role: str, reporter=None, accelerator=None) -> str:
@@ -46,6 +64,30 @@ def resolve_model(spec, role: str, reporter=None, accelerator=None) -> str:
     return path
 
 
+def built_in_data(recipe: Recipe, accelerator=None) -> Recipe:
+    """The recipe with data.source "chats" (the built-in multi-turn conversations) replaced by
+    the folder it is written to, built once per machine: the engine then reads it as any
+    conversations folder (train.jsonl, validation.jsonl, images/)."""
+    import dataclasses
+
+    if recipe.data.source != "chats":
+        return recipe
+    root = chats_folder(recipe.data, recipe.train.seed, accelerator)
+    return dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, source=str(root)))
+
+
+def chats_folder(spec: DataSpec, seed: int = 0, accelerator=None) -> Path:
+    """The built-in conversations for `spec` (data.shapes_size training items), built if missing."""
+    from .world.chats import build_chats
+    from .world.zoo import cache_dir
+
+    n = spec.shapes_size
+    n_val = max(200, n // 10)
+    root = cache_dir() / "chats" / f"train{n}-validation{n_val}-seed{seed}"
+    with accelerator.local_main_process_first() if accelerator is not None else nullcontext():
+        return build_chats(root, n, n_val, seed=seed)
+
+
 def resolve(recipe: Recipe, reporter=None, accelerator=None):
     """Everything the engine needs from a recipe, resolved (engine.distill.Inputs)."""
     from .engine.distill import Inputs
@@ -54,13 +96,24 @@ def resolve(recipe: Recipe, reporter=None, accelerator=None):
     teacher = resolve_model(recipe.teacher, "teacher", reporter, accelerator) if needs_teacher else None
     student = resolve_model(recipe.student, "student", reporter, accelerator)
     data = recipe.data
-    train = load_rows(data, data.train_split, seed=recipe.train.seed)
     validation, score = None, None
-    if recipe.train.eval_items:
-        rows = load_rows(data, data.eval_split, seed=recipe.train.seed)
-        validation = rows.select(range(min(recipe.train.eval_items, len(rows))))
+    if data.streaming:
+        train = load_stream(data, data.train_split, seed=recipe.train.seed)
+        if recipe.train.eval_items:  # only the rows the accuracy table uses are read
+            import datasets
+
+            rows = list(load_stream(data, data.eval_split, seed=recipe.train.seed).take(recipe.train.eval_items))
+            validation = datasets.Dataset.from_list(rows)
+    else:
+        train = load_rows(data, data.train_split, seed=recipe.train.seed)
+        if recipe.train.eval_items:
+            rows = load_rows(data, data.eval_split, seed=recipe.train.seed)
+            validation = rows.select(range(min(recipe.train.eval_items, len(rows))))
+    if validation is not None:
         if data.source == "shapes":
             from .world.shapes import scorer as score
+        elif (Path(data.source) / "chats.json").is_file():  # a folder the chats builder wrote
+            from .world.chats import scorer as score
     return Inputs(student=student, teacher=teacher, train=train, validation=validation, score=score)
 
 
@@ -70,6 +123,7 @@ def distill(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, re
     from .engine.parallel import make_accelerator
 
     accelerator = accelerator or make_accelerator(recipe)
+    recipe = built_in_data(recipe, accelerator)
     inputs = resolve(recipe, reporter, accelerator)
     return run_engine(recipe, inputs, resume=resume, overwrite=overwrite, reporter=reporter,
                       accelerator=accelerator, prefix=prefix)

@@ -28,13 +28,13 @@ def main() -> None:
         view = {"process_index": state.process_index, "num_processes": state.num_processes,
                 "distributed_type": str(state.distributed_type)}
         (out / f"rank-{state.process_index}.json").write_text(json.dumps(view))
-        from genrecal_cli.data import PairDataset
+        from genrecal_cli.data.loader import PairDataset
 
         real = PairDataset.__getitem__
 
         def recording(self, idx):
             with open(out / f"items-{state.process_index}.txt", "a") as f:
-                f.write(f"{self.keep[idx]}\n")
+                f.write(f"{idx}\n")
             return real(self, idx)
 
         PairDataset.__getitem__ = recording

@@ -188,3 +188,21 @@ def test_gpu_check_smoke_runs_the_engine_and_reports_its_figures(tmp_path):
     assert figures["model_tflops_per_update"] > 0 and figures["mfu"] is None  # no peak known for a CPU
     assert figures["peak_memory_mib"]["planned"] > 0
     assert set(figures["losses"]) == {"ar", "kl", "reg", "sft"}
+
+
+def test_data_bench_smoke_measures_workers_padding_and_first_step(tmp_path):
+    out = tmp_path / "data.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "data.py"), "--smoke", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for name in ("shapes", "chats"):
+        rows = result["throughput"][name]
+        assert [r["workers"] for r in rows] == [0, 1, 2]
+        assert all(r["items"] > 0 and r["items_per_s"] > 0 for r in rows)
+        pad = result["padding"][name]
+        assert 0 <= pad["group_by_length"] <= pad["plain"] < 1
+    assert result["padding"]["chats"]["group_by_length"] < result["padding"]["chats"]["plain"]
+    assert [(r["items"], r["streaming"]) for r in result["first_step"]] == [(200, False), (200, True), (2000, False),
+                                                                            (2000, True)]
+    assert all(r["seconds_to_first_step"] > 0 for r in result["first_step"])

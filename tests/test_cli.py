@@ -103,6 +103,15 @@ def test_inspect_vocab_with_data_answers_and_bad_files(cli, tmp_path, tiny_pair)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["text"]["texts"] == 20 and report["text"]["source"] == "shapes"
+    # conversations: every assistant turn is a sample answer
+    rows = [{"conversations": [{"from": "human", "value": "q1"}, {"from": "gpt", "value": f"first answer {i}"},
+                               {"from": "human", "value": "q2"}, {"from": "gpt", "value": f"second answer {i}"}]}
+            for i in range(3)]
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = cli("inspect-vocab", "zoo:tiny-teacher", "zoo:tiny-student", "--data", str(chats), "--samples", "5", "--json", "-")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["text"]["texts"] == 5  # 3 rows x 2 turns, the first 5
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     out = cli("inspect-vocab", "zoo:tiny-teacher", "zoo:tiny-student", "--text", str(empty))

@@ -27,6 +27,9 @@ FULL = {
     "lr": 4.1e-4,
     "items_per_s": 14.2,
     "tokens_per_s": 1830.4,
+    "pad_share": 0.21,
+    "skipped_items": 3,
+    "truncated_items": 0,
     "top1": 0.62,
     "teacher_q_tokens": 412.0,
     "student_q_tokens": 598.5,
@@ -64,7 +67,8 @@ def test_plain_mode_prints_one_line_per_logged_step_and_always_the_last(tmp_path
     assert len(out.strip().splitlines()) == 3 + 2  # plus the stage start and stage done lines
     first = lines[0]
     assert "loss 2.314" in first
-    for piece in ("ar 1.10", "kl 0.41", "reg 0.52", "sft 0.28", "lr 4.1e-04", "14.2 items/s", "1,830 tok/s"):
+    for piece in ("ar 1.10", "kl 0.41", "reg 0.52", "sft 0.28", "lr 4.1e-04", "14.2 items/s", "1,830 tok/s", "pad 21%",
+                  "skipped 3"):
         assert piece in first
     assert "top1 0.62" in first and "boundaries 71%" in first and "grad_norm 0.875" in first
     assert re.search(r"distill done\s+25 steps in", out)

@@ -56,27 +56,47 @@ def test_epochs_count_passes_and_max_steps_caps_them(tmp_path):
 
 
 def _spy_align(tmp_path, monkeypatch, **recalibrator):
-    """One align step; what the Recalibrator and its rotary were given on their first call."""
+    """One align step; what the Recalibrator and its rotary were given on their first call, and
+    the `segment` of the student and teacher batches behind it."""
+    from genrecal_cli.engine import objective, stages
     from genrecal_cli.engine.recalibrator import Recalibrator, Rotary1D
 
     seen = {}
     real_forward, real_rotary = Recalibrator.forward, Rotary1D.forward
+    real_teacher, real_question = stages.teacher_features, objective.student_question
 
-    def forward(self, question, question_mask, answer, answer_mask, **kw):
-        seen.setdefault("call", dict(question_mask=question_mask, answer=answer.detach().clone(),
-                                     answer_mask=answer_mask, **kw))
-        return real_forward(self, question, question_mask, answer, answer_mask, **kw)
+    def forward(self, question, answer, **kw):
+        seen.setdefault("call", dict(question=_copy(question), answer=_copy(answer), **kw))
+        return real_forward(self, question, answer, **kw)
 
     def rotary(self, x, position_ids):
         seen.setdefault("positions", position_ids.clone())
         return real_rotary(self, x, position_ids)
 
+    def teacher_features(teacher, batch, answer_input):
+        seen.setdefault("teacher_segment", batch["segment"].clone())
+        seen.setdefault("teacher_ids", batch["input_ids"].clone())
+        return real_teacher(teacher, batch, answer_input)
+
+    def student_question(z_s, sbatch):
+        seen.setdefault("student_segment", sbatch["segment"].clone())
+        return real_question(z_s, sbatch)
+
     monkeypatch.setattr(Recalibrator, "forward", forward)
     monkeypatch.setattr(Rotary1D, "forward", rotary)
+    monkeypatch.setattr(stages, "teacher_features", teacher_features)
+    monkeypatch.setattr(objective, "student_question", student_question)
     raw = _recipe(tmp_path, stages=("align",), steps=1).to_dict()
     raw["recalibrator"] = recalibrator
+    raw["train"]["probe_every"] = 0  # the first Recalibrator call is the training forward's
     distill(recipe_from_dict(raw), reporter=Recorder())
     return seen
+
+
+def _copy(tokens):
+    from genrecal_cli.engine.turns import Tokens
+
+    return Tokens(tokens.x.detach().clone(), tokens.turn.clone(), tokens.pos.clone())
 
 
 @pytest.mark.parametrize("answer_input", ["hidden", "embeddings"])
@@ -84,35 +104,48 @@ def test_answer_input_chooses_what_stands_for_the_teacher_answer(tmp_path, monke
     """"embeddings": the Recalibrator's answer input is the teacher's input embeddings of its
     answer tokens; "hidden": the teacher's last hidden states there (something else)."""
     teacher, _ = tiny_pair
-    call = _spy_align(tmp_path, monkeypatch, answer_input=answer_input)["call"]
-    mask = call["answer_mask"].bool()
+    seen = _spy_align(tmp_path, monkeypatch, answer_input=answer_input)
+    answer = seen["call"]["answer"]
+    # the answer's tokens: those of the teacher's answer segments, where they stand
+    t_seg = seen["teacher_segment"]
+    assert answer.mask.sum(1).tolist() == ((t_seg >= 0) & (t_seg % 2 == 1)).sum(1).tolist()
+    ids = seen["teacher_ids"].gather(1, answer.pos)[answer.mask]
+    assert torch.equal(t_seg.gather(1, answer.pos)[answer.mask], answer.turn[answer.mask])
     # the answer tokens are the embedding rows the input equals (embeddings) or not (hidden)
     table = teacher.input_embeddings.weight.detach()
-    given = call["answer"][mask]
+    given = answer.x[answer.mask]
     nearest = (given[:, None, :] - table[None]).abs().amax(-1).min(1).values  # exact, unlike cdist
     if answer_input == "embeddings":
         assert float(nearest.max()) == 0.0
+        assert torch.equal(given, table[ids])  # each its own token's row
     else:
         assert float(nearest.min()) > 1e-3
 
 
 @pytest.mark.parametrize("new_positions", [True, False])
 def test_new_positions_off_keeps_the_teacher_answer_positions(tmp_path, monkeypatch, new_positions):
+    """Off, every token keeps its position in its own side's sequence (`pos`): the student's
+    question tokens where they stand in the student's sequence, the teacher's answer tokens where
+    they stand in the teacher's (not right after the student's question); on, 0..n-1."""
     seen = _spy_align(tmp_path, monkeypatch, new_positions=new_positions)
     positions, call = seen["positions"], seen["call"]
-    q_len = call["question_mask"].sum(1)
+    s_seg, t_seg = seen["student_segment"].cpu(), seen["teacher_segment"].cpu()
+    assert call["question"].mask.sum(1).tolist() == ((s_seg >= 0) & (s_seg % 2 == 0)).sum(1).tolist()
     n = positions.shape[1]
     contiguous = torch.arange(n)[None].expand_as(positions)
     if new_positions:
-        assert torch.equal(positions, contiguous)
-    else:
-        # question positions 0.., then the answer continues from where it stood in the teacher's
-        # own sequence, not from the student's question length
-        start = call["answer_offset"]
-        for r in range(positions.shape[0]):
-            assert positions[r, : q_len[r]].tolist() == list(range(int(q_len[r])))
-            assert int(positions[r, q_len[r]]) == int(start[r])
-        assert not torch.equal(positions, contiguous)
+        assert torch.equal(positions.cpu(), contiguous)
+        return
+    for r in range(positions.shape[0]):
+        # segment by segment: the student's positions for question segments, the teacher's for answers
+        want = []
+        for k in range(int(max(s_seg[r].max(), t_seg[r].max())) + 1):
+            seg = s_seg[r] if k % 2 == 0 else t_seg[r]
+            want += (seg == k).nonzero().flatten().tolist()
+        assert positions[r, : len(want)].tolist() == want
+        first = int((s_seg[r] == 0).sum())
+        assert want[:first] == list(range(first))  # the student's first question segment from 0
+    assert not torch.equal(positions.cpu(), contiguous)
 
 
 def test_gradient_checkpointing_recomputes_the_student_layers_and_changes_no_result(tmp_path, monkeypatch):

@@ -384,3 +384,39 @@ def test_shard_units_are_every_decoder_layer_and_vision_block(family):
     vision = [u for u in units if any(u is m for m in vlm.vision_encoder.modules())]
     assert vision, family
     assert id(vlm.language_model) not in ids and id(vlm.vision_encoder) not in ids
+
+
+CHAT_STAGES = ("[stages.align]\nsteps = 2\nbatch_size = 2\n[stages.distill]\nsteps = 2\nbatch_size = 2\n"
+               "[stages.finetune]\nsteps = 1\nbatch_size = 2\n")
+
+
+def _chat_recipe(path: Path, out: Path, extra: str = "", data: str = "", train: str = "") -> Path:
+    path.write_text('[teacher]\npath = "zoo:tiny-teacher"\n[student]\npath = "zoo:tiny-student"\n'
+                    f'[data]\nsource = "chats"\nshapes_size = 24\nmax_length = 180\nnum_workers = 1\n{data}'
+                    f'{CHAT_STAGES}{extra}[train]\noutput_dir = "{out}"\nlog_every = 1\neval_items = 0\n'
+                    f'probe_every = 2\n{train}')
+    return path
+
+
+def test_conversations_on_two_ranks_sharded_equal_ddp_and_stream_in_bf16(tmp_path):
+    """The built-in conversations (several turns, one or two images, some text-only, so a batch
+    can mix items with and without images) on 2 ranks with a loader worker each: teacher and
+    student sharded train exactly like replicated + DDP; and streamed in bf16, sharded, every
+    stage runs with finite losses."""
+    both = '[parallel]\nteacher = "shard"\nstudent = "shard"\n'
+    for name, extra in (("ddp", ""), ("shard", both)):
+        done = _torchrun(["distill", str(_chat_recipe(tmp_path / f"{name}.toml", tmp_path / name, extra))],
+                         record=tmp_path / f"rec-{name}")
+        assert done.returncode == 0, done.stderr[-3000:]
+        _assert_two_ranks(tmp_path / f"rec-{name}")
+    _same_run(tmp_path / "ddp", tmp_path / "shard")
+    assert any(r.get("truncated_items", 0) > 0 for r in _rows(tmp_path / "ddp"))  # max_length 180 cuts some turns
+    streamed = _chat_recipe(tmp_path / "bf16.toml", tmp_path / "bf16", both, data="streaming = true\n",
+                            train='precision = "bf16"\n')
+    done = _torchrun(["distill", str(streamed)], record=tmp_path / "rec-bf16")
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_two_ranks(tmp_path / "rec-bf16")
+    rows = _rows(tmp_path / "bf16")
+    assert [(r["stage"], r["step"]) for r in rows] == [("align", 1), ("align", 2), ("distill", 1), ("distill", 2),
+                                                        ("finetune", 1)]
+    assert all(math.isfinite(r["loss"]) for r in rows)

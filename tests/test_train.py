@@ -67,15 +67,17 @@ def test_accuracy_is_measured_before_and_after(tmp_path, monkeypatch, tiny_pair)
     from genrecal_cli.run import load_rows
 
     asked = []
+    recipe = _recipe(tmp_path, stages=("align", "finetune"), steps=1, eval_items=6)
+    references = [r["answer"] for r in load_rows(recipe.data, "validation").select(range(6))]
 
-    def stub(vlm, items, **kwargs):
+    def stub(vlm, prompts, images, **kwargs):  # one process: the items in order
         who = "teacher" if vlm.family == "qwen2_vl" else "student"
-        asked.append((who, len(items)))
+        asked.append((who, len(prompts)))
+        assert [p.messages[-1]["role"] for p in prompts] == ["user"] * len(prompts) and all(len(i) == 1 for i in images)
         wrong = who == "student" and len(asked) == 2  # the student before any stage
-        return ["nothing" if wrong else row["answer"] for row in items]
+        return ["nothing" if wrong else ref for ref in references[: len(prompts)]]
 
     monkeypatch.setattr(accuracy_module, "generate_answers", stub)
-    recipe = _recipe(tmp_path, stages=("align", "finetune"), steps=1, eval_items=6)
     result = distill(recipe, reporter=Recorder())
     assert asked == [("teacher", 6), ("student", 6), ("student", 6)]
     assert {k: v["accuracy"] for k, v in result.accuracy.items()} == {"teacher": 1.0, "student before": 0.0, "student after": 1.0}
@@ -102,7 +104,7 @@ def test_accuracy_on_other_data_is_exact_match(tmp_path, monkeypatch, tiny_pair)
     data.write_text("".join(json.dumps(r) + "\n" for r in items))
     # right for three items (once with other case and punctuation), wrong for the last
     monkeypatch.setattr(accuracy_module, "generate_answers",
-                        lambda vlm, rows, **kw: ["item 0", "ITEM 1!", "Item 2.", "something else"])
+                        lambda vlm, prompts, images, **kw: ["item 0", "ITEM 1!", "Item 2.", "something else"])
     raw = _recipe(tmp_path / "out", stages=("finetune",), steps=1, eval_items=4).to_dict()
     raw.pop("teacher")
     raw["data"] = {"source": str(data), "max_length": 256}
@@ -420,7 +422,7 @@ def test_distill_stage_leaves_the_teacher_bit_identical(tmp_path, tiny_pair):
 
 
 def test_gradient_accumulation_draws_accum_batches_per_update(tmp_path, monkeypatch, tiny_pair):
-    from genrecal_cli.data import Collator
+    from genrecal_cli.data.loader import Collator
 
     batches = []
     real_call = Collator.__call__
@@ -439,7 +441,7 @@ def test_reliance_probe_is_logged_in_teacher_stages_only(full_run, tiny_pair):
     """The probe runs at the last step of align and distill (probe_every 50 > 3 steps), never in
     finetune, and what it logged at align's end is reliance() recomputed from align's checkpoint
     on the same batch (the first probe_items training items)."""
-    from genrecal_cli.data import Collator, PairDataset
+    from genrecal_cli.data.loader import Collator, PairDataset
     from genrecal_cli.display import PROBE_KEYS
     from genrecal_cli.engine.objective import GenRecal
     from genrecal_cli.engine.probe import reliance
@@ -459,8 +461,8 @@ def test_reliance_probe_is_logged_in_teacher_stages_only(full_run, tiny_pair):
     recal.load_state_dict(load_file(str(out / "align" / "recalibrator.safetensors")))
     recipe = _recipe(out, eval_items=6)
     sides = {"teacher": teacher.processor, "student": student.processor}
-    dataset = PairDataset(load_rows(recipe.data, "train"), recipe.data, sides).scan()
-    batch = Collator(sides)([dataset[i] for i in range(recipe.train.probe_items)])
+    dataset = PairDataset(load_rows(recipe.data, "train"), recipe.data, sides)
+    batch = Collator(sides)([dataset[i] for i in range(recipe.train.probe_items)])  # none skipped in shapes
     module = GenRecal(student.model, recal, recipe.loss).eval()
     again = reliance(module, batch["student"], teacher_features(teacher, batch["teacher"], "hidden"), head_fn(teacher.head))
     assert set(again) == set(PROBE_KEYS)
@@ -469,7 +471,7 @@ def test_reliance_probe_is_logged_in_teacher_stages_only(full_run, tiny_pair):
 
 
 def _probe_setup(tiny_pair, answer_input="hidden"):
-    from genrecal_cli.data import Collator, PairDataset
+    from genrecal_cli.data.loader import Collator, PairDataset
     from genrecal_cli.engine.objective import GenRecal
     from genrecal_cli.engine.recalibrator import Recalibrator
     from genrecal_cli.engine.teacher import head_fn, teacher_features
@@ -478,7 +480,7 @@ def _probe_setup(tiny_pair, answer_input="hidden"):
     teacher, student = tiny_pair
     recipe = _recipe("unused", stages=("align",))
     sides = {"teacher": teacher.processor, "student": student.processor}
-    ds = PairDataset(load_rows(recipe.data, "train").select(range(6)), recipe.data, sides).scan()
+    ds = PairDataset(load_rows(recipe.data, "train").select(range(6)), recipe.data, sides)
     batch = Collator(sides)([ds[i] for i in range(len(ds))])
     torch.manual_seed(0)
     rec = Recalibrator(teacher.hidden_size, student.text_config, student.decoder_layer_class)
@@ -488,7 +490,7 @@ def _probe_setup(tiny_pair, answer_input="hidden"):
 
 def test_reliance_real_matches_the_training_loss_and_a_blind_recalibrator_shows_no_reliance(tiny_pair):
     from genrecal_cli.engine import losses
-    from genrecal_cli.data import model_inputs
+    from genrecal_cli.data.loader import model_inputs
     from genrecal_cli.engine.objective import student_question
     from genrecal_cli.engine.probe import reliance
 
@@ -496,10 +498,10 @@ def test_reliance_real_matches_the_training_loss_and_a_blind_recalibrator_shows_
     out = reliance(module, sbatch, tf, head)
     # "real" is the training forward: its per-token L_ar, weighted by token counts, is L_ar
     with torch.no_grad():
-        q, mask = student_question(module.student.model(**model_inputs(sbatch)).last_hidden_state, sbatch)
-        rows = module.recalibrator(q, mask, tf.answer_in, tf.answer_mask)[tf.answer_mask.bool()]
+        q = student_question(module.student.model(**model_inputs(sbatch)).last_hidden_state, sbatch)
+        rows = module.recalibrator(q, tf.answer)
         ar, _ = losses.recalibration_terms(head, rows, tf.rows, tf.targets)
-    n_first = len(sbatch["answer_start"])
+    n_first = len(sbatch["input_ids"])  # one turn per shapes item: one first token each
     n_later = len(tf.targets) - n_first
     mixed = (out["rely_first_ar_real"] * n_first + out["rely_later_ar_real"] * n_later) / len(tf.targets)
     assert abs(mixed - ar.item()) < 1e-4
@@ -508,7 +510,7 @@ def test_reliance_real_matches_the_training_loss_and_a_blind_recalibrator_shows_
 
     # one that never looks at the student's features: every variant gives the same numbers
     real_forward = module.recalibrator.forward
-    module.recalibrator.forward = lambda question, *a, **k: real_forward(torch.ones_like(question), *a, **k)
+    module.recalibrator.forward = lambda question, *a, **k: real_forward(question.with_x(torch.ones_like(question.x)), *a, **k)
     blind = reliance(module, sbatch, tf, head)
     for part in ("first", "later"):
         for what in ("top1", "ar"):

@@ -3,7 +3,7 @@
 Benchmarks proper go through lm-eval (`genrecal eval`); this is the cheap in-process check a
 training run prints. Every process answers its share of the items and the results are gathered,
 so no process waits while another one generates. How an answer is scored is handed in (the
-shapes data brings its own scorer); by default, normalised exact match with the answer column.
+shapes data brings its own scorer); by default, normalised exact match with the item's last answer.
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ from typing import Callable, Mapping
 
 import torch
 
-from ..data import answer_text, conversation, open_image
+from ..data.formats import Conversation, detect, text_of, to_conversation
+from ..data.sources import SkipItem, image_root, open_image
+from ..recipe import DataSpec
 from .parallel import gather_objects
 
-# (prediction, row) -> (right or wrong, the groups the item counts in, e.g. ["form:short"])
-Scorer = Callable[[str, Mapping], tuple[bool, list[str]]]
+# (prediction, row, reference answer) -> (right or wrong, the groups the item counts in, e.g. ["form:short"])
+Scorer = Callable[[str, Mapping, str], tuple[bool, list[str]]]
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -30,11 +32,11 @@ def normalise(text: str) -> str:
     return " ".join(_PUNCT.sub(" ", text.lower()).split())
 
 
-def exact_match(answer_column: str) -> Scorer:
-    """The default scorer: normalised exact match with the row's answer, no groups."""
+def exact_match() -> Scorer:
+    """The default scorer: normalised exact match with the reference (the last answer), no groups."""
 
-    def score(prediction: str, row: Mapping) -> tuple[bool, list[str]]:
-        return normalise(prediction) == normalise(answer_text(row[answer_column])), []
+    def score(prediction: str, row: Mapping, reference: str) -> tuple[bool, list[str]]:
+        return normalise(prediction) == normalise(reference), []
 
     return score
 
@@ -47,6 +49,7 @@ class Accuracy:
     total: int = 0
     by_group: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
     samples: list[tuple[str, str, str]] = field(default_factory=list)  # (question, reference, prediction)
+    skipped: int = 0  # items left out: their images could not be read
 
     @property
     def value(self) -> float:
@@ -57,58 +60,73 @@ class Accuracy:
         return c / t if t else float("nan")
 
     def to_dict(self) -> dict:
-        return {"accuracy": self.value, "n": self.total, "groups": {k: v[0] / v[1] for k, v in sorted(self.by_group.items())}}
+        out = {"accuracy": self.value, "n": self.total, "groups": {k: v[0] / v[1] for k, v in sorted(self.by_group.items())}}
+        return {**out, "skipped": self.skipped} if self.skipped else out
 
 
-def generate_answers(vlm, items, *, image_column="image", question_column="question", max_new_tokens=48, batch_size=16) -> list[str]:
-    """Greedy answers of `vlm` (a models.VLM) to each item, with its own chat template."""
+def generate_answers(vlm, prompts: list[Conversation], images: list[list], *, max_new_tokens=48, batch_size=16) -> list[str]:
+    """Greedy answers of `vlm` (a models.VLM) to each conversation (everything before the answer
+    it should give; images: each one's opened images), with its own chat template."""
     processor, tok = vlm.processor, vlm.tokenizer
     device = next(vlm.model.parameters()).device
-    answers: list[str] = []
+    answers: dict[int, str] = {}
     old_side = tok.padding_side
     tok.padding_side = "left"  # generation continues each row from its last token
     try:
-        for s in range(0, len(items), batch_size):
-            rows = [items[i] for i in range(s, min(s + batch_size, len(items)))]
-            images = [open_image(r[image_column]) for r in rows]
-            prompts = [
-                processor.apply_chat_template(conversation(str(r[question_column]), None, img is not None),
-                                              add_generation_prompt=True, tokenize=False)
-                for r, img in zip(rows, images)
-            ]
-            kwargs = {"images": [[img] for img in images]} if all(img is not None for img in images) else {}
-            inputs = processor(text=prompts, padding=True, return_tensors="pt", **kwargs).to(device)
-            with torch.inference_mode():
-                out = vlm.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-            new = out[:, inputs["input_ids"].shape[1]:]
-            answers += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+        for s in range(0, len(prompts), batch_size):
+            chunk = range(s, min(s + batch_size, len(prompts)))
+            # Rows with images and rows without go in separate calls: processors take images for all or none.
+            for group in ([i for i in chunk if images[i]], [i for i in chunk if not images[i]]):
+                if not group:
+                    continue
+                texts = [processor.apply_chat_template(prompts[i].messages, add_generation_prompt=True, tokenize=False)
+                         for i in group]
+                kwargs = {"images": [images[i] for i in group]} if images[group[0]] else {}
+                inputs = processor(text=texts, padding=True, return_tensors="pt", **kwargs).to(device)
+                with torch.inference_mode():
+                    out = vlm.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+                new = out[:, inputs["input_ids"].shape[1]:]
+                for i, text in zip(group, tok.batch_decode(new, skip_special_tokens=True)):
+                    answers[i] = text.strip()
     finally:
         tok.padding_side = old_side
-    return answers
+    return [answers[i] for i in range(len(prompts))]
 
 
-def accuracy(
-    vlm, items, *, accelerator=None, score: Scorer | None = None, image_column="image", question_column="question",
-    answer_column="answer", max_samples=3, **generate,
-) -> Accuracy:
-    """Generate and score every item; with an `accelerator`, process r answers items r, r+N, ...
+def accuracy(vlm, items, *, spec: DataSpec | None = None, accelerator=None, score: Scorer | None = None,
+             max_samples=3, **generate) -> Accuracy:
+    """Generate the last answer of every item (any layout of data.formats, given all turns before
+    it) and score it; with an `accelerator`, process r answers items r, r+N, ...
 
-    Every process returns the same, complete Accuracy.
-    """
-    score = score or exact_match(answer_column)
+    Every process returns the same, complete Accuracy. Items whose images cannot be read are
+    left out and counted in `skipped`."""
+    spec = spec or DataSpec()
+    score = score or exact_match()
+    fmt = detect(items.column_names, spec)
+    root = image_root(spec) if spec.source != "shapes" else None
     rank, n_proc = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    mine = list(range(rank, len(items), n_proc))
-    predictions = generate_answers(vlm, items.select(mine), image_column=image_column,
-                                   question_column=question_column, **generate) if mine else []
+    mine, prompts, images, references, skipped = [], [], [], [], 0
+    for i in range(rank, len(items), n_proc):
+        prompt, reference = to_conversation(items[i], fmt, spec, i).prompt_and_reference()
+        try:
+            images.append([open_image(v, root) for v in prompt.images])
+        except SkipItem:
+            skipped += 1
+            continue
+        mine.append(i)
+        prompts.append(prompt)
+        references.append(reference)
+    predictions = generate_answers(vlm, prompts, images, **generate) if mine else []
     results = []
-    for i, pred in zip(mine, predictions):
-        row = items[i]
-        ok, groups = score(pred, row)
-        results.append((i, bool(ok), list(groups), str(row[question_column]), answer_text(row[answer_column]), pred))
+    for i, prompt, reference, pred in zip(mine, prompts, references, predictions):
+        ok, groups = score(pred, items[i], reference)
+        question = next(text_of(m) for m in reversed(prompt.messages) if m["role"] == "user")
+        results.append((i, bool(ok), list(groups), question, reference, pred))
     if accelerator is not None:
         results = gather_objects(accelerator, results)
-    acc = Accuracy()
+        skipped = sum(gather_objects(accelerator, [skipped]))
+    acc = Accuracy(skipped=skipped)
     for _, ok, groups, question, reference, pred in sorted(results, key=lambda r: r[0]):
         acc.correct += int(ok)
         acc.total += 1

@@ -187,11 +187,12 @@ def checkpoint_dir(output_dir: Path, stage: str, step: int) -> Path:
 
 def save_checkpoint(
     accelerator, output_dir: Path, stage: str, step: int, *, module=None,
-    student, processor, recalibrator, optimizer, scheduler, recipe: dict, meta: dict, keep: int,
+    student, processor, recalibrator, optimizer, scheduler, recipe: dict, meta: dict, keep: int, data: dict | None = None,
 ) -> Path:
     """OUTPUT/checkpoints/<stage>-<step>/ for a stage in progress, atomically; every process calls
     it (each writes its own RNG state, and its shards when `module` is sharded), the main one
-    writes the rest, renames the folder into place and keeps the newest `keep`."""
+    writes the rest, renames the folder into place and keeps the newest `keep`. `data` (this
+    process's data position and skip counts) is saved beside its RNG state."""
     import torch
 
     from .parallel import is_sharded
@@ -203,7 +204,7 @@ def save_checkpoint(
         fresh_tmp(target)
         (tmp / "rng").mkdir()
     accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / "rng" / f"rank-{accelerator.process_index}.pt")
+    torch.save({**rng_state(), "data": data or {}}, tmp / "rng" / f"rank-{accelerator.process_index}.pt")
     if sharded:
         _save_sharded_state(tmp / "state", module, optimizer)
     accelerator.wait_for_everyone()

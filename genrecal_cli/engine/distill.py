@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..data.loader import DataReport
 from ..recipe import Recipe
 from . import checkpoint as ckpt
 from .accuracy import Scorer, accuracy
@@ -32,7 +33,7 @@ class Inputs:
 
     student: str  # local folder or hub id
     teacher: str | None  # None when no stage needs one
-    train: Any  # training rows (datasets.Dataset)
+    train: Any  # training rows (datasets.Dataset; an IterableDataset under data.streaming)
     validation: Any | None = None  # rows for the before/after accuracy table; None: no table
     score: Scorer | None = None  # how validation answers are scored; None: exact match
 
@@ -43,6 +44,7 @@ class RunResult:
     student_dir: Path
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     accuracy: dict[str, Any] = field(default_factory=dict)  # "teacher", "student before", "student after"
+    data: dict[str, Any] = field(default_factory=dict)  # items skipped and turns dropped (loader.DataReport)
 
 
 def distill(
@@ -119,11 +121,13 @@ def distill(
         if found is None:  # the student as it came in, before any stage of this run
             result.accuracy["student before"] = _accuracy(student, inputs, recipe, acc)
 
-    module = GenRecal(student.model, rec, recipe.loss)
+    module = GenRecal(student.model, rec, recipe.loss,
+                      blank_images=student.blank_image_inputs() if acc.num_processes > 1 else None)
     if shard_s:
         shard_trainable(module, mesh, compute_dtype(recipe))
     with StopRequests() as stop:
-        run = Run(recipe, acc, student, teacher, rec, inputs.train, module=module, reporter=reporter, stop=stop)
+        run = Run(recipe, acc, student, teacher, rec, inputs.train, module=module, reporter=reporter, stop=stop,
+                  data_report=DataReport())
         teacher = rec = module = None  # the run owns them now, and drops them when no later stage needs them
         for stage in remaining:
             set_seed(recipe.train.seed + ckpt.STAGES.index(stage))
@@ -139,6 +143,11 @@ def distill(
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+    result.data = run.data_report.to_dict()
+    note = run.data_report.summary(len(inputs.train) if hasattr(inputs.train, "__len__") else None,
+                                   recipe.data.max_length)
+    if note and reporter is not None:  # once per run, every stage's and process's, each row once
+        reporter.note(f"data: {note}", style="yellow")
     if shard_s:  # the trained student whole again, on every process, for the accuracy and the export
         student = _whole_student(run, inputs, recipe, acc)
     run = None
@@ -149,7 +158,8 @@ def distill(
     if acc.is_main_process:
         student.model.to(dtype=export_dtype)
         ckpt.export_student(out, student.model, student.processor,
-                            {"recipe": recipe.to_dict(), "stages": result.stages, "accuracy": result.accuracy})
+                            {"recipe": recipe.to_dict(), "stages": result.stages, "accuracy": result.accuracy,
+                             "data": result.data})
         if reporter is not None:
             reporter.note(f"student exported to {out / 'student'}")
     acc.wait_for_everyone()
@@ -183,10 +193,8 @@ def _accuracy(vlm, inputs: Inputs, recipe: Recipe, acc) -> dict:
     """Greedy accuracy on the validation rows, every process answering its share."""
     was_training = vlm.model.training
     vlm.model.eval()
-    data = recipe.data
     with acc.autocast():
-        result = accuracy(vlm, inputs.validation, accelerator=acc, score=inputs.score, image_column=data.image_column,
-                          question_column=data.question_column, answer_column=data.answer_column)
+        result = accuracy(vlm, inputs.validation, spec=recipe.data, accelerator=acc, score=inputs.score)
     vlm.model.train(was_training)
     return result.to_dict()
 

@@ -9,11 +9,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..data import model_inputs
+from ..data.loader import model_inputs
+from ..models import image_features
 from ..recipe import LossSpec
 from . import losses
 from .recalibrator import Recalibrator
 from .teacher import TeacherFeatures
+from .turns import Tokens, select
 
 TEACHER_STAGES = ("align", "distill")
 
@@ -36,11 +38,16 @@ class GenRecal(nn.Module):
     arguments, so wrapping this module (DDP, FSDP) never touches the teacher.
     """
 
-    def __init__(self, student_model: nn.Module, recalibrator: Recalibrator | None, weights: LossSpec):
+    def __init__(self, student_model: nn.Module, recalibrator: Recalibrator | None, weights: LossSpec,
+                 blank_images: dict | None = None):
         super().__init__()
         self.student = student_model
         self.recalibrator = recalibrator
         self.weights = weights
+        # Several processes: a micro-batch without images still runs the student's vision side
+        # (on one blank image, weighted 0), so every process makes the same collectives (FSDP
+        # all-gathers in the same order) and has a gradient for the same parameters (DDP, FSDP).
+        self.blank_images = blank_images
 
     def forward(
         self,
@@ -52,26 +59,23 @@ class GenRecal(nn.Module):
         reg_in_distill: bool = True,
     ) -> Output:
         w = self.weights
+        touch = None
         with torch.set_grad_enabled(torch.is_grad_enabled() and stage != "align"):  # align: student frozen
+            if self.blank_images is not None and "pixel_values" not in sbatch:  # first, as images go first
+                blank = {k: v.to(sbatch["input_ids"].device) for k, v in self.blank_images.items()}
+                touch = sum(t.float().sum() for t in image_features(self.student, **blank)) * 0.0
             z_s = self.student.model(**model_inputs(sbatch)).last_hidden_state
         terms: dict[str, torch.Tensor] = {}
         recalibrated = None
         if stage in TEACHER_STAGES and self.recalibrator is not None:
             tf = teacher  # the method's name for them: teacher features
-            q, q_mask = student_question(z_s, sbatch)
-            answer = tf.answer_mask.bool()
-            rec = self.recalibrator(q, q_mask, tf.answer_in, tf.answer_mask, answer_offset=tf.answer_start)[answer]
+            rec = self.recalibrator(student_question(z_s, sbatch), tf.answer)
             terms["ar"], terms["kl"] = losses.recalibration_terms(
                 teacher_head, rec, tf.rows, tf.targets, temperature=w.temperature
             )
             if stage == "align" or reg_in_distill:
-                reg_rec = self.recalibrator(
-                    tf.question, tf.question_mask, tf.answer_in, tf.answer_mask,
-                    question_from_teacher=True, answer_offset=tf.answer_start,
-                )
-                ar, kl = losses.recalibration_terms(
-                    teacher_head, reg_rec[answer], tf.rows, tf.targets, temperature=w.temperature
-                )
+                reg_rec = self.recalibrator(tf.question, tf.answer, question_from_teacher=True)
+                ar, kl = losses.recalibration_terms(teacher_head, reg_rec, tf.rows, tf.targets, temperature=w.temperature)
                 terms["reg"] = ar + kl
             recalibrated = rec.detach()
         if stage in ("distill", "finetune"):
@@ -81,15 +85,15 @@ class GenRecal(nn.Module):
             if stage == "distill" and w.uld:
                 terms["uld"] = losses.uld(
                     head, rows, (sbatch["labels"][:, 1:] != -100).sum(1),
-                    teacher_head, teacher.rows, teacher.answer_mask.sum(1), temperature=w.temperature,
+                    teacher_head, teacher.rows, teacher.answer.mask.sum(1), temperature=w.temperature,
                 )
         weight = {"ar": w.ar, "kl": w.kl, "reg": w.reg, "sft": w.sft, "uld": w.uld}
         loss = sum(weight[k] * v for k, v in terms.items())
+        if touch is not None and touch.requires_grad:
+            loss = loss + touch
         return Output(loss, terms, recalibrated)
 
 
-def student_question(z_s: torch.Tensor, sbatch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The student's question features z_qs [B, Lq, d_s] and their mask [B, Lq] (1 = real)."""
-    start = sbatch["answer_start"]
-    lq = int(start.max())
-    return z_s[:, :lq], (torch.arange(lq, device=z_s.device)[None, :] < start[:, None]).long()
+def student_question(z_s: torch.Tensor, sbatch: dict) -> Tokens:
+    """The student's question tokens z_qs (every turn's system/user segments), x [B, Kq, d_s]."""
+    return select(z_s, sbatch["segment"], answer=False)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -49,12 +49,21 @@ class RankBatches(torch.utils.data.Sampler):
     A last global micro-batch with fewer than `batch_size x processes` items is dealt evenly when
     it gives every process at least one item; otherwise its items wait for the next epoch's
     permutation (`dropped` says how many: at most processes - 1).
+
+    With `lengths` (item indices -> estimated token counts), batches are grouped by length: the
+    permutation is cut into groups of `group` global micro-batches, each group sorted by length
+    and cut into micro-batches, whose order within the group is shuffled again. Items of similar
+    length share a batch (less padding) while the data stays shuffled at the scale of a group;
+    a group's lengths are looked up only when the epoch reaches it.
     """
 
-    def __init__(self, n_items: int, batch_size: int, processes: int, rank: int, seed: int):
+    def __init__(self, n_items: int, batch_size: int, processes: int, rank: int, seed: int, *,
+                 lengths: Callable[[list[int]], list[float]] | None = None, group: int = 64):
         self.n, self.batch_size, self.processes, self.rank, self.seed = n_items, batch_size, processes, rank, seed
+        self.lengths, self.group = lengths, group
         self.epoch, self.skip = 0, 0
         full, rest = divmod(n_items, batch_size * processes)
+        self.full = full
         self.partial = rest if rest >= processes else 0
         self.dropped = rest - self.partial
         self.per_epoch = full + (1 if self.partial else 0)
@@ -73,12 +82,27 @@ class RankBatches(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return self.per_epoch
 
-    def __iter__(self) -> Iterator[list[int]]:
-        order = self.order(self.epoch)
+    def global_batch(self, order: list[int], b: int, cache: dict) -> list[int]:
+        """Global micro-batch `b` of an epoch whose permutation is `order`."""
         width = self.batch_size * self.processes
+        if self.lengths is None or b >= self.full:  # the partial last one is never regrouped
+            return order[b * width : (b + 1) * width]
+        m = b // self.group
+        if m not in cache:
+            cache.clear()
+            first, last = m * self.group, min((m + 1) * self.group, self.full)
+            items = order[first * width : last * width]
+            by_length = [i for _, i in sorted(zip(self.lengths(items), items), key=lambda p: -p[0])]
+            chunks = [by_length[k * width : (k + 1) * width] for k in range(last - first)]
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch * 1_009 + m + 1)
+            cache[m] = [chunks[k] for k in torch.randperm(len(chunks), generator=g).tolist()]
+        return cache[m][b - m * self.group]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order, cache = self.order(self.epoch), {}
         for b in range(self.skip, self.per_epoch):
-            chunk = order[b * width : (b + 1) * width]
-            if len(chunk) < width:  # the partial last one: dealt evenly, rank r gets slice r
+            chunk = self.global_batch(order, b, cache)
+            if len(chunk) < self.batch_size * self.processes:  # the partial last one: dealt evenly, rank r gets slice r
                 cuts = [len(chunk) * r // self.processes for r in range(self.processes + 1)]
                 yield chunk[cuts[self.rank] : cuts[self.rank + 1]]
             else:

@@ -7,32 +7,29 @@ from typing import Callable
 
 import torch
 
-from ..data import model_inputs
+from ..data.loader import model_inputs
 from . import losses
 from .objective import GenRecal, student_question
 from .teacher import TeacherFeatures
+from .turns import first_of_turn
 
 
 def reliance(module: GenRecal, sbatch: dict, tf: TeacherFeatures, head: Callable) -> dict[str, float]:
     """The Recalibrator's loss (L_ar) and teacher top-1 agreement on one batch with the student's
-    question features real, another item's (each item gets its neighbour's, mask included) and
-    zeroed; separately for the first answer token (predicted from the last student question
-    position) and the later ones. Equal numbers across the three mean the output ignores the
+    question features real, another item's (each item gets its neighbour's, turns included) and
+    zeroed; separately for the first token of each answer turn (predicted from the last student
+    position of the question before it) and the later ones. Equal numbers across the three mean the output ignores the
     student. Keys `rely_{first|later}_{top1|ar}_{real|other|zero}`."""
     import torch.nn.functional as F
 
     with torch.no_grad():
-        q, q_mask = student_question(module.student.model(**model_inputs(sbatch)).last_hidden_state, sbatch)
-        answer = tf.answer_mask.bool()
-        first = torch.zeros_like(answer)
-        first[:, 0] = True
-        first = first[answer]
+        q = student_question(module.student.model(**model_inputs(sbatch)).last_hidden_state, sbatch)
+        first = first_of_turn(tf.answer)
         teacher_top1 = head(tf.rows).argmax(-1)
-        variants = {"real": (q, q_mask), "other": (q.roll(1, 0), q_mask.roll(1, 0)), "zero": (torch.zeros_like(q), q_mask)}
+        variants = {"real": q, "other": q.roll(1), "zero": q.with_x(torch.zeros_like(q.x))}
         out = {}
-        for name, (question, mask) in variants.items():
-            rec = module.recalibrator(question, mask, tf.answer_in, tf.answer_mask, answer_offset=tf.answer_start)
-            logits = head(rec[answer]).float()
+        for name, question in variants.items():
+            logits = head(module.recalibrator(question, tf.answer)).float()
             ar = F.cross_entropy(logits, tf.targets, reduction="none")
             agree = (logits.argmax(-1) == teacher_top1).float()
             for part, sel in (("first", first), ("later", ~first)):
@@ -44,23 +41,29 @@ def reliance(module: GenRecal, sbatch: dict, tf: TeacherFeatures, head: Callable
 
 def alignment_stats(batch: dict, tf: TeacherFeatures, recalibrated: torch.Tensor | None, head: Callable) -> dict[str, float]:
     """Token-alignment statistics of one batch ({"teacher": ..., "student": ...} as collated) for
-    the live display and metrics.jsonl: tokens per side, shared answer-token boundaries and,
-    given the Recalibrator's rows, their top-1 agreement with the teacher's own rows."""
+    the live display and metrics.jsonl: tokens per item and side (all turns), shared answer-token
+    boundaries over every answer turn and, given the Recalibrator's rows, their top-1 agreement
+    with the teacher's own rows."""
     from ..vocab import SplitStats, split_stats
 
     t, s = batch["teacher"], batch["student"]
+
+    def mean_count(side: dict, answer: bool) -> float:
+        seg = side["segment"]
+        return float(((seg >= 0) & ((seg % 2 == 1) == answer)).sum(1).float().mean())
+
     stats = {
-        "teacher_q_tokens": float(t["answer_start"].float().mean()),
-        "student_q_tokens": float(s["answer_start"].float().mean()),
-        "teacher_a_tokens": float(t["answer_mask"].sum(1).float().mean()),
-        "student_a_tokens": float(s["answer_mask"].sum(1).float().mean()),
+        "teacher_q_tokens": mean_count(t, False),
+        "student_q_tokens": mean_count(s, False),
+        "teacher_a_tokens": mean_count(t, True),
+        "student_a_tokens": mean_count(s, True),
     }
     stats["a_token_ratio"] = stats["teacher_a_tokens"] / max(stats["student_a_tokens"], 1e-9)
     total = SplitStats()
-    for r in range(len(t["answer_text"])):
-        (ts, te), (ss, se) = t["answer_span"][r], s["answer_span"][r]
-        answer = t["answer_text"][r][ts:te]
-        total = total + split_stats(answer, _within(t["answer_offsets"][r], ts, te), _within(s["answer_offsets"][r], ss, se))
+    for t_answers, s_answers in zip(t["answers"], s["answers"]):  # items
+        for ta, sa in zip(t_answers, s_answers):  # their turns (the same on both sides)
+            (ts, te), (ss, se) = ta.span, sa.span
+            total = total + split_stats(ta.text[ts:te], _within(ta.offsets, ts, te), _within(sa.offsets, ss, se))
     stats["boundary_agreement"] = total.boundary_agreement
     if recalibrated is not None:
         stats["top1"] = losses.top1_agreement(head, recalibrated, tf.rows)

@@ -2,7 +2,8 @@
 
 proj_pre (d_l -> d_s) -> rec_body (N decoder blocks of the STUDENT's own class and config,
 causal, over fresh positions 0..n-1 with a 1-D rotary of their own) -> proj_post (d_s -> d_l)
--> LayerNorm. See METHOD.md, "The Recalibrator".
+-> LayerNorm, over the student's question segments interleaved with the teacher's answers (one
+pair per turn; engine/turns.py). See METHOD.md, "The Recalibrator" and "Several turns".
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import copy
 
 import torch
 from torch import nn
+
+from .turns import Tokens, interleave, predictive_rows
 
 
 class Rotary1D(nn.Module):
@@ -40,7 +43,7 @@ class Rotary1D(nn.Module):
 
 
 class Recalibrator(nn.Module):
-    """proj_pre -> rec_body -> proj_post -> LayerNorm, over [question features, answer features].
+    """proj_pre -> rec_body -> proj_post -> LayerNorm, over [z_qs^1, z_al^1, z_qs^2, z_al^2, ...].
 
     Built from the student's text config and decoder-layer class; the teacher's hidden size
     sets the outer projections.
@@ -77,68 +80,32 @@ class Recalibrator(nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
 
-    def forward(
-        self,
-        question: torch.Tensor,
-        question_mask: torch.Tensor,
-        answer: torch.Tensor,
-        answer_mask: torch.Tensor,
-        *,
-        question_from_teacher: bool = False,
-        answer_offset: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Recalibrated features that predict each teacher answer token.
+    def forward(self, question: Tokens, answer: Tokens, *, question_from_teacher: bool = False) -> torch.Tensor:
+        """Recalibrated features that predict each teacher answer token, item after item.
 
-        question:      [B, Lq, d_s] student question features z_qs, or [B, Lq, d_l] teacher
-                       z_ql when `question_from_teacher` (the L_reg path; proj_pre applied here).
-        answer:        [B, La, d_l] teacher answer features z_al (or its answer input embeddings).
-        *_mask:        [B, L] 1 for real tokens; valid tokens first (right padding).
-        answer_offset: [B] the answer's original start position; used only when new_positions
-                       is off (the ablation), where question positions stay 0.. and answer
-                       positions continue from the teacher's own sequence.
-        Returns [B, La, d_l]: row k predicts answer token k (next-token shift: row 0 comes from the
-        last question position, row k from answer position k-1). Rows past an item's answer are junk.
+        question: the student's question tokens z_qs (x [B, Kq, d_s]), or the teacher's z_ql
+                  (x [B, Kq, d_l]) when `question_from_teacher` (the L_reg path; proj_pre applied).
+        answer:   the teacher's answer tokens z_al or their input embeddings (x [B, Ka, d_l]).
+        Both carry each token's turn, so several turns interleave (engine/turns.py).
+        Returns [N, d_l], N = answer tokens in the batch, in reading order: the row before each
+        answer token in the interleaved sequence (the next-token shift). With new_positions off
+        (the ablation) every token keeps its position in its own side's sequence.
         """
         if question_from_teacher:
-            question = self.proj_pre(question)
-        answer = self.proj_pre(answer)
-        packed, valid, q_len, positions = _pack(question, question_mask, answer, answer_mask)
+            question = question.with_x(self.proj_pre(question.x))
+        packed, valid, is_answer, source_pos = interleave(question, answer.with_x(self.proj_pre(answer.x)))
+        n = packed.shape[1]
+        positions = torch.arange(n, device=packed.device)[None, :].expand(packed.shape[0], -1)
         if not self.new_positions:
-            start = answer_offset if answer_offset is not None else q_len
-            k = positions - q_len[:, None]
-            positions = torch.where(k < 0, positions, start[:, None] + k)
+            positions = source_pos
         mask = _causal_padding_mask(valid, packed.dtype)
         cos_sin = self.rotary(packed, positions)
         h = packed
         for layer in self.rec_body:
             out = layer(h, attention_mask=mask, position_ids=positions, position_embeddings=cos_sin)
             h = out[0] if isinstance(out, tuple) else out
-        h = self.norm(self.proj_post(h))
-        # Predictive rows: last question position, then every answer position but the last.
-        la = answer.shape[1]
-        rows = (q_len - 1)[:, None] + torch.arange(la, device=h.device)[None, :]
-        rows = rows.clamp(max=h.shape[1] - 1)
-        return h.gather(1, rows[..., None].expand(-1, -1, h.shape[-1]))
-
-
-def _pack(question, question_mask, answer, answer_mask):
-    """Concatenate each item's valid question and answer tokens contiguously, then right-pad.
-
-    Returns packed [B, N, d], valid [B, N] bool, q_len [B], positions [B, N] (0..N-1).
-    """
-    q_len = question_mask.sum(1).long()
-    a_len = answer_mask.sum(1).long()
-    total = q_len + a_len
-    n = int(total.max())
-    b, lq, d = question.shape
-    la = answer.shape[1]
-    j = torch.arange(n, device=question.device)[None, :].expand(b, -1)
-    from_q = question.gather(1, j.clamp(max=lq - 1)[..., None].expand(-1, -1, d))
-    from_a = answer.gather(1, (j - q_len[:, None]).clamp(0, la - 1)[..., None].expand(-1, -1, d))
-    packed = torch.where((j < q_len[:, None])[..., None], from_q, from_a)
-    valid = j < total[:, None]
-    packed = packed * valid[..., None].to(packed.dtype)
-    return packed, valid, q_len, j
+        # Only the predictive rows go through the (per-row) output projection and norm.
+        return self.norm(self.proj_post(predictive_rows(h, is_answer)))
 
 
 def _causal_padding_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

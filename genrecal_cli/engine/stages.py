@@ -4,7 +4,8 @@ learning-rate schedule, and the update loop with logging, checkpoints and clean 
 Which parameters train and which losses count in each stage follows METHOD.md, "Stages". The
 loop reads top to bottom: data -> trainable parameters -> optimizer and schedule -> (resume) ->
 for each update: grad_accum micro-batches (teacher features, forward, a cross-process check,
-backward) -> clip, step -> log -> checkpoint or stop.
+backward) -> clip, step -> log -> checkpoint or stop. A checkpoint holds every process's data
+position, so a resumed stage continues with the items it would have seen next.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data import Collator, PairDataset
+from ..data.loader import Batches, Collator, DataReport, Item, PairDataset, default_workers, length_estimates
+from ..data.stream import StreamBatches
 from ..errors import GenrecalError
 from ..recipe import Recipe, StageSpec
 from . import checkpoint as ckpt
 from .faults import Interrupted, StopRequests, signal_name
 from .objective import TEACHER_STAGES, GenRecal
-from .parallel import RankBatches, after_trainable_changed, gather_rows, gathered, is_sharded, total_updates
+from .parallel import (RankBatches, after_trainable_changed, gather_objects, gather_rows, gathered, is_sharded,
+                       total_updates)
 from .probe import alignment_stats, reliance
 from .recalibrator import Recalibrator
 from .teacher import head_fn, teacher_features
@@ -44,6 +47,7 @@ class Run:
     module: GenRecal | None = None  # what trains: the student + Recalibrator, sharded when the recipe says so
     reporter: Any | None = None
     stop: StopRequests | None = None
+    data_report: DataReport | None = None  # what the stages skipped or cut, every process's, once per row
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,18 +109,30 @@ def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: 
     out_dir = Path(recipe.train.output_dir)
     peak = PeakMemory()
 
-    # data: every process deals its own slice of each global micro-batch (parallel.RankBatches)
+    # data: every process deals its own slice of each global micro-batch (parallel.RankBatches),
+    # encoded in loader workers; unusable items are skipped where they are met
     sides = {"student": run.student.processor}
     if teacher is not None:
         sides = {"teacher": teacher.processor, **sides}
-    dataset = PairDataset(run.train_rows, recipe.data, sides).scan()
-    if dataset.skip_summary() and reporter is not None:
-        reporter.note(f"{label}: {dataset.skip_summary()}", style="yellow")
+    streaming = recipe.data.streaming
+    columns = None
+    if streaming:  # a stream's columns: from its features when the reader inferred them, else its first row
+        columns = run.train_rows.column_names or list(next(iter(run.train_rows.take(1))))
+    dataset = PairDataset(run.train_rows, recipe.data, sides, columns=columns)
+    dataset.check_start()
     seed = recipe.train.seed + ckpt.STAGES.index(stage)
-    sampler = RankBatches(len(dataset), st.batch_size, acc.num_processes, acc.process_index, seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=Collator(sides))
-    total = total_updates(st, len(sampler))
+    sampler = None
+    if not streaming:
+        lengths = None
+        if recipe.data.group_by_length:
+            image_tokens = max(vlm.image_tokens_per_image() for vlm in (run.student, teacher) if vlm is not None)
+            lengths = length_estimates(run.train_rows, recipe.data, image_tokens)
+        sampler = RankBatches(len(dataset), st.batch_size, acc.num_processes, acc.process_index, seed, lengths=lengths)
+    total = st.steps if streaming else total_updates(st, len(sampler))  # a stream's stages count steps (recipe check)
     layout = {"processes": acc.num_processes, "global_batch": st.batch_size * acc.num_processes * st.grad_accum}
+    workers = recipe.data.num_workers
+    if workers is None:
+        workers = default_workers(acc.num_processes, on_gpu=acc.device.type == "cuda")
 
     # what trains, with which optimizer and schedule
     params = set_trainable(stage, run.student, rec, st)
@@ -126,7 +142,7 @@ def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: 
         after_trainable_changed(module)
     optimizer = torch.optim.AdamW(params, lr=st.lr, weight_decay=st.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(st, total))
-    step = 0
+    step, data_state = 0, {}
     if resume is not None:
         _check_layout(resume, layout, sharded, label)
         if sharded:
@@ -134,8 +150,18 @@ def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: 
         else:
             optimizer.load_state_dict(ckpt.load_tensors(resume.path / "optimizer.pt"))
         scheduler.load_state_dict(ckpt.load_tensors(resume.path / "scheduler.pt"))
-        ckpt.set_rng_state(ckpt.load_tensors(resume.path / "rng" / f"rank-{acc.process_index}.pt"))
-        step = resume.step
+        saved = ckpt.load_tensors(resume.path / "rng" / f"rank-{acc.process_index}.pt")
+        ckpt.set_rng_state(saved)
+        step, data_state = resume.step, saved.get("data", {})
+    pin = acc.device.type == "cuda"
+    if streaming:
+        batches = StreamBatches(dataset, run.train_rows, sides, batch_size=st.batch_size, processes=acc.num_processes,
+                                rank=acc.process_index, seed=seed, workers=workers, pin_memory=pin,
+                                state=data_state.get("position"))
+    else:  # checkpoints from before the data position was saved: every micro-batch had its items
+        batches = Batches(dataset, sampler, sides, workers=workers, pin_memory=pin,
+                          state=data_state.get("position", step * st.grad_accum))
+    batches.report = DataReport(**data_state.get("report", {}))
     head = head_fn(teacher.head) if teacher is not None else None
     probe = _probe_batch(dataset, sides, recipe, acc) if rec is not None else None
     if not sharded:
@@ -148,10 +174,10 @@ def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: 
             reporter.note(
                 f"{label}: {total:,} updates of {layout['global_batch']:,} items (batch_size {st.batch_size} x "
                 f"grad_accum {st.grad_accum} x {acc.num_processes} process{'es' if acc.num_processes > 1 else ''}); "
-                f"one epoch = {len(sampler) / st.grad_accum:,.1f} updates"
+                + ("streamed" if streaming else f"one epoch = {len(sampler) / st.grad_accum:,.1f} updates")
             )
-    batches = _micro_batches(loader, sampler, step * st.grad_accum)
     t0, seen_items, seen_tokens, metrics, names = time.perf_counter(), 0, 0, {}, ()
+    real, slots = 0, 0  # tokens and padded token slots over every side, for the padding share
     stop = run.stop or StopRequests()
     while step < total:
         sums = 0.0
@@ -167,8 +193,8 @@ def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: 
                 # terms, tokens and items. All processes see a bad loss and stop together.
                 names = ("loss", *out.terms)  # the same on every process: the same code path
                 mine = torch.stack([out.loss.detach().float(), *(v.detach().float() for v in out.terms.values())])
-                sbatch = batch["student"]
-                counts = [float(sbatch["attention_mask"].sum()), float(sbatch["input_ids"].shape[0])]
+                counts = [float(batch["student"]["attention_mask"].sum()), float(batch["items"]),
+                          *_padding(batch, sides), len(batches.report.skipped), len(batches.report.truncated)]
                 everyone = gather_rows(acc, torch.cat([mine.cpu(), torch.tensor(counts)])).cpu()
                 k = len(names)
                 bad = ~torch.isfinite(everyone[:, :k]).all(1)
@@ -182,6 +208,7 @@ def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: 
             sums += everyone[:, :k].mean(0)
             seen_tokens += int(everyone[:, k].sum())
             seen_items += int(everyone[:, k + 1].sum())
+            real, slots = real + int(everyone[:, k + 2].sum()), slots + int(everyone[:, k + 3].sum())
         if st.max_grad_norm > 0:
             acc.clip_grad_norm_(module.parameters(), st.max_grad_norm)
         lr = scheduler.get_last_lr()[0]  # the rate this update uses
@@ -196,7 +223,8 @@ def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: 
         probe_now = probe is not None and (step % recipe.train.probe_every == 0 or step == total)
         metrics = {n: float(v) / st.grad_accum for n, v in zip(names, sums)}
         dt = time.perf_counter() - t0
-        metrics.update(lr=lr, items_per_s=seen_items / dt, tokens_per_s=seen_tokens / dt, **layout)
+        metrics.update(lr=lr, items_per_s=seen_items / dt, tokens_per_s=seen_tokens / dt, pad_share=1 - real / max(slots, 1),
+                       skipped_items=int(everyone[:, k + 4].sum()), truncated_items=int(everyone[:, k + 5].sum()), **layout)
         if probe_now:  # every process runs it: a sharded teacher's forward is collective
             metrics.update(_run_probe(acc, module, probe, teacher, head, recipe))
         if reporter is not None and acc.is_main_process:
@@ -206,14 +234,20 @@ def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: 
             reporter.step(label, step, metrics)
 
         if stop_asked:
-            _save_progress(run, stage, step, total, acc, module, optimizer, scheduler, metrics, layout)
+            _save_progress(run, stage, step, total, acc, module, optimizer, scheduler, metrics, layout, batches)
             raise Interrupted(
                 f"{label}: stopped by {signal_name(stop_asked)} at step {step}/{total}; checkpoint saved in "
                 f"{ckpt.checkpoint_dir(out_dir, stage, step)}; run again with --resume to continue", stop_asked)
         if recipe.train.save_every and step % recipe.train.save_every == 0 and step < total:
-            _save_progress(run, stage, step, total, acc, module, optimizer, scheduler, metrics, layout)
+            _save_progress(run, stage, step, total, acc, module, optimizer, scheduler, metrics, layout, batches)
 
-    summary = {"steps": step, "metrics": metrics, **layout, "peak_rss_mb": peak.rss_mb(), **peak.device()}
+    report = DataReport()
+    for part in gather_objects(acc, [batches.report]):  # every process's, each row once
+        report.add(part)
+    if run.data_report is not None:
+        run.data_report.add(report)
+    summary = {"steps": step, "metrics": metrics, **layout, "data": report.to_dict(), "peak_rss_mb": peak.rss_mb(),
+               **peak.device()}
     acc.wait_for_everyone()
     states = ckpt.gathered_states(acc.unwrap_model(module), with_recalibrator=rec is not None) if sharded else {}
     if acc.is_main_process:
@@ -226,14 +260,10 @@ def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: 
     return summary
 
 
-def _micro_batches(loader, sampler: RankBatches, start: int):
-    """This process's micro-batches from micro-batch `start` on, epoch after epoch, without end
-    (resume starts mid-epoch without encoding the skipped items)."""
-    epoch, skip = divmod(start, len(sampler))
-    while True:
-        sampler.set_epoch(epoch, skip)
-        yield from loader
-        epoch, skip = epoch + 1, 0
+def _padding(batch: dict, sides) -> tuple[float, float]:
+    """(real tokens, token slots) of a micro-batch over every side."""
+    return (float(sum(batch[side]["attention_mask"].sum() for side in sides)),
+            float(sum(batch[side]["attention_mask"].numel() for side in sides)))
 
 
 def _grad_sync(acc, module, sharded: bool, sync: bool):
@@ -260,8 +290,9 @@ def _check_layout(resume: ckpt.Found, layout: dict, sharded: bool, label: str) -
         )
 
 
-def _save_progress(run, stage, step, total, acc, module, optimizer, scheduler, metrics, layout) -> None:
+def _save_progress(run, stage, step, total, acc, module, optimizer, scheduler, metrics, layout, batches) -> None:
     recipe = run.recipe
+    report = batches.report
     ckpt.save_checkpoint(
         acc, Path(recipe.train.output_dir), stage, step, module=acc.unwrap_model(module),
         student=acc.unwrap_model(module).student, processor=run.student.processor,
@@ -269,20 +300,31 @@ def _save_progress(run, stage, step, total, acc, module, optimizer, scheduler, m
         optimizer=optimizer, scheduler=scheduler, recipe=recipe.to_dict(),
         meta={"step": step, "total_steps": total, "finished": False, "metrics": metrics, **layout},
         keep=recipe.train.keep_checkpoints,
+        # this process's data position and what it skipped so far, saved with its RNG state
+        data={"position": batches.state(), "report": {"skipped": report.skipped, "truncated": report.truncated}},
     )
     if run.reporter is not None:
         run.reporter.note(f"checkpoint saved: {ckpt.checkpoint_dir(recipe.train.output_dir, stage, step)}", style="dim")
 
 
 def _probe_batch(dataset, sides, recipe: Recipe, acc) -> dict | None:
-    """The reliance probe's fixed batch: the first train.probe_items training items (the same on
-    every process)."""
+    """The reliance probe's fixed batch: the first train.probe_items usable training items (the
+    same on every process)."""
     from accelerate.utils import send_to_device
 
-    n = min(recipe.train.probe_items, len(dataset))
-    if recipe.train.probe_every == 0 or n < 2:
+    if recipe.train.probe_every == 0:
         return None
-    return send_to_device(Collator(sides)([dataset[i] for i in range(n)]), acc.device)
+    items = []
+    rows = dataset.rows if not hasattr(dataset.rows, "__len__") else (dataset.rows[i] for i in range(len(dataset.rows)))
+    for i, row in enumerate(rows):  # the first rows as stored: the same on every process
+        if len(items) == recipe.train.probe_items:
+            break
+        met = dataset.encode_row(row, i)
+        if isinstance(met, Item):
+            items.append(met)
+    if len(items) < 2:
+        return None
+    return send_to_device(Collator(sides)(items), acc.device)
 
 
 def _run_probe(acc, module, probe: dict, teacher, head, recipe: Recipe) -> dict[str, float]:

@@ -8,25 +8,23 @@ from typing import Callable
 
 import torch
 
-from ..data import model_inputs
+from ..data.loader import model_inputs
 from .parallel import gathered
+from .turns import Tokens, select
 
 
 @dataclass
 class TeacherFeatures:
     """What one batch's teacher pass hands to the Recalibrator and the losses.
 
-    question [B, Lq, d_l] (z_ql) + question_mask [B, Lq]; answer_in [B, La, d_l] (z_al, or the
-    answer's input embeddings under answer_input = "embeddings") + answer_mask [B, La];
-    answer_start [B]; rows [N, d_l]: the teacher's own rows predicting its N answer tokens
-    (L_kl's teacher distribution); targets [N]: those tokens.
+    question: the teacher's question tokens z_ql (x [B, Kq, d_l], every turn's); answer: z_al
+    (or the answer's input embeddings under answer_input = "embeddings"), x [B, Ka, d_l];
+    rows [N, d_l]: the teacher's own rows predicting its N answer tokens (L_kl's teacher
+    distribution), in reading order; targets [N]: those tokens.
     """
 
-    question: torch.Tensor
-    question_mask: torch.Tensor
-    answer_in: torch.Tensor
-    answer_mask: torch.Tensor
-    answer_start: torch.Tensor
+    question: Tokens
+    answer: Tokens
     rows: torch.Tensor
     targets: torch.Tensor
 
@@ -42,18 +40,13 @@ def teacher_features(teacher, batch: dict, answer_input: str) -> TeacherFeatures
         emb = _input_embeddings(teacher, batch["input_ids"]) if answer_input == "embeddings" else None
     # A float32 copy: these feed a graph that trains, and must not alias the teacher's buffers.
     z = z.to(torch.float32, copy=True)
-    start = batch["answer_start"]
-    a_len = batch["answer_mask"].sum(1)
-    lq, la = int(start.max()), int(a_len.max())
-    k = torch.arange(la, device=z.device)[None, :]
-    a_mask = k < a_len[:, None]
-    a_pos = (start[:, None] + k).clamp(max=z.shape[1] - 1)
-    src = emb.to(torch.float32, copy=True) if emb is not None else z
-    answer_in = gather_rows(src, a_pos)
-    rows = gather_rows(z, a_pos - 1)[a_mask]
-    targets = batch["input_ids"].gather(1, a_pos)[a_mask]
-    q_mask = torch.arange(lq, device=z.device)[None, :] < start[:, None]
-    return TeacherFeatures(z[:, :lq], q_mask.long(), answer_in, a_mask.long(), start, rows, targets)
+    segment = batch["segment"]
+    question = select(z, segment, answer=False)
+    answer = select(emb.to(torch.float32, copy=True) if emb is not None else z, segment, answer=True)
+    mask = answer.mask
+    rows = gather_rows(z, (answer.pos - 1).clamp(min=0))[mask]  # the next-token shift
+    targets = batch["input_ids"].gather(1, answer.pos)[mask]
+    return TeacherFeatures(question, answer, rows, targets)
 
 
 def _input_embeddings(teacher, ids: torch.Tensor) -> torch.Tensor:

@@ -363,6 +363,7 @@ def score(prediction: str, item: Mapping[str, str]) -> bool:
     return pred == target
 
 
-def scorer(prediction: str, row: Mapping[str, str]) -> tuple[bool, list[str]]:
-    """`score` in the form a distill run's accuracy table takes: (right, groups by form and kind)."""
+def scorer(prediction: str, row: Mapping[str, str], reference: str | None = None) -> tuple[bool, list[str]]:
+    """`score` in the form a distill run's accuracy table takes: (right, groups by form and kind).
+    The row holds what it needs; `reference` (its answer) is part of the form and not used."""
     return score(prediction, row), [f"form:{row['form']}", f"kind:{row.get('kind', '?')}"]
