@@ -1,7 +1,8 @@
 """The data pipeline alone (no model step): items/s with 0, 1 and 2 loader workers on the shapes
 data (one image, one turn) and on the built-in conversations (1-3 turns, 0-2 images); the
 padding share of batches with and without `data.group_by_length`; and the time from `distill()`
-to the first training step on 2,000 and on 20,000 conversations, read whole and streamed.
+to the first training step on 2,000 and on 20,000 conversations, read whole and streamed (from
+one file and from ten).
 
 Both sides (the tiny Qwen2-VL-style teacher and the LLaVA-style student) are encoded, as in the
 align and distill stages. CPU, offline.
@@ -90,14 +91,23 @@ def padding(rows, spec, procs, vlms, batch_size: int = 16) -> dict:
     return out
 
 
-def first_step(work: Path, n: int, streaming: bool) -> dict:
+def first_step(work: Path, n: int, streaming: bool, shards: int = 1) -> dict:
     """Seconds from distill() to the first training step on n conversations (data already built;
-    read whole, which converts the file to Arrow once, or streamed)."""
+    read whole, which converts the file to Arrow once, or streamed; in one file or `shards`)."""
     from genrecal_cli.recipe import recipe_from_dict
     from genrecal_cli.run import distill
     from genrecal_cli.world.chats import build_chats
 
     folder = build_chats(work / f"first-{n}", n, 20)
+    if shards > 1:  # the same rows as train-00000.jsonl ... (images shared through a link)
+        lines = (folder / "train.jsonl").read_text().splitlines(keepends=True)
+        sharded = work / f"first-{n}-{shards}"
+        if not sharded.exists():
+            sharded.mkdir()
+            (sharded / "images").symlink_to(folder / "images")
+            for k in range(shards):
+                (sharded / f"train-{k:05d}.jsonl").write_text("".join(lines[k::shards]))
+        folder = sharded
 
     class Clock:
         first = None
@@ -117,11 +127,11 @@ def first_step(work: Path, n: int, streaming: bool) -> dict:
     raw = {"teacher": {"path": "zoo:tiny-teacher"}, "student": {"path": "zoo:tiny-student"},
            "data": {"source": str(folder), "max_length": 512, "streaming": streaming},
            "stages": {"align": {"steps": 1, "batch_size": 16, "lr": 1e-3}},
-           "train": {"output_dir": str(work / f"run-{n}-{streaming}"), "eval_items": 0, "probe_every": 0}}
+           "train": {"output_dir": str(work / f"run-{n}-{streaming}-{shards}"), "eval_items": 0, "probe_every": 0}}
     clock = Clock()
     t0 = time.perf_counter()
     distill(recipe_from_dict(raw), reporter=clock, overwrite=True)
-    return {"items": n, "streaming": streaming, "seconds_to_first_step": round(clock.first - t0, 2)}
+    return {"items": n, "streaming": streaming, "files": shards, "seconds_to_first_step": round(clock.first - t0, 2)}
 
 
 def main() -> int:
@@ -145,9 +155,9 @@ def main() -> int:
             result["padding"][name] = padding(rows.select(range(min(len(rows), 200 if a.smoke else 1000))), spec, procs, vlms)
             print(name, json.dumps(result["throughput"][name]), json.dumps(result["padding"][name]), flush=True)
         for size in ((200, 2000) if a.smoke else (2000, 20000)):
-            for streaming in (False, True):
-                result["first_step"].append(first_step(work, size, streaming))
-            print(json.dumps(result["first_step"][-1]), flush=True)
+            for streaming, shards in ((False, 1), (True, 1), (True, 10)):
+                result["first_step"].append(first_step(work, size, streaming, shards))
+                print(json.dumps(result["first_step"][-1]), flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -203,6 +203,6 @@ def test_data_bench_smoke_measures_workers_padding_and_first_step(tmp_path):
         pad = result["padding"][name]
         assert 0 <= pad["group_by_length"] <= pad["plain"] < 1
     assert result["padding"]["chats"]["group_by_length"] < result["padding"]["chats"]["plain"]
-    assert [(r["items"], r["streaming"]) for r in result["first_step"]] == [(200, False), (200, True), (2000, False),
-                                                                            (2000, True)]
+    assert [(r["items"], r["streaming"], r["files"]) for r in result["first_step"]] == [
+        (n, streaming, files) for n in (200, 2000) for streaming, files in ((False, 1), (True, 1), (True, 10))]
     assert all(r["seconds_to_first_step"] > 0 for r in result["first_step"])
