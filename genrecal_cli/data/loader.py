@@ -4,6 +4,7 @@ process's micro-batches followed from a saved state (`Batches`; data/stream.py f
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -13,7 +14,8 @@ from ..errors import DataError
 from ..recipe import DataSpec
 from .formats import detect, to_conversation
 from .render import Encoded, encode_pair
-from .sources import SkipItem, image_root, open_image
+from .render import pad_to_common
+from .sources import SkipItem, columns_of, image_root, open_image
 
 IGNORE_INDEX = -100
 
@@ -41,7 +43,7 @@ class PairDataset:
 
     def __init__(self, rows, spec: DataSpec, processors: Mapping[str, Any], columns: Sequence[str] | None = None):
         self.rows, self.spec, self.processors = rows, spec, dict(processors)
-        self.format = detect(columns if columns is not None else rows.column_names, spec)
+        self.format = detect(columns if columns is not None else columns_of(rows), spec)
         self.image_root = image_root(spec) if spec.source != "shapes" else None
 
     def __len__(self) -> int:
@@ -62,12 +64,15 @@ class PairDataset:
             return Skipped(key, str(exc))
         return Item(key, sides, dropped)
 
+    def first(self) -> Iterator[Item | Skipped]:
+        """The rows in stored order (a stream from its start, unshuffled), encoded one by one."""
+        rows = self.rows if not hasattr(self.rows, "__len__") else (self.rows[i] for i in range(len(self.rows)))
+        return (self.encode_row(row, i) for i, row in enumerate(rows))
+
     def check_start(self, n: int = 16) -> None:
         """Encode the first `n` rows now, so a malformed row, a template that cannot be cut or
         data that is all unusable fails before training starts (not a pass over all the data)."""
-        first = self.rows.take(n) if hasattr(self.rows, "take") and not hasattr(self.rows, "__len__") else \
-            (self.rows[i] for i in range(min(n, len(self.rows))))
-        met = [self.encode_row(row, i) for i, row in enumerate(first)]
+        met = list(itertools.islice(self.first(), n))
         if met and all(isinstance(m, Skipped) for m in met):
             reasons = Counter(m.reason for m in met)
             raise DataError(f"{self.spec.source}: the first {len(met)} items were all skipped "
@@ -184,22 +189,6 @@ def collate_side(items: Sequence[Encoded], pad_id: int) -> dict[str, Any]:
     return batch
 
 
-def pad_to_common(parts: list, first_dim: int = 1) -> list:
-    """Zero-pad tensors to the largest size in every dim from `first_dim` on."""
-    import torch
-
-    if parts[0].dim() <= first_dim or len({p.shape[first_dim:] for p in parts}) == 1:
-        return parts
-    sizes = [max(p.shape[d] for p in parts) for d in range(first_dim, parts[0].dim())]
-    out = []
-    for p in parts:
-        pad = []
-        for d in reversed(range(first_dim, p.dim())):
-            pad += [0, sizes[d - first_dim] - p.shape[d]]
-        out.append(torch.nn.functional.pad(p, pad))
-    return out
-
-
 def _cat0(parts: list):
     import torch
 
@@ -254,6 +243,16 @@ def default_workers(processes: int, on_gpu: bool) -> int:
     return max(0, min(8, per_process - 1 if on_gpu else per_process // 2 - 1))
 
 
+def data_loader(dataset, workers: int, pin_memory: bool, **kwargs):
+    """A torch DataLoader with `workers` processes, each prefetching 4 batches."""
+    import torch
+
+    if workers > 0:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are forked
+    return torch.utils.data.DataLoader(dataset, num_workers=workers, pin_memory=pin_memory,
+                                       prefetch_factor=4 if workers else None, **kwargs)
+
+
 class Batches:
     """This process's micro-batches, epoch after epoch without end, from a saved `state` on
     (resuming skips the items before it without encoding them). A micro-batch whose items were
@@ -262,16 +261,10 @@ class Batches:
 
     def __init__(self, dataset: PairDataset, sampler, sides: Mapping[str, Any], *, workers: int, pin_memory: bool,
                  state: dict | int | None = None):
-        import torch
-
-        if workers > 0:
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are forked
         self.dataset, self.sampler = dataset, sampler
         self.position = state if isinstance(state, int) else (state or {}).get("position", 0)
         self.report = DataReport()
-        self.loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=sampler, collate_fn=Collator(sides), num_workers=workers,
-            pin_memory=pin_memory, prefetch_factor=4 if workers else None)
+        self.loader = data_loader(dataset, workers, pin_memory, batch_sampler=sampler, collate_fn=Collator(sides))
         self._it: Iterator | None = None
 
     def state(self) -> dict:

@@ -10,6 +10,7 @@ is skipped. Both are counted by the loader.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -91,17 +92,11 @@ def _template(processor, messages: list[dict], generation_prompt: bool) -> str:
 
 
 def encode(processor, conv: Conversation, images: list, max_length: int | None = None) -> Encoded:
-    """Tokenize every turn of `conv` for one side (images: the opened images of conv.images).
-
-    With `max_length`, trailing turns that do not fit are dropped (SkipItem when the first does
-    not); `encode_pair` does this for several sides at once, keeping the same turns on each."""
-    pieces, answers = _pieces(processor, conv, images)
-    turns = len(answers)
-    if max_length is not None:
-        turns = turns_that_fit(pieces, max_length)
-        if turns == 0:
-            raise SkipItem(f"first turn longer than max_length {max_length}")
-    return assemble(pieces, answers, turns, _batched_images(pieces))
+    """Tokenize every turn of `conv` for one side (images: the opened images of conv.images);
+    with `max_length`, trailing turns that do not fit are dropped (SkipItem when the first does
+    not), as `encode_pair` does for several sides at once."""
+    sides, _ = encode_pair({"side": processor}, conv, images, sys.maxsize if max_length is None else max_length)
+    return sides["side"]
 
 
 def encode_pair(processors: Mapping[str, Any], conv: Conversation, images: list, max_length: int) -> tuple[dict[str, Encoded], int]:
@@ -192,7 +187,21 @@ def _join(parts: list, dim: int):
     if not isinstance(parts[0], torch.Tensor):
         return [x for part in parts for x in part]
     if dim == 1:  # pad the per-image dims to the widest (Idefics3 tiles differ per image)
-        from .loader import pad_to_common
-
         parts = pad_to_common(parts, first_dim=2)
     return torch.cat(parts, dim=dim)
+
+
+def pad_to_common(parts: list, first_dim: int = 1) -> list:
+    """Zero-pad tensors to the largest size in every dim from `first_dim` on."""
+    import torch
+
+    if parts[0].dim() <= first_dim or len({p.shape[first_dim:] for p in parts}) == 1:
+        return parts
+    sizes = [max(p.shape[d] for p in parts) for d in range(first_dim, parts[0].dim())]
+    out = []
+    for p in parts:
+        pad = []
+        for d in reversed(range(first_dim, p.dim())):
+            pad += [0, sizes[d - first_dim] - p.shape[d]]
+        out.append(torch.nn.functional.pad(p, pad))
+    return out

@@ -34,17 +34,23 @@ def load_stream(spec: DataSpec, split: str):
 def check_stream(ds, spec: DataSpec, split: str):
     """A stream with its layout checked on its first row, images left undecoded (they are read
     in the loader's workers), cut to data.num_train for the training split."""
-    columns = ds.column_names  # known when the reader inferred the features; else read one row
+    columns = columns_of(ds)
     if columns is None:
-        first = next(iter(ds.take(1)), None)
-        if first is None:
-            raise DataError(f"{spec.source}: split '{split}' is empty")
-        columns = list(first)
+        raise DataError(f"{spec.source}: split '{split}' is empty")
     detect(columns, spec)
     ds = _undecoded(ds)
     if spec.num_train is not None and split == spec.train_split:
         ds = ds.take(spec.num_train)
     return ds
+
+
+def columns_of(ds) -> list[str] | None:
+    """A split's columns; for a stream whose reader did not infer its features, its first row's
+    keys (None: the stream is empty)."""
+    if ds.column_names is not None:
+        return list(ds.column_names)
+    first = next(iter(ds.take(1)), None)
+    return None if first is None else list(first)
 
 
 def as_stream(ds, shards: int = 16):

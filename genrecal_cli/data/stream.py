@@ -4,11 +4,12 @@ in the epoch."""
 
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping
 
+import torch
+
 from ..errors import DataError
-from .loader import Batches, Collator, DataReport, PairDataset
+from .loader import Batches, Collator, DataReport, PairDataset, data_loader
 
 
 def row_key(row: Mapping) -> int:
@@ -31,25 +32,16 @@ def _light(value: Any) -> Any:
     return value
 
 
-class _StreamPart:
-    """A torch IterableDataset over this process's share of a stream: in each loader worker,
-    `datasets` hands out that worker's own shards; the worker encodes and collates its rows into
-    micro-batches, skipping (unread beyond parsing) the batches a resumed state says it made."""
+class _StreamPart(torch.utils.data.IterableDataset):
+    """This process's share of a stream: in each loader worker, `datasets` hands out that worker's
+    own shards; the worker encodes and collates its rows into micro-batches, skipping (unread
+    beyond parsing) the batches a resumed state says it made."""
 
     def __init__(self, stream, dataset: PairDataset, batch_size: int, collate: Collator):
-        import torch
-
-        class Part(torch.utils.data.IterableDataset):
-            def __iter__(part):
-                return self._iter()
-
-        self.part = Part()
         self.stream, self.dataset, self.batch_size, self.collate = stream, dataset, batch_size, collate
         self.epoch, self.done = 0, {}  # worker -> micro-batches already made in this epoch
 
-    def _iter(self):
-        import torch
-
+    def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         skip_rows = self.done.get(worker, 0) * self.batch_size
@@ -74,11 +66,8 @@ class StreamBatches(Batches):
 
     def __init__(self, dataset: PairDataset, stream, sides: Mapping[str, Any], *, batch_size: int, processes: int,
                  rank: int, seed: int, workers: int, pin_memory: bool, state: dict | None = None):
-        import torch
         from datasets.distributed import split_dataset_by_node
 
-        if workers > 0:
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         shuffled = stream.shuffle(seed=seed, buffer_size=dataset.spec.shuffle_buffer)
         mine = split_dataset_by_node(shuffled, rank=rank, world_size=processes) if processes > 1 else shuffled
         self.dataset, self.report, self._it = dataset, DataReport(), None
@@ -91,8 +80,7 @@ class StreamBatches(Batches):
         self.workers = workers
         self.source.epoch = state.get("epoch", 0)
         self.source.done = {int(w): n for w, n in state.get("workers", {}).items()}
-        self.loader = torch.utils.data.DataLoader(self.source.part, batch_size=None, num_workers=workers,
-                                                  pin_memory=pin_memory, prefetch_factor=4 if workers else None)
+        self.loader = data_loader(self.source, workers, pin_memory, batch_size=None)
         self._usable = 0
 
     def state(self) -> dict:

@@ -121,8 +121,8 @@ def distill(
         if found is None:  # the student as it came in, before any stage of this run
             result.accuracy["student before"] = _accuracy(student, inputs, recipe, acc)
 
-    module = GenRecal(student.model, rec, recipe.loss,
-                      blank_images=student.blank_image_inputs() if acc.num_processes > 1 else None)
+    blank = {k: v.to(acc.device) for k, v in student.blank_image_inputs().items()} if acc.num_processes > 1 else None
+    module = GenRecal(student.model, rec, recipe.loss, blank_images=blank)
     if shard_s:
         shard_trainable(module, mesh, compute_dtype(recipe))
     with StopRequests() as stop:

@@ -62,8 +62,7 @@ class GenRecal(nn.Module):
         touch = None
         with torch.set_grad_enabled(torch.is_grad_enabled() and stage != "align"):  # align: student frozen
             if self.blank_images is not None and "pixel_values" not in sbatch:  # first, as images go first
-                blank = {k: v.to(sbatch["input_ids"].device) for k, v in self.blank_images.items()}
-                touch = sum(t.float().sum() for t in image_features(self.student, **blank)) * 0.0
+                touch = sum(t.float().sum() for t in image_features(self.student, **self.blank_images)) * 0.0
             z_s = self.student.model(**model_inputs(sbatch)).last_hidden_state
         terms: dict[str, torch.Tensor] = {}
         recalibrated = None

@@ -10,6 +10,7 @@ position, so a resumed stage continues with the items it would have seen next.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from contextlib import nullcontext
@@ -115,10 +116,7 @@ def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: 
     if teacher is not None:
         sides = {"teacher": teacher.processor, **sides}
     streaming = recipe.data.streaming
-    columns = None
-    if streaming:  # a stream's columns: from its features when the reader inferred them, else its first row
-        columns = run.train_rows.column_names or list(next(iter(run.train_rows.take(1))))
-    dataset = PairDataset(run.train_rows, recipe.data, sides, columns=columns)
+    dataset = PairDataset(run.train_rows, recipe.data, sides)
     dataset.check_start()
     seed = recipe.train.seed + ckpt.STAGES.index(stage)
     sampler = None
@@ -314,14 +312,8 @@ def _probe_batch(dataset, sides, recipe: Recipe, acc) -> dict | None:
 
     if recipe.train.probe_every == 0:
         return None
-    items = []
-    rows = dataset.rows if not hasattr(dataset.rows, "__len__") else (dataset.rows[i] for i in range(len(dataset.rows)))
-    for i, row in enumerate(rows):  # the first rows as stored: the same on every process
-        if len(items) == recipe.train.probe_items:
-            break
-        met = dataset.encode_row(row, i)
-        if isinstance(met, Item):
-            items.append(met)
+    usable = (met for met in dataset.first() if isinstance(met, Item))  # the same on every process
+    items = list(itertools.islice(usable, recipe.train.probe_items))
     if len(items) < 2:
         return None
     return send_to_device(Collator(sides)(items), acc.device)
