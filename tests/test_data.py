@@ -375,3 +375,14 @@ def test_a_streamed_run_trains_and_exports(tmp_path, tiny_pair):
     assert result.stages["align"]["steps"] == 2 and result.stages["finetune"]["steps"] == 2
     assert (tmp_path / "out" / "student" / "model.safetensors").is_file()
     assert result.stages["align"]["metrics"]["ar"] > 0
+
+
+def test_data_reports_merge_every_row_once():
+    """What processes and stages skipped is merged: each row once, none lost."""
+    from genrecal_cli.data.loader import DataReport
+
+    report = DataReport({1: "image file not found"}, {4: 1})
+    report.add(DataReport({2: "first turn longer than max_length 8"}, {}))
+    assert report.skipped == {1: "image file not found", 2: "first turn longer than max_length 8"}
+    assert report.truncated == {4: 1}
+    assert report.to_dict()["skipped_items"] == 2
