@@ -2,7 +2,7 @@
 data (one image, one turn) and on the built-in conversations (1-3 turns, 0-2 images); the
 padding share of batches with and without `data.group_by_length`; and the time from `distill()`
 to the first training step on 2,000 and on 20,000 conversations, read whole and streamed (from
-one file and from ten).
+one file and from ten), and on 200,000 streamed.
 
 Both sides (the tiny Qwen2-VL-style teacher and the LLaVA-style student) are encoded, as in the
 align and distill stages. CPU, offline.
@@ -98,9 +98,10 @@ def first_step(work: Path, n: int, streaming: bool, shards: int = 1) -> dict:
     from genrecal_cli.run import distill
     from genrecal_cli.world.chats import build_chats
 
-    folder = build_chats(work / f"first-{n}", n, 20)
-    if shards > 1:  # the same rows as train-00000.jsonl ... (images shared through a link)
-        lines = (folder / "train.jsonl").read_text().splitlines(keepends=True)
+    copies = max(1, n // 20000)  # beyond 20,000: that many rows again and again (building is slow; reading is not)
+    folder = build_chats(work / f"first-{n // copies}", n // copies, 20)
+    if shards > 1 or copies > 1:  # the same rows as train-00000.jsonl ... (images shared through a link)
+        lines = (folder / "train.jsonl").read_text().splitlines(keepends=True) * copies
         sharded = work / f"first-{n}-{shards}"
         if not sharded.exists():
             sharded.mkdir()
@@ -154,8 +155,10 @@ def main() -> int:
             result["throughput"][name] = [throughput(rows, spec, procs, w, 2 if a.smoke else 40) for w in (0, 1, 2)]
             result["padding"][name] = padding(rows.select(range(min(len(rows), 200 if a.smoke else 1000))), spec, procs, vlms)
             print(name, json.dumps(result["throughput"][name]), json.dumps(result["padding"][name]), flush=True)
-        for size in ((200, 2000) if a.smoke else (2000, 20000)):
+        for size in ((200, 2000) if a.smoke else (2000, 20000, 200000)):
             for streaming, shards in ((False, 1), (True, 1), (True, 10)):
+                if size > 20000 and not streaming:
+                    continue  # read whole, 200,000 rows are converted to Arrow first: the reason to stream
                 result["first_step"].append(first_step(work, size, streaming, shards))
                 print(json.dumps(result["first_step"][-1]), flush=True)
     if a.json:

@@ -187,6 +187,22 @@ def test_a_malformed_row_stops_with_its_row_and_field(tiny_pair, tmp_path):
         ds.check_start()
 
 
+
+def test_a_malformed_row_met_in_a_loader_worker_stops_with_its_one_line(tiny_pair, tmp_path):
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    bad = {"messages": [{"role": "user", "content": "q"}, {"role": "assistent", "content": "a"}]}
+    spec = DataSpec(source=_write(tmp_path, [good] * 5 + [bad] + [good] * 2))
+    ds = PairDataset(load_split(spec, "train"), spec, sides(tiny_pair))
+    ds.check_start(4)  # the bad row is past the start check: met in training, in a worker
+    batches = Batches(ds, RankBatches(len(ds), 2, 1, 0, seed=0), sides(tiny_pair), workers=1,
+                      pin_memory=False)
+    with pytest.raises(DataError) as err:
+        for _ in range(4):
+            next(batches)
+    assert str(err.value).endswith("train.jsonl: row 5: messages[1].role: 'assistent' is not one of system, user, assistant")
+    assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
+
+
 def test_all_skipped_at_the_start_is_an_error(tiny_pair):
     spec = DataSpec(max_length=8, shapes_size=6)
     ds = PairDataset(load_split(spec, "train"), spec, sides(tiny_pair))
@@ -386,3 +402,38 @@ def test_data_reports_merge_every_row_once():
     assert report.skipped == {1: "image file not found", 2: "first turn longer than max_length 8"}
     assert report.truncated == {4: 1}
     assert report.to_dict()["skipped_items"] == 2
+
+
+def test_a_streamed_file_is_read_as_the_loop_needs_it_not_whole(tmp_path):
+    """The first rows of a large streamed JSON file come from its first chunk: a file whose tail
+    (past 4 MiB) is not JSON at all still gives its first batch, so the time to the first step
+    does not grow with the file (datasets' default 10 MiB chunk would parse that tail first)."""
+    from genrecal_cli.run import load_stream
+
+    row = {"question": "what is drawn here, and in which colour? " * 50, "answer": "a red square " * 4}
+    line = json.dumps(row) + "\n"
+    path = tmp_path / "big.jsonl"
+    with path.open("w") as f:
+        f.write(line * (4 * 2**20 // len(line) + 1))
+        f.write("this is not json {\n" * 1000)
+    spec = DataSpec(source=str(path), streaming=True)
+    first = list(load_stream(spec, "train").shuffle(seed=0, buffer_size=64).take(16))
+    assert len(first) == 16 and all(r["answer"] == row["answer"] for r in first)
+
+
+def test_a_stream_that_turns_unreadable_stops_with_one_line_naming_it(tiny_pair, tmp_path):
+    from genrecal_cli.data.stream import StreamBatches
+    from genrecal_cli.run import load_stream
+
+    _, student = tiny_pair
+    line = json.dumps({"question": "what is drawn here? " * 100, "answer": "a red square"}) + "\n"
+    path = tmp_path / "cut.jsonl"
+    path.write_text(line * (2 * 2**20 // len(line)) + "not json {\n")  # the tail past the first chunk
+    spec = DataSpec(source=str(path), streaming=True, shuffle_buffer=8)
+    stream, sides_ = load_stream(spec, "train"), {"student": student.processor}
+    batches = StreamBatches(PairDataset(stream, spec, sides_, columns=["question", "answer"]), stream, sides_,
+                            batch_size=512, processes=1, rank=0, seed=1, workers=1, pin_memory=False)
+    with pytest.raises(DataError, match=r"^\S*cut.jsonl: cannot read the streamed data \(ArrowInvalid: JSON parse") as err:
+        while batches.source.epoch == 0:
+            next(batches)
+    assert "\n" not in str(err.value)

@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from ..errors import DataError
+from ..errors import DataError, GenrecalError
 from ..recipe import DataSpec
 from .formats import detect, to_conversation
 from .render import Encoded, encode_pair
@@ -33,6 +33,28 @@ class Item:
 class Skipped:
     index: int
     reason: str
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A row that stops the run (malformed), carried out of a loader worker as data: the run
+    stops with its one-line message rather than with the worker's traceback."""
+
+    error: GenrecalError
+
+
+def carried(encode: Callable[..., "Item | Skipped"], *args, **kwargs) -> "Item | Skipped | Failed":
+    """`encode(*args)`, with an error that stops the run returned as a Failed (see `raise_carried`)."""
+    try:
+        return encode(*args, **kwargs)
+    except GenrecalError as exc:
+        return Failed(exc)
+
+
+def raise_carried(batch: Mapping[str, Any]) -> None:
+    """Raise, in the training process, the error a loader worker carried out in `batch`."""
+    if "error" in batch:
+        raise batch["error"]
 
 
 class PairDataset:
@@ -208,7 +230,10 @@ class Collator:
             pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
             self.pad_ids[side] = 0 if pad is None else pad
 
-    def __call__(self, met: Sequence[Item | Skipped]) -> dict[str, Any]:
+    def __call__(self, met: Sequence[Item | Skipped | Failed]) -> dict[str, Any]:
+        failed = [m for m in met if isinstance(m, Failed)]
+        if failed:
+            return {"error": failed[0].error}
         items = [m for m in met if isinstance(m, Item)]
         report = DataReport({m.index: m.reason for m in met if isinstance(m, Skipped)},
                             {m.index: m.dropped for m in items if m.dropped})
@@ -243,6 +268,19 @@ def default_workers(processes: int, on_gpu: bool) -> int:
     return max(0, min(8, per_process - 1 if on_gpu else per_process // 2 - 1))
 
 
+class _Carrying:
+    """A PairDataset as loader workers read it: a row that stops the run comes back as a Failed."""
+
+    def __init__(self, dataset: PairDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Item | Skipped | Failed:
+        return carried(self.dataset.__getitem__, i)
+
+
 def data_loader(dataset, workers: int, pin_memory: bool, **kwargs):
     """A torch DataLoader with `workers` processes, each prefetching 4 batches."""
     import torch
@@ -264,7 +302,8 @@ class Batches:
         self.dataset, self.sampler = dataset, sampler
         self.position = state if isinstance(state, int) else (state or {}).get("position", 0)
         self.report = DataReport()
-        self.loader = data_loader(dataset, workers, pin_memory, batch_sampler=sampler, collate_fn=Collator(sides))
+        self.loader = data_loader(_Carrying(dataset), workers, pin_memory, batch_sampler=sampler,
+                                  collate_fn=Collator(sides))
         self._it: Iterator | None = None
 
     def state(self) -> dict:
@@ -285,6 +324,7 @@ class Batches:
             except StopIteration:
                 self._it = None
                 continue
+            raise_carried(batch)
             self.position += 1
             self.report.add(batch["data"])
             if batch["items"]:

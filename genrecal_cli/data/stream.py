@@ -8,8 +8,8 @@ from typing import Any, Mapping
 
 import torch
 
-from ..errors import DataError
-from .loader import Batches, Collator, DataReport, PairDataset, data_loader
+from ..errors import DataError, first_line
+from .loader import Batches, Collator, DataReport, PairDataset, carried, data_loader, raise_carried
 
 
 def row_key(row: Mapping) -> int:
@@ -47,10 +47,19 @@ class _StreamPart(torch.utils.data.IterableDataset):
         skip_rows = self.done.get(worker, 0) * self.batch_size
         self.stream.set_epoch(self.epoch)
         met, made = [], self.done.get(worker, 0)
-        for n, row in enumerate(self.stream):
+        rows = enumerate(self.stream)
+        while True:
+            try:
+                n, row = next(rows)
+            except StopIteration:
+                break
+            except Exception as exc:  # the reader: a file that is not what its name says, cut short, ...
+                yield {"error": DataError(f"{self.dataset.spec.source}: cannot read the streamed data "
+                                          f"({type(exc).__name__}: {first_line(exc)})")}
+                return
             if n < skip_rows:
                 continue
-            met.append(self.dataset.encode_row(row, n, key=row_key(row)))
+            met.append(carried(self.dataset.encode_row, row, n, key=row_key(row)))
             if len(met) == self.batch_size:
                 yield {**self.collate(met), "worker": worker, "made": made + 1}
                 met, made = [], made + 1
@@ -102,6 +111,7 @@ class StreamBatches(Batches):
                 self.source.epoch += 1
                 self.source.done = {}
                 continue
+            raise_carried(batch)
             self.source.done[batch.pop("worker")] = batch.pop("made")
             self.report.add(batch["data"])
             if batch["items"]:
