@@ -1,8 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   create .venv, install genrecal, run the main job on the embedded default:
-#               distill the built-in tiny teacher (trained first, then reused from runs/) into
-#               the built-in tiny student on the shapes data; a second run starts the
-#               distillation over (--overwrite) but keeps the trained teacher
+#   make demo   create .venv, install genrecal (with matplotlib for the run's report.png), run
+#               the main job on the embedded default: distill the shipped reference teacher
+#               into the built-in tiny student on the shapes data (a second run starts over)
 #   make test   install the test extras and run the test suite
 # torch is installed first as the CPU build 2.13.0 where none is present: a bare `torch`
 # requirement would pull a multi-GB CUDA build. torchvision is never installed.
@@ -31,7 +30,7 @@ $(VENV)/.torch: | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed: pyproject.toml $(VENV)/.torch
-	$(PIP) install -e .
+	$(PIP) install -e '.[report]'
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed

@@ -257,10 +257,10 @@ class ChatSession:
             )
         if dropped:
             notices.append(
-                f"context: dropped the oldest {dropped} messages to stay within {self.context} tokens"
+                f"context: dropped the oldest {dropped} message{'' if dropped == 1 else 's'} to stay within {self.context} tokens"
             )
         if room < self.max_new_tokens:
-            notices.append(f"context: this answer is limited to {room} tokens")
+            notices.append(f"context: this answer is limited to {room} token{'' if room == 1 else 's'}")
         device = next(self.vlm.model.parameters()).device
         return Prepared(message, inputs.to(device), n, room, dropped, notices)
 
@@ -459,4 +459,4 @@ def _stream(session: ChatSession, console, text: str) -> None:
     ids = result["ids"]
     session.record(turn, ids, stopped=stop.is_set())
     rate = len(ids) / elapsed if elapsed > 0 else float("nan")
-    console.print(f"[dim]{len(ids)} tokens · {rate:.1f} tokens/s{' · stopped' if stop.is_set() else ''}[/]")
+    console.print(f"[dim]{len(ids)} token{'' if len(ids) == 1 else 's'} · {rate:.1f} tokens/s{' · stopped' if stop.is_set() else ''}[/]")

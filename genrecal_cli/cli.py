@@ -17,7 +17,10 @@ from .errors import GenrecalError
 
 app = typer.Typer(
     name="genrecal",
-    help="Distill a large vision-language model into a small one, across different token types (GenRecal).",
+    help="Distill a large vision-language model into a small one, across different token types (GenRecal).\n\n"
+    "Models are local folders, hub ids or built-in tiny models made offline on first use: "
+    "zoo:shapes-teacher (a trained reference teacher), zoo:tiny-teacher, zoo:tiny-student, "
+    "zoo:qwen2_vl, zoo:qwen2_5_vl, zoo:internvl, zoo:llava, zoo:idefics3.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -92,12 +95,53 @@ def distill(
 
     accelerator = make_accelerator(loaded)
     out = Path(loaded.train.output_dir)
-    with Reporter(out, console=console, log_every=loaded.train.log_every, enabled=accelerator.is_main_process) as rep:
-        result = run_distill(loaded, resume=resume, overwrite=overwrite, reporter=rep, accelerator=accelerator)
+    existed = out.exists()
+    try:
+        with Reporter(out, console=console, log_every=loaded.train.log_every,
+                      enabled=accelerator.is_main_process) as rep:
+            result = run_distill(loaded, resume=resume, overwrite=overwrite, reporter=rep, accelerator=accelerator)
+    except BaseException:
+        if not existed and accelerator.is_main_process:
+            _remove_if_empty(out)  # a run that failed before writing anything leaves no folder behind
+        raise
     if accelerator.is_main_process:
         if result.accuracy:
             console.print(_accuracy_table(result.accuracy, loaded.data.eval_split))
         console.print(f"[bold green]done[/]: student exported to [bold]{result.student_dir}[/]")
+        _draw_report(out, console)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove `folder` if it holds no file (only empty folders, or nothing)."""
+    if folder.is_dir() and not any(p.is_file() or p.is_symlink() for p in folder.rglob("*")):
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _draw_report(run_dir: Path, console) -> None:
+    """report.png of a finished run; without matplotlib, how to get it (the run is done either way)."""
+    from .report import ReportUnavailable, write_report
+
+    try:
+        console.print(f"report: [bold]{write_report(run_dir)}[/]")
+    except ReportUnavailable as exc:
+        from rich.markup import escape
+
+        console.print(f"[dim]report: {escape(str(exc))}; then `genrecal report {escape(str(run_dir))}` draws it[/]")
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="a genrecal distill output folder (finished or still going)"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="where to write the PNG (default RUN_DIR/report.png)"),
+) -> None:
+    """Draw a run's picture (loss terms per stage, learning rate, token alignment, reliance probe,
+    accuracy before / after) from its metrics.jsonl; also for a run still going."""
+    from .report import write_report
+
+    console = _console()
+    console.print(f"report: [bold]{write_report(run_dir, output)}[/]")
 
 
 @app.command("inspect-vocab")

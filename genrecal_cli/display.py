@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -145,17 +145,20 @@ class _Stage:
     name: str
     total: int | None
     start_step: int
-    t0: float = field(default_factory=time.monotonic)
+    t0: float = field(default_factory=lambda: time.monotonic())
     last_step: int = 0
     task_id: Any = None
     unlogged: Mapping[str, Any] | None = None  # the latest step's metrics when that step was not logged
+    printed: float = field(default_factory=lambda: time.monotonic())  # when a line of this stage was last printed
 
 
 class Reporter:
     """Shows and records the progress of a training run; the stage loop calls it after every step.
 
     `live=None` picks a rich live display when the console is a terminal, else one plain line per
-    logged step (for log files and CI). `enabled=False` (non-main processes) makes every call a no-op.
+    logged step (for log files and CI), and between logged steps a short progress line (step, rate,
+    time left) whenever `progress_every` seconds passed without a line, so a log of long steps is
+    never silent for long. `enabled=False` (non-main processes) makes every call a no-op.
     Each logged step is appended to `output_dir/metrics.jsonl` as one JSON object.
     """
 
@@ -167,17 +170,19 @@ class Reporter:
         log_every: int = 10,
         live: bool | None = None,
         enabled: bool = True,
+        progress_every: float = 30.0,
     ):
         if log_every < 1:
             raise ValueError(f"log_every must be at least 1, got {log_every}")
         self.enabled = enabled
         self.log_every = log_every
+        self.progress_every = progress_every
         self.console = console or Console()
         self.live = self.console.is_terminal if live is None else live
         self.metrics_path = Path(output_dir) / METRICS_FILE if output_dir is not None else None
-        if enabled and self.metrics_path is not None:
-            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         self._file = None
+        # Where every metrics.jsonl record also goes (experiment trackers): callables taking it.
+        self.sinks: list[Callable[[dict[str, Any]], None]] = []
         self._stages: dict[str, _Stage] = {}
         self._panel: RenderableType | None = None
         self._live: Live | None = None
@@ -266,6 +271,8 @@ class Reporter:
         st.unlogged = None if logged else dict(metrics)  # a copy: the loop may reuse its dict
         if logged:
             self._log(st, step, metrics)
+        elif not self.live and time.monotonic() - st.printed >= self.progress_every:
+            self._print(Text(self._progress_line(st, step)), st)
         elif self.live and first:
             # The live panel also shows the first step, so a slow stage is not blank until step 10.
             self._panel = self._make_panel(st, step, metrics)
@@ -277,7 +284,7 @@ class Reporter:
             if self._live is not None:
                 self._live.refresh()
         else:
-            self._print(Text(self._line(st, step, metrics)))
+            self._print(Text(self._line(st, step, metrics)), st)
 
     def stage_end(self, stage: str, summary: Mapping[str, Any] | None = None) -> None:
         """One line: the stage is done, how many steps it ran and how long it took, plus `summary`.
@@ -312,21 +319,34 @@ class Reporter:
 
     # -- output ----------------------------------------------------------------------------
 
-    def _print(self, text: Text) -> None:
+    def _print(self, text: Text, stage: _Stage | None = None) -> None:
         # soft_wrap: a plain log line stays one line whatever the console width.
         self.console.print(text, soft_wrap=not self.live, highlight=False)
+        if stage is not None:
+            stage.printed = time.monotonic()
+
+    def _progress_line(self, st: _Stage, step: int) -> str:
+        """e.g. `distill  130/300  0.21 steps/s  [10:18<13:29]`: where a stage between logged steps stands."""
+        elapsed = time.monotonic() - st.t0
+        done = step - st.start_step
+        rate = done / elapsed if elapsed > 0 else 0.0
+        where = f"{step}/{st.total}" if st.total is not None else f"{step}"
+        left = f"<{_duration((st.total - step) / rate)}" if st.total is not None and rate > 0 else ""
+        return f"{st.name}  {where}  {_general(rate)} steps/s  [{_duration(elapsed)}{left}]"
 
     def _write(self, stage: str, step: int, metrics: Mapping[str, Any]) -> None:
-        if self.metrics_path is None:
-            return
-        if self._file is None:
-            # Line-buffered append: a resumed run continues the same file, and a crash loses nothing.
-            self._file = open(self.metrics_path, "a", encoding="utf-8", buffering=1)
         record: dict[str, Any] = {"stage": stage, "step": step, "time": round(time.time(), 3)}
         for key in _ordered_keys(metrics):
             if key not in _RESERVED:
                 record[key] = _clean(metrics[key])
-        self._file.write(json.dumps(record, allow_nan=False) + "\n")
+        if self.metrics_path is not None:
+            if self._file is None:
+                # Line-buffered append: a resumed run continues the same file, and a crash loses nothing.
+                self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.metrics_path, "a", encoding="utf-8", buffering=1)
+            self._file.write(json.dumps(record, allow_nan=False) + "\n")
+        for sink in self.sinks:
+            sink(record)
 
     def _line(self, st: _Stage, step: int, metrics: Mapping[str, Any]) -> str:
         """e.g. `distill  120/300  loss 2.314 (ar 1.10 kl 0.41)  lr 4.1e-04  14.2 items/s  1,830 tok/s  pad 21%  top1 0.62  boundaries 71%  [00:42<01:03]`"""

@@ -182,6 +182,11 @@ def check_model(path: str) -> dict[str, Any] | None:
         raise ModelLoadError(f"{path} is a file, not a model folder")
     if not local.exists() and not re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", path):
         raise ModelLoadError(f"no such model folder: {path}")
+    if local.is_dir() and not any(local.glob("*.safetensors")):
+        pickles = sorted(p.name for p in local.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        if pickles:
+            raise ModelLoadError(f"{path}: its weights are a pickle checkpoint ({', '.join(pickles[:3])}); genrecal "
+                                 "loads safetensors only (load it once where you trust it and save_pretrained it)")
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:

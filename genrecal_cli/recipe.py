@@ -60,8 +60,9 @@ class ModelSpec:
     def _check(self, key: str, problems: list[str]) -> None:
         if self.recipe is None:
             _check_source(self.path, f"{key}.path", problems)
-        elif not Path(self.recipe).is_file():
-            problems.append(f"{key}.recipe: recipe file not found: {self.recipe}")
+        elif not Path(self.path).exists() and not Path(self.recipe).is_file():  # the recipe is needed only then
+            problems.append(f"{key}.recipe: recipe file not found: {self.recipe} ({key}.path {self.path} does not "
+                            "exist, and this recipe would build it)")
 
 
 @dataclass(frozen=True)
@@ -217,8 +218,16 @@ class TrainSpec:
     # Recompute the student's decoder activations in backward instead of keeping them (less
     # memory, about a third more student compute).
     gradient_checkpointing: bool = False
+    # Experiment trackers (accelerate's): the metrics of metrics.jsonl and the recipe as the run's
+    # config, e.g. ["tensorboard"] (written to OUTPUT/logs), "wandb", "mlflow"; each needs its package.
+    log_with: tuple[str, ...] = ()
 
     def _check(self, key: str, problems: list[str]) -> None:
+        for name in self.log_with:
+            if name not in TRACKERS:
+                near = difflib.get_close_matches(name, TRACKERS, n=1)
+                problems.append(f"{key}.log_with: {name!r} is not one of {', '.join(TRACKERS)}"
+                                + (f"; did you mean {near[0]!r}?" if near else ""))
         _positive(self.log_every, f"{key}.log_every", problems)
         if self.save_every < 0:
             problems.append(f"{key}.save_every: {self.save_every} must be >= 0 (0 = only at the end of each stage)")
@@ -229,6 +238,10 @@ class TrainSpec:
             problems.append(f"{key}.probe_items: {self.probe_items} must be >= 2 (the probe swaps items' features)")
         if self.eval_items < 0:
             problems.append(f"{key}.eval_items: {self.eval_items} must be >= 0")
+
+
+# accelerate's experiment trackers (accelerate.utils.LoggerType), by the names train.log_with takes
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 
 
 @dataclass(frozen=True)
@@ -423,6 +436,12 @@ def _convert(hint: Any, value: Any, key: str, problems: list[str]) -> Any:
             problems.append(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}{hint_txt}")
             return _BAD
         return value
+    if origin is tuple:  # a list of strings (a single string is a list of one)
+        items = [value] if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)) and all(isinstance(v, str) for v in items):
+            return tuple(items)
+        problems.append(f"{key}: expected a list of strings, got {_type_name(value)} {value!r}")
+        return _BAD
     if dataclasses.is_dataclass(hint):
         # A stage table that is present but says nothing about `enabled` means "run it".
         if hint is StageSpec and isinstance(value, dict) and "enabled" not in value:

@@ -130,7 +130,7 @@ def test_replicate_can_take_a_trained_teacher(tmp_path):
     from replicate import PRESETS, describe, plan, prerequisite_recipes
 
     # the shipped reference teacher is there, and the report names what it is
-    assert describe(ROOT / "bench" / "teachers" / "shapes-l8") == ("qwen2_vl", 128, 8)
+    assert describe(ROOT / "genrecal_cli" / "world" / "assets" / "shapes-teacher") == ("qwen2_vl", 128, 8)
 
     p = PRESETS["smoke"]
     data = {"clean": str(tmp_path / "clean"), "noisy": str(tmp_path / "noisy")}

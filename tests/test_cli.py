@@ -37,7 +37,7 @@ def test_dry_run_validates_and_shows_the_plan(cli):
     assert out.returncode == 0, out.stderr
     for stage in ("align", "distill", "finetune"):
         assert stage in out.stdout
-    assert "runs/shapes-teacher/student" in out.stdout and "zoo:tiny-student" in out.stdout
+    assert "zoo:shapes-teacher" in out.stdout and "zoo:tiny-student" in out.stdout
 
 
 def test_missing_recipe_is_one_line_exit_1(cli, tmp_path):

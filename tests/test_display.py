@@ -74,6 +74,26 @@ def test_plain_mode_prints_one_line_per_logged_step_and_always_the_last(tmp_path
     assert re.search(r"distill done\s+25 steps in", out)
 
 
+def test_a_long_stage_prints_a_progress_line_every_30_seconds_between_logged_steps(tmp_path, monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    console = plain_console()
+    with Reporter(tmp_path, console=console, log_every=10) as r:
+        r.stage_start("distill", 40)
+        for step in range(1, 41):
+            now[0] += 12.0  # 12 s a step: ten steps between logged lines take two minutes
+            r.step("distill", step, dict(FULL))
+    out = console.file.getvalue().splitlines()
+    progress = [line for line in out if re.match(r"distill\s+\d+/40\s+[\d.]+ steps/s", line)]
+    # after a logged step at 10: 30 s pass at step 13 (36 s), 16, 19; then 20 is logged again
+    assert [int(re.search(r"(\d+)/40", line).group(1)) for line in progress][:3] == [3, 6, 9]
+    assert [int(re.search(r"(\d+)/40", line).group(1)) for line in progress][3:6] == [13, 16, 19]
+    assert "0.08333 steps/s" in progress[0] and "[00:36<07:24]" in progress[0]
+    assert len(step_lines("\n".join(out), "distill")) == 4 + len(progress)
+    records = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    assert [rec["step"] for rec in records] == [10, 20, 30, 40]  # progress lines are not metrics
+
+
 def test_plain_lines_stay_one_line_on_a_narrow_console(tmp_path):
     console = Console(file=io.StringIO(), width=40)
     with Reporter(None, console=console, log_every=5) as r:

@@ -336,8 +336,20 @@ def test_cli_distill_plain_output_and_metrics(tmp_path):
     assert "accuracy on the validation split" in out.stdout and "student after" in out.stdout
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all("boundary_agreement" in r for r in rows)
+    assert f"report: {tmp_path / 'out' / 'report.png'}" in out.stdout and (tmp_path / "out" / "report.png").is_file()
     again = run_cli("distill", str(recipe))
     assert again.returncode == 1 and "already holds a run" in again.stderr
+
+
+def test_a_failed_run_leaves_no_empty_output_folder(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "q", "reply": "a"}\n')
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[teacher]\npath = "zoo:tiny-teacher"\n[student]\npath = "zoo:tiny-student"\n[data]\nsource = "{data}"\n'
+                      f'[stages.align]\nsteps = 2\nbatch_size = 4\n[train]\noutput_dir = "{tmp_path / "out"}"\n')
+    out = run_cli("distill", str(recipe))
+    assert out.returncode == 1 and "d.jsonl" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_non_finite_loss_stops_and_names_the_step(tmp_path, monkeypatch):

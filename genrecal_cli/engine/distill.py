@@ -25,6 +25,7 @@ from .parallel import (MASTER_DTYPE, compute_dtype, device_mesh, full_state, mak
                        shard_trainable, sub_state)
 from .recalibrator import Recalibrator
 from .stages import Run, run_stage
+from .trackers import tracking
 
 
 @dataclass
@@ -61,15 +62,21 @@ def distill(
 
     `prefix` labels the stages in the display (a prerequisite run shows as "teacher/finetune").
     """
-    from accelerate.utils import set_seed
-
-    from ..models import load_vlm
-
     out = Path(recipe.train.output_dir)
     acc = accelerator or make_accelerator(recipe)
     if acc.is_main_process:
         ckpt.check_output_dir(out, resume=resume, overwrite=overwrite)
     acc.wait_for_everyone()
+    with tracking(recipe, acc, reporter, enabled=not prefix) as track:  # (a prerequisite run is not tracked)
+        result = _run(recipe, inputs, acc, out, resume=resume, reporter=reporter, prefix=prefix)
+        track.summary(result.accuracy)
+    return result
+
+
+def _run(recipe: Recipe, inputs: Inputs, acc, out: Path, *, resume: bool, reporter, prefix: str) -> RunResult:
+    from accelerate.utils import set_seed
+
+    from ..models import load_vlm
 
     # What is left to do: every enabled stage, or (--resume) what follows the last checkpoint.
     remaining = recipe.stages.enabled()

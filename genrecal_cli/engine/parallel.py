@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -37,10 +38,21 @@ def compute_dtype(recipe: Recipe) -> torch.dtype | None:
 
 
 def make_accelerator(recipe: Recipe):
-    """The run's Accelerator: compute in the recipe's precision (autocast), masters in fp32."""
+    """The run's Accelerator: compute in the recipe's precision (autocast), masters in fp32; the
+    recipe's experiment trackers (train.log_with) write under OUTPUT/logs."""
     from accelerate import Accelerator
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import ProjectConfiguration
 
-    return Accelerator(mixed_precision=mixed_precision(recipe))
+    wanted = list(recipe.train.log_with)
+    available = {str(t) for t in get_available_trackers()}
+    missing = [name for name in wanted if name not in available]
+    if missing:  # accelerate would drop them silently
+        raise GenrecalError(f"train.log_with: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
+                            f"installed here (pip install {' '.join(missing)})")
+    out = Path(recipe.train.output_dir)
+    return Accelerator(mixed_precision=mixed_precision(recipe), log_with=wanted or None,
+                       project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
 
 
 class RankBatches(torch.utils.data.Sampler):
