@@ -15,8 +15,16 @@ def test_help_imports_neither_torch_nor_transformers():
     assert heavy_imports(["--help"]) == []
 
 
+def test_help_names_the_built_in_models(cli):
+    out = cli("--help")
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    for name in ("zoo:shapes-teacher", "zoo:tiny-teacher", "zoo:tiny-student", "zoo:qwen2_vl", "zoo:idefics3"):
+        assert name in text
+
+
 def test_every_command_has_help(cli):
-    for cmd in ("distill", "eval", "chat", "inspect-vocab"):
+    for cmd in ("distill", "eval", "chat", "inspect-vocab", "report"):
         out = cli(cmd, "--help")
         assert out.returncode == 0, out.stderr
         assert "Usage" in out.stdout

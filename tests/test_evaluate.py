@@ -229,6 +229,16 @@ def test_not_a_vlm(cli, tmp_path):
     assert proc.returncode == 1 and "no such model folder" in proc.stderr
 
 
+def test_a_pickle_only_folder_is_refused_in_one_line(cli, models, tmp_path):
+    folder = tmp_path / "pickled"
+    shutil.copytree(models["teacher"], folder)
+    weights = next(folder.glob("*.safetensors"))
+    weights.rename(folder / "pytorch_model.bin")  # the name an old checkpoint's pickle has
+    proc = cli("eval", str(folder), "--limit", "1")
+    assert proc.returncode == 1 and "internal error" not in proc.stderr and "weights_only" not in proc.stderr
+    assert "its weights are a pickle checkpoint (pytorch_model.bin); genrecal loads safetensors only" in proc.stderr
+
+
 def test_no_image_token_id(cli, models, tmp_path):
     folder = tmp_path / "no-image-token"
     shutil.copytree(models["teacher"], folder)

@@ -205,3 +205,14 @@ def test_the_launch_files_the_real_recipes_name_exist_and_start_the_processes_th
         config = load_config_from_file(str(ROOT / path))
         assert (config.num_machines, config.num_processes) == (machines, processes)
         assert config.distributed_type.value == "MULTI_GPU" and config.mixed_precision == "no"
+
+
+def test_a_teacher_recipe_is_needed_only_when_the_teacher_is_missing(tmp_path):
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    raw = {"teacher": {"path": str(teacher), "recipe": str(tmp_path / "elsewhere.toml")},
+           "student": {"path": "zoo:tiny-student"}, "stages": {"align": {"steps": 1}}}
+    recipe_from_dict(raw)  # a copy of a recipe moved away from the recipe that builds its teacher: fine
+    teacher.rmdir()
+    assert any(p.startswith("teacher.recipe: recipe file not found") and "does not exist" in p
+               for p in problems_of(raw))

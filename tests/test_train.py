@@ -564,3 +564,44 @@ def test_the_engine_never_imports_the_tiny_world():
                 offenders.append(f"{path.name}:{node.lineno}")
     assert not offenders
     assert "object.__setattr__" not in "".join(p.read_text() for p in (ROOT / "genrecal_cli" / "engine").glob("*.py"))
+
+
+def test_a_student_from_a_real_checkpoint_keeps_its_own_processor_files(tmp_path, tiny_pair):
+    """A checkpoint as the hub ships it names its stock processor class and may carry an auto_map;
+    the exported student keeps the processor files as they came (not genrecal's image-only
+    stand-in class), and names no module it does not hold."""
+    import shutil
+
+    teacher, _ = tiny_pair
+    real = tmp_path / "real-qwen2-vl"
+    shutil.copytree(teacher.path, real)
+    proc_cfg = json.loads((real / "processor_config.json").read_text())
+    proc_cfg["processor_class"] = "Qwen2VLProcessor"  # what a real Qwen2-VL checkpoint says
+    (real / "processor_config.json").write_text(json.dumps(proc_cfg))
+    template = (real / "chat_template.jinja").read_text() + "{#- as shipped -#}"
+    (real / "chat_template.jinja").write_text(template)
+    config = json.loads((real / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_gone.GoneConfig"}  # its module is not in the folder
+    (real / "config.json").write_text(json.dumps(config))
+    tok_cfg = json.loads((real / "tokenizer_config.json").read_text())
+    tok_cfg["auto_map"] = {"AutoTokenizer": ["tokenization_here.HereTokenizer", None]}
+    (real / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    (real / "tokenization_here.py").write_text("# the folder's own tokenizer code\n")
+
+    raw = {"student": {"path": str(real)}, "data": {"shapes_size": 8, "max_length": 256},
+           "stages": {"finetune": {"steps": 1, "batch_size": 4, "lr": 1e-4}},
+           "train": {"output_dir": str(tmp_path / "out"), "eval_items": 0}}
+    result = distill(recipe_from_dict(raw))
+    for folder in (result.student_dir, tmp_path / "out" / "finetune" / "student"):
+        assert json.loads((folder / "processor_config.json").read_text())["processor_class"] == "Qwen2VLProcessor"
+        assert (folder / "chat_template.jinja").read_text() == template
+        assert (folder / "tokenizer.json").read_bytes() == (real / "tokenizer.json").read_bytes()
+        assert "auto_map" not in json.loads((folder / "config.json").read_text())
+        assert json.loads((folder / "tokenizer_config.json").read_text())["auto_map"] == tok_cfg["auto_map"]
+        assert (folder / "tokenization_here.py").is_file()
+        assert sorted(p.name for p in folder.iterdir() if p.name in _PROCESSOR_SIDE) == \
+            sorted(p.name for p in real.iterdir() if p.name in _PROCESSOR_SIDE)
+
+
+_PROCESSOR_SIDE = {"processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "chat_template.jinja", "chat_template.json"}

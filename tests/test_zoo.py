@@ -196,3 +196,28 @@ def test_build_with_pretraining_is_seeded_and_changes_only_vision(tmp_path, llam
     visiona, resta = _split(vlma.model.state_dict(), vlma)
     assert all(torch.equal(rest0[k], resta[k]) for k in rest0)
     assert any(not torch.equal(vision0[k], visiona[k]) for k in vision0)
+
+
+def test_the_shipped_teacher_resolves_loads_and_is_in_the_wheel(tmp_path):
+    import shutil
+    import zipfile
+
+    from .conftest import ROOT
+
+    folder = zoo.resolve_source("zoo:shapes-teacher")
+    vlm = load_vlm(folder)
+    assert (vlm.family, vlm.hidden_size, vlm.text_config.num_hidden_layers) == ("qwen2_vl", 128, 8)
+    with pytest.raises(Exception, match=r"unknown built-in model 'zoo:nope'; choose one of zoo:shapes-teacher, "):
+        zoo.resolve_source("zoo:nope")
+    # a wheel (what pip installs from an index) carries the asset, every file of it
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "genrecal_cli", src / "genrecal_cli", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "dist"), str(src)], check=True, capture_output=True)
+    wheel = next((tmp_path / "dist").glob("genrecal-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {f"genrecal_cli/world/assets/shapes-teacher/{p.name}" for p in zoo.SHIPPED["shapes-teacher"].iterdir()}
+    assert shipped and shipped <= names

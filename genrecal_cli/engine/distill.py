@@ -164,7 +164,7 @@ def _run(recipe: Recipe, inputs: Inputs, acc, out: Path, *, resume: bool, report
     acc.wait_for_everyone()
     if acc.is_main_process:
         student.model.to(dtype=export_dtype)
-        ckpt.export_student(out, student.model, student.processor,
+        ckpt.export_student(out, student.model, student.exportable_processor,
                             {"recipe": recipe.to_dict(), "stages": result.stages, "accuracy": result.accuracy,
                              "data": result.data})
         if reporter is not None:

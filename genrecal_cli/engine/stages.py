@@ -249,7 +249,7 @@ def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: 
     acc.wait_for_everyone()
     states = ckpt.gathered_states(acc.unwrap_model(module), with_recalibrator=rec is not None) if sharded else {}
     if acc.is_main_process:
-        ckpt.save_stage(out_dir, stage, student=acc.unwrap_model(module).student, processor=run.student.processor,
+        ckpt.save_stage(out_dir, stage, student=acc.unwrap_model(module).student, processor=run.student.exportable_processor,
                         recalibrator=rec, recipe=recipe.to_dict(),
                         meta={"step": step, "total_steps": total, "finished": True, **summary}, **states)
     acc.wait_for_everyone()
@@ -293,7 +293,7 @@ def _save_progress(run, stage, step, total, acc, module, optimizer, scheduler, m
     report = batches.report
     ckpt.save_checkpoint(
         acc, Path(recipe.train.output_dir), stage, step, module=acc.unwrap_model(module),
-        student=acc.unwrap_model(module).student, processor=run.student.processor,
+        student=acc.unwrap_model(module).student, processor=run.student.exportable_processor,
         recalibrator=run.recalibrator if stage in TEACHER_STAGES else None,
         optimizer=optimizer, scheduler=scheduler, recipe=recipe.to_dict(),
         meta={"step": step, "total_steps": total, "finished": False, "metrics": metrics, **layout},
