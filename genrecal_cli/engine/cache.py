@@ -1,0 +1,291 @@
+"""The teacher-feature cache's storage (issue 16): what align and distill take from the teacher
+for each training item, written once and read instead of running the teacher.
+
+Per item (a row of the training split, by its index):
+    answer        [Ka, d]  the Recalibrator's answer-side input: z_al, or the answer's input
+                           embeddings under recalibrator.answer_input = "embeddings"
+    answer_turn   [Ka]     each answer token's segment (2k+1), answer_pos [Ka] its position
+    rows          [Na, d]  the teacher's own rows predicting each answer token (L_kl's teacher)
+    targets       [Na]     the answer token ids
+    question      [Kq, d]  z_ql with question_turn / question_pos, only where L_reg needs it
+
+Layout of a cache folder:
+    index.json              format, fingerprint, storage dtype, feature size, whether the
+                            question features are there, and the shards: file, item indices
+    shard-00000.safetensors every item of a shard, its tensors concatenated along the first
+                            dimension with `offsets.*` [n + 1] cutting them apart again; fp8
+                            storage adds a float32 scale per row (`*.scale`)
+
+Shards are written under a temporary name and renamed into place, then the index is rewritten
+(atomically): a killed writer leaves finished shards that a resumed one keeps. Reading checks
+the fingerprint and names what changed; a missing, cut or corrupt shard is named in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+from ..errors import DataError
+from .teacher import TeacherFeatures
+from .turns import Tokens
+
+FORMAT = 1
+INDEX = "index.json"
+STORAGE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+FP8_MAX = 448.0  # the largest finite float8 e4m3fn value
+_FEATURES = ("answer", "rows", "question")  # [*, d] tensors, stored in the cache's dtype
+_INTEGERS = ("answer_turn", "answer_pos", "targets", "question_turn", "question_pos")
+
+
+@dataclass
+class ItemFeatures:
+    """One item's teacher side, as stored (CPU tensors; features in float32 once read)."""
+
+    answer: torch.Tensor
+    answer_turn: torch.Tensor
+    answer_pos: torch.Tensor
+    rows: torch.Tensor
+    targets: torch.Tensor
+    question: torch.Tensor | None = None
+    question_turn: torch.Tensor | None = None
+    question_pos: torch.Tensor | None = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v for k in (*_FEATURES, *_INTEGERS) if (v := getattr(self, k)) is not None}
+
+
+def split_items(tf: TeacherFeatures, with_question: bool) -> list[ItemFeatures]:
+    """A batch's teacher features cut into its items (padding dropped)."""
+    items = []
+    counts = tf.answer.mask.sum(1).tolist()
+    start = 0
+    for b, n in enumerate(counts):
+        a, q = tf.answer.mask[b], tf.question.mask[b]
+        items.append(ItemFeatures(
+            answer=tf.answer.x[b][a].detach().cpu(), answer_turn=tf.answer.turn[b][a].cpu(),
+            answer_pos=tf.answer.pos[b][a].cpu(),
+            rows=tf.rows[start:start + n].detach().cpu(), targets=tf.targets[start:start + n].cpu(),
+            question=tf.question.x[b][q].detach().cpu() if with_question else None,
+            question_turn=tf.question.turn[b][q].cpu() if with_question else None,
+            question_pos=tf.question.pos[b][q].cpu() if with_question else None,
+        ))
+        start += n
+    return items
+
+
+def join_items(items: Sequence[ItemFeatures], device=None) -> TeacherFeatures:
+    """Items' features as one batch's TeacherFeatures (right-padded, as the online teacher's);
+    without question features, the question Tokens are empty (L_reg off)."""
+
+    def tokens(xs, turns, poss, d) -> Tokens:
+        k = max([len(t) for t in turns] + [1])
+        x = torch.zeros(len(xs), k, d, dtype=torch.float32)
+        turn = torch.full((len(xs), k), -1, dtype=torch.long)
+        pos = torch.zeros((len(xs), k), dtype=torch.long)
+        for b, (xb, tb, pb) in enumerate(zip(xs, turns, poss)):
+            n = len(tb)
+            x[b, :n], turn[b, :n], pos[b, :n] = xb.float(), tb.long(), pb.long()
+        return Tokens(x.to(device), turn.to(device), pos.to(device))
+
+    d = items[0].answer.shape[-1]
+    answer = tokens([i.answer for i in items], [i.answer_turn for i in items], [i.answer_pos for i in items], d)
+    if items[0].question is not None:
+        question = tokens([i.question for i in items], [i.question_turn for i in items],
+                          [i.question_pos for i in items], d)
+    else:
+        empty = [torch.zeros(0, dtype=torch.long)] * len(items)
+        question = tokens([torch.zeros(0, d)] * len(items), empty, empty, d)
+    rows = torch.cat([i.rows.float() for i in items]).to(device)
+    targets = torch.cat([i.targets.long() for i in items]).to(device)
+    return TeacherFeatures(question, answer, rows, targets)
+
+
+# ---------------------------------------------------------------------------------------------
+# storage dtypes
+
+
+def encode(x: torch.Tensor, storage: str) -> dict[str, torch.Tensor]:
+    """x [n, d] float as stored: cast, or fp8 e4m3 with a float32 scale per row (amax / 448)."""
+    if storage != "fp8":
+        return {"": x.to(STORAGE[storage]).contiguous()}
+    scale = (x.abs().amax(-1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
+    return {"": (x.float() / scale).to(torch.float8_e4m3fn).contiguous(), ".scale": scale.squeeze(-1).contiguous()}
+
+
+def decode(stored: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    x = stored.float()
+    return x * scale[:, None] if scale is not None else x
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+class CacheWriter:
+    """Writes items into shards of `items_per_shard`; resumes a folder whose index says which
+    shards are done (same fingerprint), so only the missing items are computed again."""
+
+    def __init__(self, folder: str | Path, fingerprint: Mapping[str, str], *, storage: str = "bf16",
+                 with_question: bool = True, items_per_shard: int = 1024, hidden_size: int | None = None):
+        if storage not in STORAGE:
+            raise ValueError(f"storage {storage!r} is not one of {', '.join(STORAGE)}")
+        self.folder = Path(folder)
+        self.fingerprint, self.storage, self.with_question = dict(fingerprint), storage, with_question
+        self.items_per_shard, self.hidden_size = items_per_shard, hidden_size
+        self.shards: list[dict] = []
+        self._pending: dict[int, ItemFeatures] = {}
+        if (self.folder / INDEX).is_file():
+            old = read_index(self.folder)
+            changed = fingerprint_changes(old["fingerprint"], self.fingerprint)
+            if changed:
+                raise DataError(f"{self.folder}: holds a cache for another setup ({changed}); "
+                                "write to another folder or remove it")
+            if (old["storage"], old["with_question"]) != (storage, with_question):
+                raise DataError(f"{self.folder}: holds a cache stored as {old['storage']} "
+                                f"{'with' if old['with_question'] else 'without'} question features; "
+                                "resume it with the same settings or write to another folder")
+            self.shards = [s for s in old["shards"] if (self.folder / s["file"]).is_file()]
+            self.hidden_size = old.get("hidden_size", hidden_size)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def done(self) -> set[int]:
+        """Item indices already in finished shards."""
+        return {i for s in self.shards for i in s["items"]}
+
+    def add(self, index: int, item: ItemFeatures) -> None:
+        self._pending[index] = item
+        if len(self._pending) >= self.items_per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the pending items as one shard (atomically), then the index."""
+        if not self._pending:
+            return
+        from safetensors.torch import save_file
+
+        indices = sorted(self._pending)
+        items = [self._pending[i] for i in indices]
+        tensors: dict[str, torch.Tensor] = {"index": torch.tensor(indices, dtype=torch.long)}
+        for name in (*_FEATURES, *_INTEGERS):
+            parts = [getattr(it, name) for it in items]
+            if parts[0] is None:
+                continue
+            tensors[f"offsets.{name}"] = torch.tensor([0] + [len(p) for p in parts], dtype=torch.long).cumsum(0)
+            joined = torch.cat(parts)
+            if name in _FEATURES:
+                self.hidden_size = self.hidden_size or int(joined.shape[-1])
+                for suffix, t in encode(joined, self.storage).items():
+                    tensors[name + suffix] = t
+            else:
+                tensors[name] = joined.to(torch.int32 if name.endswith(("turn", "pos")) else torch.long).contiguous()
+        file = f"shard-{len(self.shards):05d}.safetensors"
+        while (self.folder / file).exists():  # a shard a killed writer finished but did not index
+            file = f"shard-{int(file[6:11]) + 1:05d}.safetensors"
+        tmp = self.folder / f".{file}.tmp"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, self.folder / file)
+        self.shards.append({"file": file, "items": indices, "bytes": (self.folder / file).stat().st_size})
+        self._pending.clear()
+        self._write_index()
+
+    def _write_index(self) -> None:
+        index = {"format": FORMAT, "fingerprint": self.fingerprint, "storage": self.storage,
+                 "with_question": self.with_question, "hidden_size": self.hidden_size, "shards": self.shards}
+        tmp = self.folder / f".{INDEX}.tmp"
+        tmp.write_text(json.dumps(index, indent=1))
+        os.replace(tmp, self.folder / INDEX)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def read_index(folder: Path) -> dict:
+    path = Path(folder) / INDEX
+    if not path.is_file():
+        raise DataError(f"{folder}: not a teacher-feature cache (no {INDEX}); write one with `genrecal teach`")
+    try:
+        index = json.loads(path.read_text())
+    except ValueError as exc:
+        raise DataError(f"{path}: unreadable ({exc})") from None
+    if index.get("format") != FORMAT:
+        raise DataError(f"{path}: cache format {index.get('format')!r}, this genrecal reads format {FORMAT}")
+    return index
+
+
+def fingerprint_changes(saved: Mapping[str, str], current: Mapping[str, str]) -> str:
+    """'' when equal, else which parts differ, e.g. "the teacher's weights, max_length"."""
+    keys = [k for k in dict.fromkeys([*saved, *current]) if saved.get(k) != current.get(k)]
+    return ", ".join(keys)
+
+
+class CacheReader:
+    """A finished cache, checked against the run's fingerprint; `items(indices)` reads items."""
+
+    def __init__(self, folder: str | Path, fingerprint: Mapping[str, str] | None = None):
+        self.folder = Path(folder)
+        index = read_index(self.folder)
+        if fingerprint is not None:
+            changed = fingerprint_changes(index["fingerprint"], fingerprint)
+            if changed:
+                raise DataError(f"{self.folder}: this cache was written for another setup: {changed} changed; "
+                                "write it again with `genrecal teach`")
+        self.storage, self.with_question = index["storage"], index["with_question"]
+        self.hidden_size = index.get("hidden_size")
+        self.where = {i: s["file"] for s in index["shards"] for i in s["items"]}
+        self._open: dict[str, dict[str, torch.Tensor]] = {}
+
+    def missing(self, indices: Iterable[int]) -> list[int]:
+        return [i for i in indices if i not in self.where]
+
+    def _shard(self, file: str) -> dict[str, torch.Tensor]:
+        if file not in self._open:
+            from safetensors.torch import load_file
+
+            path = self.folder / file
+            if not path.is_file():
+                raise DataError(f"{path}: cache shard missing; write the cache again with `genrecal teach`")
+            try:
+                self._open[file] = load_file(str(path))
+            except Exception as exc:  # safetensors: header or length wrong
+                raise DataError(f"{path}: cache shard is cut short or corrupt ({type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else ''}); write the cache again") from None
+            if len(self._open) > 4:  # keep a few shards in memory, the latest
+                self._open.pop(next(iter(self._open)))
+        return self._open[file]
+
+    def items(self, indices: Sequence[int]) -> list[ItemFeatures]:
+        out = []
+        for i in indices:
+            if i not in self.where:
+                raise DataError(f"{self.folder}: item {i} is not in the cache (written for other data?)")
+            shard = self._shard(self.where[i])
+            k = int((shard["index"] == i).nonzero()[0, 0])
+            fields = {}
+            for name in (*_FEATURES, *_INTEGERS):
+                if f"offsets.{name}" not in shard:
+                    continue
+                a, b = shard[f"offsets.{name}"][k].item(), shard[f"offsets.{name}"][k + 1].item()
+                if name in _FEATURES:
+                    scale = shard.get(f"{name}.scale")
+                    fields[name] = decode(shard[name][a:b], scale[a:b] if scale is not None else None)
+                else:
+                    fields[name] = shard[name][a:b].long()
+            out.append(ItemFeatures(**fields))
+        return out
+
+
+def size_estimate(answer_tokens: int, question_tokens: int, hidden: int, storage: str) -> dict[str, int]:
+    """Bytes of a cache: answer features and the rows predicting them (2 x answer tokens x hidden),
+    the question features separately (question tokens x hidden), per storage dtype; fp8 adds a
+    4-byte scale per row. Integers (turn, position, target) are small beside them."""
+    per = {"fp32": 4, "bf16": 2, "fp8": 1}[storage]
+    row = hidden * per + (4 if storage == "fp8" else 0)
+    return {"answer": 2 * answer_tokens * row + answer_tokens * 16, "question": question_tokens * row + question_tokens * 8}
