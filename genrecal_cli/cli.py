@@ -144,6 +144,61 @@ def report(
     console.print(f"report: [bold]{write_report(run_dir, output)}[/]")
 
 
+@app.command()
+def teach(
+    recipe: Path = typer.Argument(..., help="A TOML recipe: its teacher, data and max_length."),
+    overrides: Optional[List[str]] = SetOption,
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="The cache folder (default: the recipe's teacher.cache)."),
+    storage: str = typer.Option("bf16", "--storage", help="bf16, fp32, or fp8 (e4m3 with a float32 scale per row)."),
+    no_question: bool = typer.Option(False, "--no-question", help="Leave out the teacher's question features (the largest part); L_reg is then off when the cache is read."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Items per teacher forward."),
+    shard_items: int = typer.Option(1024, "--shard-items", help="Items per shard file (a killed run keeps its finished shards)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="State the cache's size for the recipe's data and stop."),
+) -> None:
+    """Run the teacher once over the recipe's training data and write its features into a cache
+    that align and distill read instead ([teacher] cache = DIR): one teacher pass, many students."""
+    from .recipe import load_recipe
+
+    loaded = load_recipe(recipe, overrides or [])
+    if loaded.teacher is None:
+        raise GenrecalError(f"{recipe}: no [teacher] table: nothing to cache")
+    folder = output if output is not None else loaded.teacher.cache
+    if folder is None:
+        raise GenrecalError(f"{recipe}: where should the cache go? set teacher.cache in the recipe or give --output DIR")
+    if storage not in ("bf16", "fp32", "fp8"):
+        raise GenrecalError(f"--storage {storage!r}: choose bf16, fp32 or fp8")
+    if batch_size < 1 or shard_items < 1:
+        raise GenrecalError("--batch-size and --shard-items must be at least 1")
+    console = _console()
+    _quiet_libraries()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from .engine.parallel import make_accelerator
+    from .engine.teach import plan_size, teach as run_teach
+    from .run import built_in_data, resolve
+
+    accelerator = make_accelerator(loaded)
+    loaded = built_in_data(loaded, accelerator)
+    inputs = resolve(loaded, accelerator=accelerator, needs_teacher=True)
+    size = plan_size(loaded, inputs, storage=storage)
+    answer_gb, question_gb = size["bytes"]["answer"] / 1e9, size["bytes"]["question"] / 1e9
+    console.print(f"cache {folder}: {size['items']:,} items x ({size['answer_tokens_per_item']:.1f} answer + "
+                  f"{size['question_tokens_per_item']:.1f} question tokens, from the first {size['sampled']}) x hidden "
+                  f"{size['hidden_size']:,} in {storage}: answers {answer_gb:,.3f} GB"
+                  + (f", question features {question_gb:,.3f} GB (leave them out with --no-question)"
+                     if not no_question else " (question features left out: L_reg off)"))
+    if dry_run:
+        return
+    with Progress("[bold]teach[/]", BarColumn(bar_width=24), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console) as bar:
+        task = bar.add_task("teach", total=size["items"])
+        out = run_teach(loaded, inputs, accelerator, folder=folder, storage=storage, with_question=not no_question,
+                        batch_size=batch_size, items_per_shard=shard_items, note=bar.console.print,
+                        progress=lambda done, total: bar.update(task, completed=done, total=total))
+    console.print(f"[bold green]done[/]: teacher features in [bold]{out}[/]; recipes read them with "
+                  f"\\[teacher] cache = \"{out}\"")
+
+
 @app.command("inspect-vocab")
 def inspect_vocab(
     teacher: Optional[str] = typer.Argument(None, help="Model or tokenizer folder, hub id, .model or .tiktoken file, or zoo:NAME."),

@@ -437,6 +437,34 @@ def load_vlm(
     return VLM(model, _load_processor(path, family, revision, trust_remote_code), family.name, path, revision)
 
 
+def load_head_only(path: str, *, revision: str | None = None, dtype: str = "auto",
+                   trust_remote_code: bool = False) -> VLM:
+    """A model as a feature cache's reader needs it: its config, processor and LM head weight;
+    every other parameter stays on the meta device, never read (a 78B teacher costs its head).
+    Features are taken after the final norm, so the head alone scores them."""
+    vlm = load_vlm(path, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code, empty=True)
+    head = vlm.head
+    names = [n for n, p in vlm.model.named_parameters(remove_duplicate=False) if p is head.weight]
+    folder = Path(path).expanduser()
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        raise ModelLoadError(f"{path}: reading the LM head alone needs a local folder of safetensors files")
+    from safetensors import safe_open
+
+    for file in files:
+        with safe_open(str(file), "pt") as sf:
+            keys = set(sf.keys())
+            found = next((n for n in names if n in keys), None) or next((k for k in sorted(keys)
+                                                                       if k.endswith("lm_head.weight")), None)
+            if found is not None:
+                weight = sf.get_tensor(found)
+                break
+    else:
+        raise ModelLoadError(f"{path}: no LM head weight ({' or '.join(names)}) in its safetensors files")
+    head.weight = torch.nn.Parameter(weight.to(vlm.model.dtype), requires_grad=False)
+    return vlm
+
+
 def _load_config(path: str, revision: str | None, trust_remote_code: bool):
     local = Path(path).expanduser()
     if local.is_dir():

@@ -56,6 +56,7 @@ class ModelSpec:
     dtype: Dtype = "auto"
     trust_remote_code: bool = False  # runs code from the model repo: only for repos you trust
     recipe: Optional[str] = None  # a recipe (relative to this one) whose exported student is this model, run first if `path` is missing
+    cache: Optional[str] = None  # [teacher] only: a teacher-feature cache (genrecal teach) read instead of running the teacher
 
     def _check(self, key: str, problems: list[str]) -> None:
         if self.recipe is None:
@@ -291,6 +292,11 @@ class Recipe:
                 if getattr(self.stages, name).steps is None:
                     problems.append(f"stages.{name}: data.streaming needs `steps` (a stream's length, and so an "
                                     "epoch's, is not known in advance)")
+        if self.student.cache is not None:
+            problems.append("student.cache: only [teacher] has a feature cache")
+        if self.teacher is not None and self.teacher.cache is not None and self.data.streaming:
+            problems.append("teacher.cache: the cache finds items by their row number, which a stream does not have; "
+                            "set data.streaming = false")
         if self.stages.align.enabled and not (self.loss.ar or self.loss.kl or self.loss.reg):
             problems.append("stages.align: trains the Recalibrator on loss.ar, loss.kl and loss.reg, which are all 0; "
                             "give one a weight or disable the stage (enabled = false)")

@@ -88,11 +88,12 @@ def chats_folder(spec: DataSpec, seed: int = 0, accelerator=None) -> Path:
         return build_chats(root, n, n_val, seed=seed)
 
 
-def resolve(recipe: Recipe, reporter=None, accelerator=None):
+def resolve(recipe: Recipe, reporter=None, accelerator=None, needs_teacher: bool | None = None):
     """Everything the engine needs from a recipe, resolved (engine.distill.Inputs)."""
     from .engine.distill import Inputs
 
-    needs_teacher = any(getattr(recipe.stages, s).enabled for s in ("align", "distill"))
+    if needs_teacher is None:
+        needs_teacher = any(getattr(recipe.stages, s).enabled for s in ("align", "distill"))
     teacher = resolve_model(recipe.teacher, "teacher", reporter, accelerator) if needs_teacher else None
     student = resolve_model(recipe.student, "student", reporter, accelerator)
     data = recipe.data

@@ -24,7 +24,7 @@ def test_help_names_the_built_in_models(cli):
 
 
 def test_every_command_has_help(cli):
-    for cmd in ("distill", "eval", "chat", "inspect-vocab", "report"):
+    for cmd in ("distill", "eval", "chat", "inspect-vocab", "report", "teach"):
         out = cli(cmd, "--help")
         assert out.returncode == 0, out.stderr
         assert "Usage" in out.stdout

@@ -289,3 +289,73 @@ def size_estimate(answer_tokens: int, question_tokens: int, hidden: int, storage
     per = {"fp32": 4, "bf16": 2, "fp8": 1}[storage]
     row = hidden * per + (4 if storage == "fp8" else 0)
     return {"answer": 2 * answer_tokens * row + answer_tokens * 16, "question": question_tokens * row + question_tokens * 8}
+
+
+# ---------------------------------------------------------------------------------------------
+# what a cache was computed from
+
+
+def fingerprint(recipe, teacher_path: str) -> dict[str, str]:
+    """What the teacher's features depend on, each part a short digest: the teacher's weights
+    (its safetensors headers and sizes: names, shapes, dtypes, offsets), its tokenizer and
+    processor files, the training data (the recipe's data table and the files' sizes and first
+    and last MiB), max_length, the answer input, the teacher's dtype and the compute precision.
+    Not the student: one cache serves every student."""
+    import dataclasses
+    import hashlib
+
+    from ..models import processor_files
+    from .parallel import mixed_precision
+
+    def digest(parts: Iterable[bytes]) -> str:
+        h = hashlib.sha256()
+        for part in parts:
+            h.update(len(part).to_bytes(8, "little") + part)
+        return h.hexdigest()[:16]
+
+    def weights(folder: Path) -> Iterable[bytes]:
+        for f in sorted(folder.glob("*.safetensors")):
+            with f.open("rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                yield f.name.encode() + f.stat().st_size.to_bytes(8, "little") + fh.read(min(n, 100 << 20))
+
+    def sample(path: Path) -> Iterable[bytes]:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for f in files:
+            size = f.stat().st_size
+            name = str(f.relative_to(path) if path.is_dir() else f.name).encode() + size.to_bytes(8, "little")
+            if f.suffix not in (".jsonl", ".json", ".parquet", ".csv", ".arrow"):  # images: name and size
+                yield name
+                continue
+            with f.open("rb") as fh:
+                head = fh.read(1 << 20)
+                fh.seek(max(0, size - (1 << 20)))
+                yield name + head + fh.read()
+
+    folder = Path(teacher_path).expanduser()
+    data = {k: v for k, v in dataclasses.asdict(recipe.data).items()
+            if k not in ("num_workers", "shuffle_buffer", "group_by_length", "streaming", "eval_split", "max_length")}
+    source = Path(recipe.data.source).expanduser()
+    return {
+        "the teacher's weights": digest(weights(folder)) if folder.is_dir() else f"hub:{teacher_path}@{recipe.teacher.revision}",
+        "the teacher's tokenizer and processor": digest(p.read_bytes() for _, p in sorted(processor_files(
+            teacher_path, recipe.teacher.revision).items())),
+        # (the built-in shapes are drawn with train.seed: another seed is other data)
+        "the data": digest([repr(sorted(data.items())).encode(), *(sample(source) if source.exists() else []),
+                            *([str(recipe.train.seed).encode()] if recipe.data.source == "shapes" else [])]),
+        "data.max_length": str(recipe.data.max_length),
+        "recalibrator.answer_input": recipe.recalibrator.answer_input,
+        "teacher.dtype": recipe.teacher.dtype,
+        "train.precision": mixed_precision(recipe),
+    }
+
+
+def check_lengths(cached: TeacherFeatures, teacher_batch: dict, keys: Sequence[int], folder: Path) -> None:
+    """The cached answer tokens of each item match the teacher side rendered now (with another
+    student, max_length may keep other turns: then the cache does not fit that item)."""
+    rendered = ((teacher_batch["segment"] >= 0) & (teacher_batch["segment"] % 2 == 1)).sum(1).tolist()
+    stored = cached.answer.mask.sum(1).tolist()
+    for key, now, then in zip(keys, rendered, stored):
+        if now != then:
+            raise DataError(f"{folder}: item {key} has {then} answer tokens in the cache but {now} as rendered now "
+                            "(data.max_length keeps other turns with this student?); write the cache again")

@@ -19,6 +19,7 @@ from ..data.loader import DataReport
 from ..recipe import Recipe
 from . import checkpoint as ckpt
 from .accuracy import Scorer, accuracy
+from .cache import CacheReader, fingerprint
 from .faults import StopRequests
 from .objective import TEACHER_STAGES, GenRecal
 from .parallel import (MASTER_DTYPE, compute_dtype, device_mesh, full_state, make_accelerator, shard_teacher,
@@ -76,7 +77,7 @@ def distill(
 def _run(recipe: Recipe, inputs: Inputs, acc, out: Path, *, resume: bool, reporter, prefix: str) -> RunResult:
     from accelerate.utils import set_seed
 
-    from ..models import load_vlm
+    from ..models import load_head_only, load_vlm
 
     # What is left to do: every enabled stage, or (--resume) what follows the last checkpoint.
     remaining = recipe.stages.enabled()
@@ -95,18 +96,28 @@ def _run(recipe: Recipe, inputs: Inputs, acc, out: Path, *, resume: bool, report
     student.model.to(device=acc.device, dtype=MASTER_DTYPE)
     if recipe.train.gradient_checkpointing:
         _checkpoint_activations(student.model)
-    shard_t, shard_s = teacher_sharded(recipe, acc), student_sharded(recipe, acc)
+    cached = any(s in TEACHER_STAGES for s in remaining) and recipe.teacher.cache is not None
+    shard_t, shard_s = teacher_sharded(recipe, acc) and not cached, student_sharded(recipe, acc)
     mesh = device_mesh(acc, recipe.parallel.shard_group) if shard_t or shard_s else None
-    teacher = rec = None
-    if any(s in TEACHER_STAGES for s in remaining):
+    teacher = rec = cache = None
+    if cached:  # the teacher's features come from its cache: only its head is read
+        cache = CacheReader(recipe.teacher.cache, fingerprint(recipe, inputs.teacher))
+        teacher = load_head_only(inputs.teacher, revision=recipe.teacher.revision, dtype=recipe.teacher.dtype,
+                                 trust_remote_code=recipe.teacher.trust_remote_code)
+        teacher.head.to(acc.device)
+        if reporter is not None:
+            reporter.note(f"teacher features from the cache {recipe.teacher.cache} (stored as {cache.storage}"
+                          + ("" if cache.with_question else "; without question features: L_reg is off") + ")")
+    elif any(s in TEACHER_STAGES for s in remaining):
         # Sharded: only the main process reads the weights, the others receive their shards.
         teacher = load_vlm(inputs.teacher, revision=recipe.teacher.revision, dtype=recipe.teacher.dtype,
                            trust_remote_code=recipe.teacher.trust_remote_code, empty=shard_t and not acc.is_main_process)
+    if teacher is not None:
         teacher.model.requires_grad_(False)
         _warn_if_swapped(teacher, student, reporter)
         if shard_t:
             shard_teacher(teacher, acc, mesh)
-        else:
+        elif not cached:
             teacher.model.to(acc.device)
         set_seed(recipe.train.seed)
         if recipe.uses_recalibrator:
@@ -118,7 +129,10 @@ def _run(recipe: Recipe, inputs: Inputs, acc, out: Path, *, resume: bool, report
 
     result = RunResult(out, out / "student")
     if inputs.validation is not None:
-        if teacher is not None and shard_t:
+        if cached:
+            if reporter is not None:
+                reporter.note("teacher accuracy skipped: its features come from a cache (teacher.cache)", style="yellow")
+        elif teacher is not None and shard_t:
             # generate() reaches the vision tower outside the sharded inner model's forward,
             # where its parameters are not gathered
             if reporter is not None:
@@ -134,7 +148,7 @@ def _run(recipe: Recipe, inputs: Inputs, acc, out: Path, *, resume: bool, report
         shard_trainable(module, mesh, compute_dtype(recipe))
     with StopRequests() as stop:
         run = Run(recipe, acc, student, teacher, rec, inputs.train, module=module, reporter=reporter, stop=stop,
-                  data_report=DataReport())
+                  data_report=DataReport(), cache=cache)
         teacher = rec = module = None  # the run owns them now, and drops them when no later stage needs them
         for stage in remaining:
             set_seed(recipe.train.seed + ckpt.STAGES.index(stage))

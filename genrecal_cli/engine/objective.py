@@ -56,7 +56,7 @@ class GenRecal(nn.Module):
         teacher_head: Callable[[torch.Tensor], torch.Tensor] | None,
         *,
         stage: str,
-        reg_in_distill: bool = True,
+        reg: bool = True,
     ) -> Output:
         w = self.weights
         touch = None
@@ -72,7 +72,7 @@ class GenRecal(nn.Module):
             terms["ar"], terms["kl"] = losses.recalibration_terms(
                 teacher_head, rec, tf.rows, tf.targets, temperature=w.temperature
             )
-            if stage == "align" or reg_in_distill:
+            if reg:  # align, and distill unless stages.distill.reg = false; not without question features
                 reg_rec = self.recalibrator(tf.question, tf.answer, question_from_teacher=True)
                 ar, kl = losses.recalibration_terms(teacher_head, reg_rec, tf.rows, tf.targets, temperature=w.temperature)
                 terms["reg"] = ar + kl

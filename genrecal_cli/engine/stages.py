@@ -32,7 +32,8 @@ from .parallel import (RankBatches, after_trainable_changed, gather_objects, gat
                        total_updates)
 from .probe import alignment_stats, reliance
 from .recalibrator import Recalibrator
-from .teacher import head_fn, teacher_features
+from .cache import check_lengths, join_items
+from .teacher import TeacherFeatures, head_fn, teacher_features
 
 
 @dataclass
@@ -49,6 +50,16 @@ class Run:
     reporter: Any | None = None
     stop: StopRequests | None = None
     data_report: DataReport | None = None  # what the stages skipped or cut, every process's, once per row
+    cache: Any | None = None  # cache.CacheReader: the teacher's features read instead of computed (teacher.cache)
+
+    def teacher_features(self, teacher, batch: dict) -> TeacherFeatures:
+        """One batch's teacher features: computed by the teacher, or read from its cache by the
+        items' row numbers (and checked against the teacher side rendered now)."""
+        if self.cache is None:
+            return teacher_features(teacher, batch["teacher"], self.recipe.recalibrator.answer_input)
+        tf = join_items(self.cache.items(batch["keys"]), device=batch["teacher"]["input_ids"].device)
+        check_lengths(tf, batch["teacher"], batch["keys"], self.cache.folder)
+        return tf
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,6 +172,9 @@ def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: 
                           state=data_state.get("position", step * st.grad_accum))
     batches.report = DataReport(**data_state.get("report", {}))
     head = head_fn(teacher.head) if teacher is not None else None
+    # L_reg: always in align, in distill unless stages.distill.reg = false; never without the
+    # teacher's question features (a cache written without them)
+    use_reg = (stage == "align" or st.reg) and (run.cache is None or run.cache.with_question)
     probe = _probe_batch(dataset, sides, recipe, acc) if rec is not None else None
     if not sharded:
         module, optimizer = acc.prepare(module, optimizer)
@@ -183,10 +197,10 @@ def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: 
             batch = send_to_device(next(batches), acc.device)
             last = i == st.grad_accum - 1
             with acc.autocast():
-                tf = teacher_features(teacher, batch["teacher"], recipe.recalibrator.answer_input) if teacher else None
+                tf = run.teacher_features(teacher, batch) if teacher else None
             with _grad_sync(acc, module, sharded, last):
                 with acc.autocast():
-                    out = module(batch["student"], tf, head, stage=stage, reg_in_distill=st.reg)
+                    out = module(batch["student"], tf, head, stage=stage, reg=use_reg)
                 # One small collective per micro-batch, before backward: every process's loss
                 # terms, tokens and items. All processes see a bad loss and stop together.
                 names = ("loss", *out.terms)  # the same on every process: the same code path
@@ -224,7 +238,7 @@ def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: 
         metrics.update(lr=lr, items_per_s=seen_items / dt, tokens_per_s=seen_tokens / dt, pad_share=1 - real / max(slots, 1),
                        skipped_items=int(everyone[:, k + 4].sum()), truncated_items=int(everyone[:, k + 5].sum()), **layout)
         if probe_now:  # every process runs it: a sharded teacher's forward is collective
-            metrics.update(_run_probe(acc, module, probe, teacher, head, recipe))
+            metrics.update(_run_probe(acc, module, probe, teacher, head, run))
         if reporter is not None and acc.is_main_process:
             if tf is not None and (step % recipe.train.log_every == 0 or step == total or probe_now):
                 with acc.autocast():
@@ -319,13 +333,13 @@ def _probe_batch(dataset, sides, recipe: Recipe, acc) -> dict | None:
     return send_to_device(Collator(sides)(items), acc.device)
 
 
-def _run_probe(acc, module, probe: dict, teacher, head, recipe: Recipe) -> dict[str, float]:
+def _run_probe(acc, module, probe: dict, teacher, head, run: Run) -> dict[str, float]:
     module = acc.unwrap_model(module)
     was_training = module.training
     module.eval()
     try:
         with acc.autocast():  # the same precision as the training forward
-            tf = teacher_features(teacher, probe["teacher"], recipe.recalibrator.answer_input)
+            tf = run.teacher_features(teacher, probe)
             with gathered(module):  # the probe calls the parts directly, outside the root's forward
                 return reliance(module, probe["student"], tf, head)
     finally:

@@ -1,0 +1,196 @@
+"""`genrecal teach` and `[teacher] cache`: one teacher pass written to a cache, read by align
+and distill instead of the teacher; from an fp32 cache a student reaches the weights the online
+teacher gives it; the cache is refused for another setup; a killed writer resumes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from genrecal_cli.engine.cache import CacheReader
+from genrecal_cli.errors import DataError
+from genrecal_cli.recipe import recipe_from_dict
+from genrecal_cli.run import distill
+
+from .conftest import run_cli
+
+
+def _raw(tmp_path, out="online", cache=None, **data):
+    raw = {
+        "teacher": {"path": "zoo:tiny-teacher", **({"cache": str(cache)} if cache else {})},
+        "student": {"path": "zoo:tiny-student"},
+        "data": {"shapes_size": 12, "max_length": 256, **data},
+        "stages": {"align": {"steps": 2, "batch_size": 4, "lr": 1e-3}, "distill": {"steps": 2, "batch_size": 4, "lr": 1e-3}},
+        "train": {"output_dir": str(tmp_path / out), "log_every": 1, "eval_items": 0, "probe_every": 1},
+    }
+    return raw
+
+
+def _toml(tmp_path, raw) -> str:
+    def value(v):
+        return json.dumps(v)
+
+    lines = []
+    for table, body in raw.items():
+        if table == "stages":
+            for name, st in body.items():
+                lines.append(f"[stages.{name}]")
+                lines += [f"{k} = {value(v)}" for k, v in st.items()]
+            continue
+        lines.append(f"[{table}]")
+        lines += [f"{k} = {value(v)}" for k, v in body.items()]
+    path = tmp_path / "r.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory, tiny_pair):
+    tmp = tmp_path_factory.mktemp("teach")
+    recipe = _toml(tmp, _raw(tmp, cache=tmp / "cache"))
+    out = run_cli("teach", recipe, "--storage", "fp32", "--batch-size", "5")
+    assert out.returncode == 0, out.stderr
+    return tmp, out
+
+
+def test_teach_states_the_size_and_writes_every_item(written):
+    tmp, out = written
+    assert "12 items x" in out.stdout and "in fp32: answers" in out.stdout and "question features" in out.stdout
+    reader = CacheReader(tmp / "cache")
+    assert sorted(reader.where) == list(range(12)) and reader.storage == "fp32" and reader.with_question
+    index = json.loads((tmp / "cache" / "index.json").read_text())
+    assert {"the teacher's weights", "the data", "data.max_length"} <= set(index["fingerprint"])
+
+
+class Recorder:
+    """Keeps every step's loss terms."""
+
+    def __init__(self):
+        self.rows = []
+
+    def stage_start(self, *a):
+        pass
+
+    def step(self, stage, step, metrics):
+        self.rows.append((stage, step, {k: metrics[k] for k in ("ar", "kl", "reg", "sft") if k in metrics}))
+
+    def stage_end(self, *a):
+        pass
+
+    def note(self, text, style=""):
+        pass
+
+
+def _run(tmp, out, cache=None):
+    rec = Recorder()
+    result = distill(recipe_from_dict(_raw(tmp, out=out, cache=cache)), reporter=rec)
+    return result, rec.rows
+
+
+@pytest.fixture(scope="module")
+def online(written):
+    tmp, _ = written
+    return _run(tmp, "online")
+
+
+def test_a_student_from_an_fp32_cache_reaches_the_online_weights(written, online):
+    tmp, _ = written
+    (result, rows), (cached, cached_rows) = online, _run(tmp, "cached", tmp / "cache")
+    assert [(s, n) for s, n, _ in rows] == [("align", 1), ("align", 2), ("distill", 1), ("distill", 2)]
+    for (_, _, a), (_, _, b) in zip(rows, cached_rows):  # L_ar, L_kl, L_reg (and L_sft) of every step
+        assert a.keys() == b.keys() and {"ar", "kl", "reg"} <= a.keys()
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), k
+    a = load_file(str(result.student_dir / "model.safetensors"))
+    b = load_file(str(cached.student_dir / "model.safetensors"))
+    before = load_file(str(result.output_dir / "align" / "student" / "model.safetensors"))
+    assert any(not torch.equal(a[k], before[k]) for k in a)  # distill trained the student
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)  # float noise: the teacher saw other batches
+
+
+def test_a_bf16_cache_gives_the_loss_terms_within_a_thousandth(written, online):
+    tmp, _ = written
+    recipe = _toml(tmp, _raw(tmp, cache=tmp / "cache-bf16"))
+    out = run_cli("teach", recipe, "--storage", "bf16")
+    assert out.returncode == 0, out.stderr
+    _, rows = online
+    _, bf16_rows = _run(tmp, "bf16", tmp / "cache-bf16")
+    for (_, _, a), (_, _, b) in zip(rows, bf16_rows):
+        for k in ("ar", "kl", "reg"):
+            assert b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-5), k  # measured: at most 2.9e-4
+
+
+def test_a_cache_for_other_data_or_length_is_refused_naming_it(written):
+    tmp, _ = written
+    with pytest.raises(DataError, match=r"another setup: data.max_length changed"):
+        distill(recipe_from_dict({**_raw(tmp, out="x", cache=tmp / "cache"),
+                                  "data": {"shapes_size": 12, "max_length": 200}}))
+    with pytest.raises(DataError, match=r"another setup: the data changed"):
+        distill(recipe_from_dict({**_raw(tmp, out="y", cache=tmp / "cache"),
+                                  "data": {"shapes_size": 14, "max_length": 256}}))
+    other_seed = _raw(tmp, out="z", cache=tmp / "cache")
+    other_seed["train"]["seed"] = 5  # the built-in shapes are drawn with the run's seed
+    with pytest.raises(DataError, match=r"another setup: the data changed"):
+        distill(recipe_from_dict(other_seed))
+
+
+def test_dry_run_states_the_size_and_writes_nothing(tmp_path, tiny_pair):
+    recipe = _toml(tmp_path, _raw(tmp_path, cache=tmp_path / "c"))
+    out = run_cli("teach", recipe, "--dry-run", "--no-question")
+    assert out.returncode == 0, out.stderr
+    assert "12 items x" in out.stdout and "in bf16: answers" in out.stdout and "L_reg off" in out.stdout
+    assert not (tmp_path / "c").exists()
+    bad = run_cli("teach", _toml(tmp_path, _raw(tmp_path)))
+    assert bad.returncode == 1 and "set teacher.cache in the recipe or give --output DIR" in bad.stderr
+
+
+def test_a_killed_teach_resumes_and_a_cache_without_questions_turns_reg_off(tmp_path, tiny_pair):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import ROOT
+
+    raw = _raw(tmp_path, cache=tmp_path / "c")
+    raw["data"]["shapes_size"] = 160
+    recipe = _toml(tmp_path, raw)
+    args = [sys.executable, "-m", "genrecal_cli", "teach", recipe, "--storage", "fp32", "--no-question",
+            "--batch-size", "4", "--shard-items", "4"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (tmp_path / "c" / "shard-00001.safetensors").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    kept = CacheReader(tmp_path / "c").where
+    assert 8 <= len(kept) < 160  # killed part-way, finished shards kept
+    again = run_cli("teach", recipe, "--storage", "fp32", "--no-question", "--batch-size", "4", "--shard-items", "4")
+    assert again.returncode == 0, again.stderr
+    assert f"resuming: {len(kept)} of 160 items already in the cache" in again.stdout
+    reader = CacheReader(tmp_path / "c")
+    assert sorted(reader.where) == list(range(160)) and not reader.with_question
+    assert len(json.loads((tmp_path / "c" / "index.json").read_text())["shards"]) == 40  # none written twice
+    whole = tmp_path / "whole"
+    fresh = run_cli("teach", recipe, "--output", str(whole), "--storage", "fp32", "--no-question", "--batch-size", "4")
+    assert fresh.returncode == 0, fresh.stderr
+    for a, b in zip(reader.items(range(160)), CacheReader(whole).items(range(160))):
+        assert torch.equal(a.answer, b.answer) and torch.equal(a.rows, b.rows) and torch.equal(a.targets, b.targets)
+    raw["data"]["shapes_size"] = 160
+    rec = Recorder()
+    distill(recipe_from_dict({**raw, "train": {**raw["train"], "output_dir": str(tmp_path / "run")}}), reporter=rec)
+    assert rec.rows and all("reg" not in terms and "ar" in terms for _, _, terms in rec.rows)
+
+
+def test_a_cache_with_a_stream_is_refused_in_the_recipe(tmp_path):
+    from genrecal_cli.errors import RecipeError
+
+    raw = _raw(tmp_path, cache=tmp_path / "c")
+    raw["data"]["streaming"] = True
+    with pytest.raises(RecipeError, match=r"teacher.cache: the cache finds items by their row number"):
+        recipe_from_dict(raw)
