@@ -281,6 +281,14 @@ class _Carrying:
         return carried(self.dataset.__getitem__, i)
 
 
+def pair_loader(dataset: PairDataset, batch_sampler, sides: Mapping[str, Any], workers: int, pin_memory: bool):
+    """A DataLoader of collated micro-batches of `dataset` (index lists from `batch_sampler`),
+    encoded in `workers` processes; a row that stops the run comes back as the batch's "error"
+    (`raise_carried`)."""
+    return data_loader(_Carrying(dataset), workers, pin_memory, batch_sampler=batch_sampler,
+                       collate_fn=Collator(sides))
+
+
 def data_loader(dataset, workers: int, pin_memory: bool, **kwargs):
     """A torch DataLoader with `workers` processes, each prefetching 4 batches."""
     import torch
@@ -302,8 +310,7 @@ class Batches:
         self.dataset, self.sampler = dataset, sampler
         self.position = state if isinstance(state, int) else (state or {}).get("position", 0)
         self.report = DataReport()
-        self.loader = data_loader(_Carrying(dataset), workers, pin_memory, batch_sampler=sampler,
-                                  collate_fn=Collator(sides))
+        self.loader = pair_loader(dataset, sampler, sides, workers, pin_memory)
         self._it: Iterator | None = None
 
     def state(self) -> dict:

@@ -240,25 +240,28 @@ class CacheReader:
         self.storage, self.with_question = index["storage"], index["with_question"]
         self.hidden_size = index.get("hidden_size")
         self.where = {i: s["file"] for s in index["shards"] for i in s["items"]}
-        self._open: dict[str, dict[str, torch.Tensor]] = {}
+        self._open: dict[str, _Shard] = {}  # the most recently opened shards (each a memory map)
 
     def missing(self, indices: Iterable[int]) -> list[int]:
         return [i for i in indices if i not in self.where]
 
-    def _shard(self, file: str) -> dict[str, torch.Tensor]:
+    def _shard(self, file: str) -> "_Shard":
         if file not in self._open:
-            from safetensors.torch import load_file
+            from safetensors import safe_open
 
             path = self.folder / file
             if not path.is_file():
                 raise DataError(f"{path}: cache shard missing; write the cache again with `genrecal teach`")
-            try:
-                self._open[file] = load_file(str(path))
+            try:  # memory-mapped: an item reads its own rows, never the whole shard
+                handle = safe_open(str(path), "pt")
+                small = {k: handle.get_tensor(k) for k in handle.keys() if k == "index" or k.startswith("offsets.")}
+                handle.get_slice(next(iter(_FEATURES)))[0:1]  # a cut file fails here, not mid-run
             except Exception as exc:  # safetensors: header or length wrong
                 raise DataError(f"{path}: cache shard is cut short or corrupt ({type(exc).__name__}: "
                                 f"{str(exc).splitlines()[0] if str(exc) else ''}); write the cache again") from None
-            if len(self._open) > 4:  # keep a few shards in memory, the latest
+            if len(self._open) >= 64:  # a bounded number of open files
                 self._open.pop(next(iter(self._open)))
+            self._open[file] = _Shard(handle, small)
         return self._open[file]
 
     def items(self, indices: Sequence[int]) -> list[ItemFeatures]:
@@ -266,20 +269,30 @@ class CacheReader:
         for i in indices:
             if i not in self.where:
                 raise DataError(f"{self.folder}: item {i} is not in the cache (written for other data?)")
-            shard = self._shard(self.where[i])
-            k = int((shard["index"] == i).nonzero()[0, 0])
-            fields = {}
-            for name in (*_FEATURES, *_INTEGERS):
-                if f"offsets.{name}" not in shard:
-                    continue
-                a, b = shard[f"offsets.{name}"][k].item(), shard[f"offsets.{name}"][k + 1].item()
-                if name in _FEATURES:
-                    scale = shard.get(f"{name}.scale")
-                    fields[name] = decode(shard[name][a:b], scale[a:b] if scale is not None else None)
-                else:
-                    fields[name] = shard[name][a:b].long()
-            out.append(ItemFeatures(**fields))
+            out.append(self._shard(self.where[i]).item(i))
         return out
+
+
+class _Shard:
+    """One open shard: its index and offsets in memory, its tensors read by rows on demand."""
+
+    def __init__(self, handle, small: dict[str, torch.Tensor]):
+        self.handle, self.offsets = handle, {k[len("offsets."):]: v.tolist() for k, v in small.items() if k != "index"}
+        self.position = {int(i): k for k, i in enumerate(small["index"].tolist())}
+        self.names = set(handle.keys())
+
+    def item(self, i: int) -> ItemFeatures:
+        k = self.position[i]
+        fields = {}
+        for name, offsets in self.offsets.items():
+            a, b = offsets[k], offsets[k + 1]
+            rows = self.handle.get_slice(name)[a:b]
+            if name in _FEATURES:
+                scale = self.handle.get_slice(f"{name}.scale")[a:b] if f"{name}.scale" in self.names else None
+                fields[name] = decode(rows, scale)
+            else:
+                fields[name] = rows.long()
+        return ItemFeatures(**fields)
 
 
 def size_estimate(answer_tokens: int, question_tokens: int, hidden: int, storage: str) -> dict[str, int]:

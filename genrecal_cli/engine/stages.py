@@ -26,13 +26,13 @@ from ..data.stream import StreamBatches
 from ..errors import GenrecalError
 from ..recipe import Recipe, StageSpec
 from . import checkpoint as ckpt
+from .cache import check_lengths, join_items
 from .faults import Interrupted, StopRequests, signal_name
 from .objective import TEACHER_STAGES, GenRecal
 from .parallel import (RankBatches, after_trainable_changed, gather_objects, gather_rows, gathered, is_sharded,
                        total_updates)
 from .probe import alignment_stats, reliance
 from .recalibrator import Recalibrator
-from .cache import check_lengths, join_items
 from .teacher import TeacherFeatures, head_fn, teacher_features
 
 

@@ -27,7 +27,7 @@ def teach(recipe: Recipe, inputs, accelerator, *, folder: str | Path, storage: s
     `note(text)` for what the user should know (a resumed cache)."""
     from accelerate.utils import send_to_device
 
-    from ..data.loader import Collator, _Carrying, data_loader, raise_carried
+    from ..data.loader import pair_loader, raise_carried
     from ..models import load_vlm
 
     acc = accelerator
@@ -54,8 +54,7 @@ def teach(recipe: Recipe, inputs, accelerator, *, folder: str | Path, storage: s
     workers = recipe.data.num_workers
     if workers is None:
         workers = default_workers(1, on_gpu=acc.device.type == "cuda")
-    loader = data_loader(_Carrying(dataset), workers, acc.device.type == "cuda", batch_sampler=batches,
-                         collate_fn=Collator(sides))
+    loader = pair_loader(dataset, batches, sides, workers, acc.device.type == "cuda")
     seen = len(done)
     if progress is not None:
         progress(seen, len(dataset))
