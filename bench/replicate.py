@@ -12,6 +12,11 @@ ar, no new positions, Rec-body depth 1 and 4, answer_input = "embeddings"); accu
 each stage. Two conditions: `clean` (every arm sees the same clean data, as in the paper) and
 `noisy` (30% of the student's training answers are wrong; the teacher was trained clean).
 Everything lands in --work (default runs/replicate); the tables and the plot in --out.
+
+The teacher's features are computed once (`genrecal teach`'s engine, fp32) for each condition
+and answer input, and every arm that reads the teacher (GenRecal, ULD, the ablations) over
+every seed reads them from that cache ([teacher] cache); `--online` runs the teacher in every
+arm instead, as before.
 """
 
 from __future__ import annotations
@@ -200,8 +205,38 @@ def prerequisite_recipes(work: Path, models: dict, data: dict, p: Preset, with_t
     return [teacher, baseline]
 
 
-def plan(work: Path, data: dict, p: Preset, teacher: str) -> list[Run]:
-    """Every run of the benchmark, in the order they are listed in the results."""
+CACHED = (("clean", "hidden"), ("noisy", "hidden"), ("clean", "embeddings"))  # what the arms read
+
+
+def teach_once(work: Path, data: dict, p: Preset, teacher: str, student: str, log) -> tuple[dict, dict]:
+    """The teacher's features for every (condition, answer input) an arm reads, written once
+    with `genrecal teach`'s engine in fp32 (so an arm trains as with the online teacher, to float
+    noise); a complete cache is kept, a partial one resumed. Returns the folders and seconds."""
+    from genrecal_cli.engine.parallel import make_accelerator
+    from genrecal_cli.engine.teach import teach
+    from genrecal_cli.recipe import recipe_from_dict
+    from genrecal_cli.run import resolve
+
+    folders, seconds = {}, {}
+    for cond, answer_input in CACHED:
+        folder = work / "features" / f"{cond}-{answer_input}"
+        raw = base_recipe(student, data[cond], work / "features" / "recipe", 0, p, teacher=teacher)
+        raw["recalibrator"] = {"answer_input": answer_input}
+        raw["stages"] = {"distill": stage(p.distill, "distill", p)}  # (a recipe has a stage; teach runs none)
+        recipe = recipe_from_dict(raw, source=str(folder))
+        acc = make_accelerator(recipe)
+        t = time.perf_counter()
+        teach(recipe, resolve(recipe, accelerator=acc, needs_teacher=True), acc, folder=folder, storage="fp32",
+              batch_size=2 * p.batch_size)
+        folders[(cond, answer_input)] = str(folder)
+        seconds[f"teach {cond}-{answer_input}"] = time.perf_counter() - t
+        log(f"teacher features {cond}, answer input {answer_input}: {folder} ({seconds[f'teach {cond}-{answer_input}']:.0f} s)")
+    return folders, seconds
+
+
+def plan(work: Path, data: dict, p: Preset, teacher: str, caches: dict | None = None) -> list[Run]:
+    """Every run of the benchmark, in the order they are listed in the results; arms that read
+    the teacher read its features from `caches` ((condition, answer input) -> folder) if given."""
     baseline = str(work / "baseline" / "student")
     runs = []
     arms = [(a, p.seeds, ("clean", "noisy")) for a in MAIN_ARMS] + [(a, p.ablation_seeds, ("clean",)) for a in ABLATIONS]
@@ -228,6 +263,8 @@ def plan(work: Path, data: dict, p: Preset, teacher: str) -> list[Run]:
                         raw["stages"]["align"] = stage(p.align, "align", p)
                         for key, changes in ABLATIONS.get(arm, {}).items():
                             raw.setdefault(key, {}).update(changes)
+                    if caches:
+                        raw["teacher"]["cache"] = caches[(cond, raw.get("recalibrator", {}).get("answer_input", "hidden"))]
                     run.recipes = [raw]
                     run.students = {"after distill": str(out / "distill" / "student"), "final": str(out / "student")}
                 runs.append(run)
@@ -459,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results; smoke: WORK/results)")
     ap.add_argument("--jobs", type=int, default=2, help="arms trained at once, one CPU thread each")
     ap.add_argument("--seeds", type=int, default=None, help="seeds of the main rows (default: the preset's)")
+    ap.add_argument("--online", action="store_true",
+                    help="run the teacher in every arm instead of computing its features once (teacher cache)")
     ap.add_argument("--teacher", type=Path, default=None,
                     help="a trained teacher to use instead of training one (e.g. from bench/teacher.py, 48x48)")
     args = ap.parse_args(argv)
@@ -486,7 +525,11 @@ def main(argv: list[str] | None = None) -> int:
         log(f"training {Path(raw['train']['output_dir']).name}")
         timings[Path(raw["train"]["output_dir"]).name] = train(raw).get("seconds")
 
-    runs = plan(work, data, p, teacher_path)
+    caches = None
+    if not args.online:
+        caches, seconds = teach_once(work, data, p, teacher_path, str(work / "baseline" / "student"), log)
+        timings.update(seconds)
+    runs = plan(work, data, p, teacher_path, caches)
     log(f"{len(runs)} runs, {args.jobs} at a time")
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -508,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "preset": {k: v for k, v in p.__dict__.items()},
         "command": " ".join(["python", "bench/replicate.py", *(argv if argv is not None else sys.argv[1:])]),
+        "teacher_features": "online" if args.online else "cache (fp32, computed once)",
         "versions": versions(),
         "teacher": teacher,
         "baseline": baseline,

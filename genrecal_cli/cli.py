@@ -180,23 +180,29 @@ def teach(
     accelerator = make_accelerator(loaded)
     loaded = built_in_data(loaded, accelerator)
     inputs = resolve(loaded, accelerator=accelerator, needs_teacher=True)
-    size = plan_size(loaded, inputs, storage=storage)
-    answer_gb, question_gb = size["bytes"]["answer"] / 1e9, size["bytes"]["question"] / 1e9
-    console.print(f"cache {folder}: {size['items']:,} items x ({size['answer_tokens_per_item']:.1f} answer + "
-                  f"{size['question_tokens_per_item']:.1f} question tokens, from the first {size['sampled']}) x hidden "
-                  f"{size['hidden_size']:,} in {storage}: answers {answer_gb:,.3f} GB"
-                  + (f", question features {question_gb:,.3f} GB (leave them out with --no-question)"
-                     if not no_question else " (question features left out: L_reg off)"))
+    main = accelerator.is_main_process
+    if main:
+        size = plan_size(loaded, inputs, storage=storage)
+        answer_gb, question_gb = size["bytes"]["answer"] / 1e9, size["bytes"]["question"] / 1e9
+        console.print(f"cache {folder}: {size['items']:,} items x ({size['answer_tokens_per_item']:.1f} answer + "
+                      f"{size['question_tokens_per_item']:.1f} question tokens, from the first {size['sampled']}) x hidden "
+                      f"{size['hidden_size']:,} in {storage}: answers {answer_gb:,.3f} GB"
+                      + (f", question features {question_gb:,.3f} GB (leave them out with --no-question)"
+                         if not no_question else " (question features left out: L_reg off)"))
     if dry_run:
         return
-    with Progress("[bold]teach[/]", BarColumn(bar_width=24), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console) as bar:
-        task = bar.add_task("teach", total=size["items"])
+    n = accelerator.num_processes
+    with Progress("[bold]teach[/]" + (f" (process 1 of {n}'s share)" if n > 1 else ""), BarColumn(bar_width=24),
+                  MofNCompleteColumn(), TimeRemainingColumn(), console=console, disable=not main) as bar:
+        task = bar.add_task("teach", total=None)
         out = run_teach(loaded, inputs, accelerator, folder=folder, storage=storage, with_question=not no_question,
-                        batch_size=batch_size, items_per_shard=shard_items, note=bar.console.print,
+                        batch_size=batch_size, items_per_shard=shard_items,
+                        note=bar.console.print if main else None,
                         progress=lambda done, total: bar.update(task, completed=done, total=total))
-    console.print(f"[bold green]done[/]: teacher features in [bold]{out}[/]; recipes read them with "
-                  f"\\[teacher] cache = \"{out}\"")
+    if main:
+        console.print(f"[bold green]done[/]: teacher features in [bold]{out}[/]"
+                      + (f" (written by {n} processes)" if n > 1 else "")
+                      + f"; recipes read them with \\[teacher] cache = \"{out}\"")
 
 
 @app.command("inspect-vocab")

@@ -51,6 +51,9 @@ def main() -> None:
             (out / f"teacher-{state.process_index}.json").write_text(json.dumps(shares))
 
         engine_distill.shard_teacher = shard_and_record
+        from genrecal_cli.engine import teach as engine_teach
+
+        engine_teach.shard_teacher = shard_and_record
         real_trainable = engine_distill.shard_trainable
 
         def shard_trainable_and_record(module, mesh, compute_dtype=None):

@@ -60,6 +60,15 @@ def test_replicate_smoke_runs_every_arm_and_writes_tables_and_plot(tmp_path):
         assert {k: r["loss"][k] for k in default} == {**default, **loss}, arm
         assert r["recalibrator"] == {"num_blocks": 2, "answer_input": "hidden", "new_positions": True, **recal}, arm
         assert [s for s in ("align", "distill", "finetune") if r["stages"][s]["enabled"]] == ["align", "distill", "finetune"]
+    # the teacher's features were computed once per condition and answer input; every arm that
+    # reads the teacher read them from that cache
+    assert result["teacher_features"].startswith("cache")
+    assert {k for k in result["seconds"] if k.startswith("teach ")} == {"teach clean-hidden", "teach noisy-hidden",
+                                                                        "teach clean-embeddings"}
+    for cond, arm in [(c, a) for c in ("clean", "noisy") for a in ("genrecal", "uld")] + [("clean", a) for a in expected]:
+        which = "embeddings" if arm == "embeddings" else "hidden"
+        assert ran(cond, arm)["teacher"]["cache"] == str(tmp_path / "features" / f"{cond}-{which}"), (cond, arm)
+        assert (tmp_path / "features" / f"{cond}-{which}" / "index.json").is_file()
     depth4 = set(load_file(str(runs / "clean" / "depth-4" / "seed0" / "distill" / "recalibrator.safetensors")))
     assert {k.split(".")[1] for k in depth4 if k.startswith("rec_body.")} == {"0", "1", "2", "3"}
     for cond in ("clean", "noisy"):

@@ -41,10 +41,44 @@ def _torchrun(args, env=None, record=None, timeout=420, wait=True):
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks: a hung collective leaves no orphans
+        _kill_all(proc)  # a hung collective leaves no orphans
         out, err = proc.communicate()
         raise AssertionError(f"2-rank run still going after {timeout} s (hung?):\n{err[-3000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and both ranks. torchrun starts each rank in a session of its own, so
+    killing torchrun's process group would leave the ranks running."""
+    for pid in [*_descendants(proc.pid), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc), children first found first."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
 
 
 def _assert_two_ranks(record: Path) -> None:
@@ -127,9 +161,12 @@ def test_kill_9_on_two_ranks_then_resume_matches_an_uninterrupted_run(tmp_path):
     deadline = time.time() + 300
     while not mark.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    ranks = _descendants(proc.pid)
+    _kill_all(proc)
     proc.wait()
-    assert mark.exists()
+    assert mark.exists() and len(ranks) >= 2
+    time.sleep(0.5)
+    assert not [pid for pid in ranks if Path(f"/proc/{pid}").exists() and "Z" not in _state(pid)]  # none still running
     resumed = _torchrun(["distill", str(broken), "--resume"], record=tmp_path / "rec")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_two_ranks(tmp_path / "rec")

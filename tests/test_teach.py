@@ -84,9 +84,11 @@ class Recorder:
         pass
 
 
-def _run(tmp, out, cache=None):
+def _run(tmp, out, cache=None, **data):
     rec = Recorder()
-    result = distill(recipe_from_dict(_raw(tmp, out=out, cache=cache)), reporter=rec)
+    raw = _raw(tmp, out=out, cache=cache)
+    raw["data"].update(data)
+    result = distill(recipe_from_dict(raw), reporter=rec)
     return result, rec.rows
 
 
@@ -98,7 +100,7 @@ def online(written):
 
 def test_a_student_from_an_fp32_cache_reaches_the_online_weights(written, online):
     tmp, _ = written
-    (result, rows), (cached, cached_rows) = online, _run(tmp, "cached", tmp / "cache")
+    (result, rows), (cached, cached_rows) = online, _run(tmp, "cached", tmp / "cache", num_workers=1)
     assert [(s, n) for s, n, _ in rows] == [("align", 1), ("align", 2), ("distill", 1), ("distill", 2)]
     for (_, _, a), (_, _, b) in zip(rows, cached_rows):  # L_ar, L_kl, L_reg (and L_sft) of every step
         assert a.keys() == b.keys() and {"ar", "kl", "reg"} <= a.keys()
@@ -194,3 +196,99 @@ def test_a_cache_with_a_stream_is_refused_in_the_recipe(tmp_path):
     raw["data"]["streaming"] = True
     with pytest.raises(RecipeError, match=r"teacher.cache: the cache finds items by their row number"):
         recipe_from_dict(raw)
+
+
+def test_writers_of_several_processes_merge_and_an_unfinished_cache_is_refused(tmp_path):
+    """Two writers (processes 0 and 1 of 2) each write their own shards and partial index; until
+    the main process merges them the cache is refused as unfinished; a later writer on one
+    process counts both parts as done and its merge leaves one index."""
+    from genrecal_cli.engine.cache import CacheWriter, ItemFeatures, merge_index
+
+    def item(i):
+        return ItemFeatures(answer=torch.full((2, 4), float(i)), answer_turn=torch.ones(2, dtype=torch.long),
+                            answer_pos=torch.arange(2), rows=torch.full((2, 4), -float(i)), targets=torch.tensor([i, i]))
+
+    fp = {"the data": "x"}
+    writers = [CacheWriter(tmp_path, fp, storage="fp32", with_question=False, items_per_shard=2, part=r, parts=2)
+               for r in (0, 1)]
+    for i in range(6):
+        writers[i % 2].add(i, item(i))
+    for w in writers:
+        w.flush()
+    assert sorted(p.name for p in tmp_path.glob("index*")) == ["index-r0.json", "index-r1.json"]
+    with pytest.raises(DataError, match=r"an unfinished cache .* run the same `genrecal teach` again"):
+        CacheReader(tmp_path)
+    again = CacheWriter(tmp_path, fp, storage="fp32", with_question=False, items_per_shard=2)
+    assert again.done == set(range(6))  # a resumed writer on one process: both parts are done
+    again.add(6, item(6))
+    again.flush()
+    merge_index(tmp_path)
+    assert [p.name for p in tmp_path.glob("index*")] == ["index.json"]
+    reader = CacheReader(tmp_path, fp)
+    assert sorted(reader.where) == list(range(7))
+    assert [float(it.answer[0, 0]) for it in reader.items(range(7))] == [float(i) for i in range(7)]
+    assert len({s for s in reader.where.values()}) == 5  # r0: 2 shards, r1: 2 shards, the resumed one: 1
+
+
+@pytest.mark.parametrize("placement", ["replicate", "shard"])
+def test_two_ranks_write_the_cache_one_process_writes(written, tmp_path, placement):
+    """`genrecal teach` under torchrun: each rank computes its share (every item once across the
+    ranks), writes its shards, the index is merged; the features equal the one-process cache's.
+    Sharded (FSDP2), each rank holds half the teacher and a rank whose share ran out runs the
+    forward with the other on a stand-in batch (12 items in batches of 5: 2 batches and 1)."""
+    from .test_parallel import _assert_two_ranks, _torchrun
+
+    src, _ = written
+    raw = _raw(src, cache=tmp_path / "cache")
+    raw["parallel"] = {"teacher": placement}
+    recipe = _toml(tmp_path, raw)
+    done = _torchrun(["teach", recipe, "--storage", "fp32", "--batch-size", "5", "--shard-items", "2"],
+                     record=tmp_path / "rec", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_two_ranks(tmp_path / "rec")
+    assert "written by 2 processes" in done.stdout
+    seen = [{int(x) for x in (tmp_path / "rec" / f"items-{r}.txt").read_text().split()} for r in (0, 1)]
+    assert seen[0] | seen[1] == set(range(12)) and not seen[0] & seen[1] and seen[0] and seen[1]
+    assert sorted(p.name for p in (tmp_path / "cache").glob("index*")) == ["index.json"]
+    files = {p.name for p in (tmp_path / "cache").glob("shard-*")}
+    assert any(f.startswith("shard-r0-") for f in files) and any(f.startswith("shard-r1-") for f in files)
+    if placement == "shard":
+        shares = [json.loads((tmp_path / "rec" / f"teacher-{r}.json").read_text()) for r in (0, 1)]
+        assert [s["inner"] for s in shares] == pytest.approx([0.5, 0.5], abs=0.02) and shares[1]["loaded_on_meta"]
+    ours, one = CacheReader(tmp_path / "cache"), CacheReader(src / "cache")
+    assert sorted(ours.where) == list(range(12))
+    for a, b in zip(ours.items(range(12)), one.items(range(12))):
+        for k, v in b.tensors().items():
+            torch.testing.assert_close(a.tensors()[k], v, rtol=1e-4, atol=1e-5)  # other batch compositions: float noise
+
+
+def test_loader_workers_read_the_cache_and_carry_its_errors(written, monkeypatch):
+    """Training batches arrive with their cached features read by the loader worker that
+    collated them (the loop never reads the cache itself, except for the probe's fixed batch);
+    a shard that went missing stops the run with the cache's one line, not a worker traceback."""
+    import shutil
+
+    from genrecal_cli.engine import stages
+
+    tmp, _ = written
+
+    def not_here(*a, **k):
+        raise AssertionError("the training loop read the cache itself")
+
+    monkeypatch.setattr(stages, "join_items", not_here)
+    raw = _raw(tmp, out="workers", cache=tmp / "cache")
+    raw["data"]["num_workers"] = 1
+    raw["train"]["probe_every"] = 0
+    rec = Recorder()
+    distill(recipe_from_dict(raw), reporter=rec)
+    assert [s for s, _, _ in rec.rows] == ["align", "align", "distill", "distill"]
+    broken = tmp / "cache-broken"
+    shutil.copytree(tmp / "cache", broken)
+    first = json.loads((broken / "index.json").read_text())["shards"][0]["file"]
+    (broken / first).unlink()
+    raw = _raw(tmp, out="broken", cache=broken)
+    raw["data"]["num_workers"] = 1
+    raw["train"]["probe_every"] = 0
+    with pytest.raises(DataError, match=rf"{first}: cache shard missing") as caught:
+        distill(recipe_from_dict(raw))
+    assert "\n" not in str(caught.value) and "Traceback" not in str(caught.value)

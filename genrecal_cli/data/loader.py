@@ -221,9 +221,12 @@ def _cat0(parts: list):
 
 class Collator:
     """Collate a list of Item / Skipped into {side: batch dict, "data": DataReport of this batch,
-    "items": usable items, "keys": their row keys}; pad ids come from each side's tokenizer."""
+    "items": usable items, "keys": their row keys}; pad ids come from each side's tokenizer.
+    With `extra` (row keys -> dict of tensors, e.g. the teacher's cached features), the batch
+    also holds extra(keys) as "extra", computed where the batch is collated (a loader worker)."""
 
-    def __init__(self, processors: Mapping[str, Any]):
+    def __init__(self, processors: Mapping[str, Any], extra: Callable[[list[int]], dict] | None = None):
+        self.extra = extra
         self.pad_ids = {}
         for side, proc in processors.items():
             tok = getattr(proc, "tokenizer", proc)
@@ -240,6 +243,11 @@ class Collator:
         batch: dict[str, Any] = {"data": report, "items": len(items), "keys": [it.index for it in items]}
         if items:
             batch.update({side: collate_side([it.sides[side] for it in items], pad) for side, pad in self.pad_ids.items()})
+            if self.extra is not None:
+                try:
+                    batch["extra"] = self.extra(batch["keys"])
+                except GenrecalError as exc:  # carried out of the worker (raise_carried)
+                    return {"error": exc}
         return batch
 
 
@@ -281,12 +289,13 @@ class _Carrying:
         return carried(self.dataset.__getitem__, i)
 
 
-def pair_loader(dataset: PairDataset, batch_sampler, sides: Mapping[str, Any], workers: int, pin_memory: bool):
+def pair_loader(dataset: PairDataset, batch_sampler, sides: Mapping[str, Any], workers: int, pin_memory: bool,
+                extra: Callable[[list[int]], dict] | None = None):
     """A DataLoader of collated micro-batches of `dataset` (index lists from `batch_sampler`),
-    encoded in `workers` processes; a row that stops the run comes back as the batch's "error"
-    (`raise_carried`)."""
+    encoded in `workers` processes (with `extra`: see Collator); a row that stops the run comes
+    back as the batch's "error" (`raise_carried`)."""
     return data_loader(_Carrying(dataset), workers, pin_memory, batch_sampler=batch_sampler,
-                       collate_fn=Collator(sides))
+                       collate_fn=Collator(sides, extra))
 
 
 def data_loader(dataset, workers: int, pin_memory: bool, **kwargs):
@@ -306,11 +315,11 @@ class Batches:
     `report` collects what was skipped; `state()` is what a checkpoint keeps."""
 
     def __init__(self, dataset: PairDataset, sampler, sides: Mapping[str, Any], *, workers: int, pin_memory: bool,
-                 state: dict | int | None = None):
+                 state: dict | int | None = None, extra: Callable[[list[int]], dict] | None = None):
         self.dataset, self.sampler = dataset, sampler
         self.position = state if isinstance(state, int) else (state or {}).get("position", 0)
         self.report = DataReport()
-        self.loader = pair_loader(dataset, sampler, sides, workers, pin_memory)
+        self.loader = pair_loader(dataset, sampler, sides, workers, pin_memory, extra)
         self._it: Iterator | None = None
 
     def state(self) -> dict:

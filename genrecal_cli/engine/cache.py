@@ -17,8 +17,12 @@ Layout of a cache folder:
                             storage adds a float32 scale per row (`*.scale`)
 
 Shards are written under a temporary name and renamed into place, then the index is rewritten
-(atomically): a killed writer leaves finished shards that a resumed one keeps. Reading checks
-the fingerprint and names what changed; a missing, cut or corrupt shard is named in one line.
+(atomically): a killed writer leaves finished shards that a resumed one keeps. Several processes
+write together: each its own shards (`shard-r<rank>-*`) and its own partial index
+(`index-r<rank>.json`), which the main process merges into index.json at the end (`merge_index`);
+a resumed writer, on any number of processes, counts what every index names as done. Reading
+checks the fingerprint and names what changed; a missing, cut or corrupt shard is named in one
+line; an unfinished cache (partial indices left) is refused.
 """
 
 from __future__ import annotations
@@ -106,6 +110,22 @@ def join_items(items: Sequence[ItemFeatures], device=None) -> TeacherFeatures:
     return TeacherFeatures(question, answer, rows, targets)
 
 
+def features_dict(tf: TeacherFeatures) -> dict[str, torch.Tensor]:
+    """TeacherFeatures as a flat dict of tensors (what a DataLoader pins and accelerate moves)."""
+    out = {"rows": tf.rows, "targets": tf.targets}
+    for side in ("question", "answer"):
+        tokens = getattr(tf, side)
+        out.update({f"{side}.x": tokens.x, f"{side}.turn": tokens.turn, f"{side}.pos": tokens.pos})
+    return out
+
+
+def features_from_dict(d: Mapping[str, torch.Tensor]) -> TeacherFeatures:
+    def tokens(side: str) -> Tokens:
+        return Tokens(d[f"{side}.x"], d[f"{side}.turn"], d[f"{side}.pos"])
+
+    return TeacherFeatures(tokens("question"), tokens("answer"), d["rows"], d["targets"])
+
+
 # ---------------------------------------------------------------------------------------------
 # storage dtypes
 
@@ -132,16 +152,18 @@ class CacheWriter:
     shards are done (same fingerprint), so only the missing items are computed again."""
 
     def __init__(self, folder: str | Path, fingerprint: Mapping[str, str], *, storage: str = "bf16",
-                 with_question: bool = True, items_per_shard: int = 1024, hidden_size: int | None = None):
+                 with_question: bool = True, items_per_shard: int = 1024, hidden_size: int | None = None,
+                 part: int = 0, parts: int = 1):
         if storage not in STORAGE:
             raise ValueError(f"storage {storage!r} is not one of {', '.join(STORAGE)}")
         self.folder = Path(folder)
         self.fingerprint, self.storage, self.with_question = dict(fingerprint), storage, with_question
         self.items_per_shard, self.hidden_size = items_per_shard, hidden_size
+        # one writer of several (process `part` of `parts`): its own shard names and partial index
+        self.prefix, self.index_name = ("shard-", INDEX) if parts == 1 else (f"shard-r{part}-", f"index-r{part}.json")
         self.shards: list[dict] = []
         self._pending: dict[int, ItemFeatures] = {}
-        if (self.folder / INDEX).is_file():
-            old = read_index(self.folder)
+        for old in _indices(self.folder):
             changed = fingerprint_changes(old["fingerprint"], self.fingerprint)
             if changed:
                 raise DataError(f"{self.folder}: holds a cache for another setup ({changed}); "
@@ -150,7 +172,7 @@ class CacheWriter:
                 raise DataError(f"{self.folder}: holds a cache stored as {old['storage']} "
                                 f"{'with' if old['with_question'] else 'without'} question features; "
                                 "resume it with the same settings or write to another folder")
-            self.shards = [s for s in old["shards"] if (self.folder / s["file"]).is_file()]
+            self.shards = _union(self.shards, [s for s in old["shards"] if (self.folder / s["file"]).is_file()])
             self.hidden_size = old.get("hidden_size", hidden_size)
         self.folder.mkdir(parents=True, exist_ok=True)
 
@@ -185,9 +207,9 @@ class CacheWriter:
                     tensors[name + suffix] = t
             else:
                 tensors[name] = joined.to(torch.int32 if name.endswith(("turn", "pos")) else torch.long).contiguous()
-        file = f"shard-{len(self.shards):05d}.safetensors"
-        while (self.folder / file).exists():  # a shard a killed writer finished but did not index
-            file = f"shard-{int(file[6:11]) + 1:05d}.safetensors"
+        n = sum(1 for s in self.shards if s["file"].startswith(self.prefix))
+        while (self.folder / (file := f"{self.prefix}{n:05d}.safetensors")).exists():
+            n += 1  # a shard a killed writer finished but did not index
         tmp = self.folder / f".{file}.tmp"
         save_file(tensors, str(tmp))
         os.replace(tmp, self.folder / file)
@@ -198,9 +220,45 @@ class CacheWriter:
     def _write_index(self) -> None:
         index = {"format": FORMAT, "fingerprint": self.fingerprint, "storage": self.storage,
                  "with_question": self.with_question, "hidden_size": self.hidden_size, "shards": self.shards}
-        tmp = self.folder / f".{INDEX}.tmp"
-        tmp.write_text(json.dumps(index, indent=1))
-        os.replace(tmp, self.folder / INDEX)
+        _write_json(self.folder / self.index_name, index)
+
+
+def merge_index(folder: str | Path) -> None:
+    """Every writer's partial index merged into index.json (the union of their finished shards),
+    then the partial ones removed: the last step of a cache written by several processes (run
+    by one process once all have flushed)."""
+    folder = Path(folder)
+    indices = _indices(folder)
+    if not indices:
+        return
+    merged = dict(indices[-1])
+    merged["shards"] = []
+    for index in indices:
+        merged["shards"] = _union(merged["shards"], [s for s in index["shards"] if (folder / s["file"]).is_file()])
+        merged["hidden_size"] = merged.get("hidden_size") or index.get("hidden_size")
+    _write_json(folder / INDEX, merged)
+    for part in folder.glob(PARTIAL):
+        part.unlink()
+
+
+PARTIAL = "index-r*.json"
+
+
+def _indices(folder: Path) -> list[dict]:
+    """index.json (if any) and every writer's partial index, read."""
+    paths = ([folder / INDEX] if (folder / INDEX).is_file() else []) + sorted(folder.glob(PARTIAL))
+    return [_read_json(p) for p in paths]
+
+
+def _union(shards: list[dict], more: list[dict]) -> list[dict]:
+    known = {s["file"] for s in shards}
+    return shards + [s for s in more if s["file"] not in known]
+
+
+def _write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,9 +266,18 @@ class CacheWriter:
 
 
 def read_index(folder: Path) -> dict:
-    path = Path(folder) / INDEX
+    """A finished cache's index (refused while writers' partial indices are left: unfinished)."""
+    folder = Path(folder)
+    if any(folder.glob(PARTIAL)):
+        raise DataError(f"{folder}: an unfinished cache (its writers stopped before merging their indices); "
+                        "run the same `genrecal teach` again to finish it")
+    path = folder / INDEX
     if not path.is_file():
         raise DataError(f"{folder}: not a teacher-feature cache (no {INDEX}); write one with `genrecal teach`")
+    return _read_json(path)
+
+
+def _read_json(path: Path) -> dict:
     try:
         index = json.loads(path.read_text())
     except ValueError as exc:
@@ -241,6 +308,14 @@ class CacheReader:
         self.hidden_size = index.get("hidden_size")
         self.where = {i: s["file"] for s in index["shards"] for i in s["items"]}
         self._open: dict[str, _Shard] = {}  # the most recently opened shards (each a memory map)
+
+    def __getstate__(self) -> dict:  # for loader workers: open shards are not carried over
+        return {**self.__dict__, "_open": {}}
+
+    def batch(self, indices: Sequence[int]) -> dict:
+        """Items' features joined as one batch's (join_items), as plain tensors (features_dict):
+        what a loader worker adds to the batch it collates."""
+        return features_dict(join_items(self.items(indices)))
 
     def missing(self, indices: Iterable[int]) -> list[int]:
         return [i for i in indices if i not in self.where]

@@ -23,7 +23,7 @@ from .cache import CacheReader, fingerprint
 from .faults import StopRequests
 from .objective import TEACHER_STAGES, GenRecal
 from .parallel import (MASTER_DTYPE, compute_dtype, device_mesh, full_state, make_accelerator, shard_teacher,
-                       shard_trainable, sub_state)
+                       shard_trainable, sub_state, teacher_sharded)
 from .recalibrator import Recalibrator
 from .stages import Run, run_stage
 from .trackers import tracking
@@ -185,10 +185,6 @@ def _run(recipe: Recipe, inputs: Inputs, acc, out: Path, *, resume: bool, report
             reporter.note(f"student exported to {out / 'student'}")
     acc.wait_for_everyone()
     return result
-
-
-def teacher_sharded(recipe: Recipe, acc) -> bool:
-    return recipe.parallel.teacher == "shard" and acc.num_processes > 1
 
 
 def student_sharded(recipe: Recipe, acc) -> bool:

@@ -146,6 +146,10 @@ def gather_objects(accelerator, items: list) -> list:
 # sharding (FSDP2)
 
 
+def teacher_sharded(recipe: Recipe, accelerator) -> bool:
+    return recipe.parallel.teacher == "shard" and accelerator.num_processes > 1
+
+
 def device_mesh(accelerator, shard_group: int | None):
     """The mesh models are sharded over: every process (1-D), or with `shard_group` = g, groups
     of g processes that each hold one sharded copy, replicated across the groups (hybrid

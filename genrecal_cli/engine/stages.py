@@ -26,7 +26,7 @@ from ..data.stream import StreamBatches
 from ..errors import GenrecalError
 from ..recipe import Recipe, StageSpec
 from . import checkpoint as ckpt
-from .cache import check_lengths, join_items
+from .cache import check_lengths, features_from_dict, join_items
 from .faults import Interrupted, StopRequests, signal_name
 from .objective import TEACHER_STAGES, GenRecal
 from .parallel import (RankBatches, after_trainable_changed, gather_objects, gather_rows, gathered, is_sharded,
@@ -57,7 +57,10 @@ class Run:
         items' row numbers (and checked against the teacher side rendered now)."""
         if self.cache is None:
             return teacher_features(teacher, batch["teacher"], self.recipe.recalibrator.answer_input)
-        tf = join_items(self.cache.items(batch["keys"]), device=batch["teacher"]["input_ids"].device)
+        if "extra" in batch:  # read by the loader worker that collated the batch
+            tf = features_from_dict(batch["extra"])
+        else:  # (the probe's fixed batch)
+            tf = join_items(self.cache.items(batch["keys"]), device=batch["teacher"]["input_ids"].device)
         check_lengths(tf, batch["teacher"], batch["keys"], self.cache.folder)
         return tf
 
@@ -169,7 +172,8 @@ def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: 
                                 state=data_state.get("position"))
     else:  # checkpoints from before the data position was saved: every micro-batch had its items
         batches = Batches(dataset, sampler, sides, workers=workers, pin_memory=pin,
-                          state=data_state.get("position", step * st.grad_accum))
+                          state=data_state.get("position", step * st.grad_accum),
+                          extra=run.cache.batch if run.cache is not None and stage in TEACHER_STAGES else None)
     batches.report = DataReport(**data_state.get("report", {}))
     head = head_fn(teacher.head) if teacher is not None else None
     # L_reg: always in align, in distill unless stages.distill.reg = false; never without the

@@ -6,6 +6,13 @@ The items are rendered as in training (both sides: max_length drops the same tra
 both, so the student's processor is read too, not its weights), in the split's order, in loader
 workers; the teacher runs under the recipe's compute precision. A killed run resumes: finished
 shards are kept and only the items not in them are computed.
+
+On several processes (torchrun / accelerate launch) the batches still to compute are dealt
+round-robin; each process writes its own shards and partial index, merged by the main process
+at the end. Under parallel.teacher = "shard" the teacher is sharded as in distill (FSDP2, only
+the main process reads its weights) and every process runs its forward the same number of
+times: a process whose batch is empty (its share ran out, or every item was skipped) runs the
+forward on a stand-in batch and keeps nothing from it.
 """
 
 from __future__ import annotations
@@ -16,61 +23,99 @@ from typing import Callable
 from ..data.loader import PairDataset, default_workers
 from ..errors import GenrecalError
 from ..recipe import Recipe
-from .cache import CacheWriter, fingerprint, split_items
+from .cache import CacheWriter, fingerprint, merge_index, split_items
+from .parallel import device_mesh, shard_teacher, teacher_sharded
 from .teacher import teacher_features
 
 
 def teach(recipe: Recipe, inputs, accelerator, *, folder: str | Path, storage: str = "bf16",
           with_question: bool = True, batch_size: int = 16, items_per_shard: int = 1024,
           progress: Callable[[int, int], None] | None = None, note: Callable[[str], None] | None = None) -> Path:
-    """Write (or complete) the cache in `folder`; `progress(done, total)` after every batch,
-    `note(text)` for what the user should know (a resumed cache)."""
+    """Write (or complete) the cache in `folder`; `progress(done, total)` after every batch (this
+    process's items: the main process's share on several), `note(text)` for what the user should
+    know (a resumed cache)."""
     from accelerate.utils import send_to_device
 
     from ..data.loader import pair_loader, raise_carried
     from ..models import load_vlm
 
     acc = accelerator
-    if acc.num_processes > 1:
-        raise GenrecalError("genrecal teach runs on one process for now: start it without torchrun / accelerate launch")
     if not hasattr(inputs.train, "__len__"):
         raise GenrecalError("genrecal teach needs a data set read whole (data.streaming = false)")
+    sharded = teacher_sharded(recipe, acc)
     teacher = load_vlm(inputs.teacher, revision=recipe.teacher.revision, dtype=recipe.teacher.dtype,
-                       trust_remote_code=recipe.teacher.trust_remote_code)
+                       trust_remote_code=recipe.teacher.trust_remote_code, empty=sharded and not acc.is_main_process)
     teacher.model.requires_grad_(False)
-    teacher.model.to(acc.device)
+    if sharded:
+        shard_teacher(teacher, acc, device_mesh(acc, recipe.parallel.shard_group))
+    else:
+        teacher.model.to(acc.device)
     student = load_vlm(inputs.student, revision=recipe.student.revision,
                        trust_remote_code=recipe.student.trust_remote_code, empty=True)  # its processor only
     sides = {"teacher": teacher.processor, "student": student.processor}
     dataset = PairDataset(inputs.train, recipe.data, sides)
     dataset.check_start()
     writer = CacheWriter(folder, fingerprint(recipe, inputs.teacher), storage=storage, with_question=with_question,
-                         items_per_shard=items_per_shard, hidden_size=teacher.hidden_size)
+                         items_per_shard=items_per_shard, hidden_size=teacher.hidden_size,
+                         part=acc.process_index, parts=acc.num_processes)
     done = writer.done
+    acc.wait_for_everyone()  # every process knows what is done before any writes
     if done and note is not None:
         note(f"resuming: {len(done):,} of {len(dataset):,} items already in the cache {folder}")
     todo = [i for i in range(len(dataset)) if i not in done]
     batches = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
+    n, rank = acc.num_processes, acc.process_index
+    mine = batches[rank::n]
+    if sharded:  # the same number of (collective) forwards on every process
+        mine += [[]] * (-(-len(batches) // n) - len(mine))
+        stand_in = _stand_in(dataset, sides)
     workers = recipe.data.num_workers
     if workers is None:
         workers = default_workers(1, on_gpu=acc.device.type == "cuda")
-    loader = pair_loader(dataset, batches, sides, workers, acc.device.type == "cuda")
-    seen = len(done)
+    loader = pair_loader(dataset, mine, sides, workers, acc.device.type == "cuda")
+    seen, total = len(done), len(done) + sum(map(len, mine))
     if progress is not None:
-        progress(seen, len(dataset))
+        progress(seen, total)
     for batch in loader:
         raise_carried(batch)
         seen += len(batch["data"].skipped) + batch["items"]
-        if batch["items"]:
+        keep = batch["items"] > 0
+        forward = _anyone(acc, keep) if sharded else keep  # sharded: every process, every round
+        if forward:
+            if not keep:
+                batch = stand_in  # this process runs the forward with the others and keeps nothing
             batch = send_to_device(batch, acc.device)
             with acc.autocast():
                 tf = teacher_features(teacher, batch["teacher"], recipe.recalibrator.answer_input)
-            for key, item in zip(batch["keys"], split_items(tf, with_question)):
-                writer.add(key, item)
+            if keep:
+                for key, item in zip(batch["keys"], split_items(tf, with_question)):
+                    writer.add(key, item)
         if progress is not None:
-            progress(seen, len(dataset))
+            progress(seen, total)
     writer.flush()
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        merge_index(folder)
+    acc.wait_for_everyone()
     return Path(folder)
+
+
+def _anyone(acc, mine: bool) -> bool:
+    """Whether any process has a true `mine` (an all-reduce: every process calls it)."""
+    import torch
+
+    flag = torch.tensor([float(mine)], device=acc.device)
+    return bool(acc.reduce(flag, reduction="sum").item() > 0)
+
+
+def _stand_in(dataset: PairDataset, sides) -> dict:
+    """A one-item batch (the data's first usable item) for a forward whose result is dropped."""
+    from ..data.loader import Collator, Item
+
+    item = next((m for m in dataset.first() if isinstance(m, Item)), None)
+    if item is None:
+        raise GenrecalError(f"{dataset.spec.source}: no usable item to cache")
+    return Collator(sides)([item])
 
 
 def plan_size(recipe: Recipe, inputs, *, storage: str = "bf16", sample: int = 64) -> dict:
