@@ -11,6 +11,10 @@ tokens on the student's side (the teacher's tokenizer splits them differently: t
 each side is printed). The run: align 2 updates, then distill --warmup + --steps updates of
 --batch items, bf16 autocast with fp32 masters, teacher in bf16, probe and accuracy off.
 
+Then (unless --no-cache) the teacher-feature cache on the same pair: `genrecal teach`'s engine
+writes the items' features (bf16), and the same recipe runs again with [teacher] cache: seconds
+per distill update and peak memory from the cache beside the online run's.
+
 Reported: seconds per distill update and student tokens/s over the timed updates; the peak GPU
 memory of the distill stage (torch.cuda.max_memory_allocated) against the plan's estimate for
 the same recipe (`genrecal_cli.plan.make_plan`, without its margin); and MFU = model FLOPs of
@@ -146,6 +150,7 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak (default: by its name)")
     ap.add_argument("--work", default="/tmp/genrecal-gpu-check", help="where the pair, data and run go")
     ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--no-cache", action="store_true", help="skip the teacher-feature cache run")
     args = ap.parse_args()
     if args.small:
         args.question, args.answer, args.teacher_layers = min(args.question, 80), min(args.answer, 24), 2
@@ -170,14 +175,15 @@ def main() -> None:
     built = time.perf_counter() - t0
     longest = max(s["tokens"] for s in sides.values())
     stage = {"batch_size": args.batch, "lr": 1e-5, "lr_end": 1e-6}
-    recipe = recipe_from_dict({
+    raw = {
         "teacher": {"path": str(teacher_dir), "dtype": "bfloat16"},
         "student": {"path": str(student_dir), "dtype": "bfloat16"},
         "data": {"source": str(work / "data.jsonl"), "max_length": longest},
         "stages": {"align": {"steps": 2, **stage}, "distill": {"steps": updates, **stage}},
         "train": {"output_dir": str(work / "run"), "precision": "bf16", "log_every": 1, "save_every": 0,
                   "eval_items": 0, "probe_every": 0},
-    })
+    }
+    recipe = recipe_from_dict(raw)
     gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if device == "cuda" else 24.0
     plan = {m.stage: m.total for m in make_plan(recipe, gpus=1, gpu_memory_gib=gib).stages}
 
@@ -211,12 +217,56 @@ def main() -> None:
     }
     if device == "cuda" and measured_mb:
         figures["peak_memory_mib"]["planned_over_measured"] = round(plan["distill"] / 2**20 / measured_mb, 3)
+    if not args.no_cache:
+        figures["cache"] = cache_run(raw, work, args, seconds, device)
     print(json.dumps(figures, indent=2))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     if not all(math.isfinite(v) for v in figures["losses"].values()):
         sys.exit("non-finite loss in the GPU check")
+
+
+def cache_run(raw: dict, work: Path, args, online_seconds: float | None, device: str) -> dict:
+    """Write the teacher-feature cache for the recipe's items (bf16), run the same recipe from it;
+    the figures beside the online run's."""
+    import shutil
+
+    import torch
+
+    from genrecal_cli.engine.parallel import make_accelerator
+    from genrecal_cli.engine.teach import teach
+    from genrecal_cli.recipe import recipe_from_dict
+    from genrecal_cli.run import distill, resolve
+
+    folder = work / "cache"
+    shutil.rmtree(folder, ignore_errors=True)
+    recipe = recipe_from_dict(raw)
+    acc = make_accelerator(recipe)
+    t = time.perf_counter()
+    teach(recipe, resolve(recipe, accelerator=acc, needs_teacher=True), acc, folder=folder, storage="bf16",
+          batch_size=args.batch)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    teach_s = time.perf_counter() - t
+    cached = recipe_from_dict({**raw, "teacher": {**raw["teacher"], "cache": str(folder)},
+                               "train": {**raw["train"], "output_dir": str(work / "run-cached")}})
+    clock = Clock()
+    result = distill(cached, overwrite=True, reporter=clock, accelerator=make_accelerator(cached))
+    rows = clock.times["distill"]
+    timed = rows[args.warmup:]
+    seconds = (timed[-1][1] - rows[args.warmup - 1][1]) / len(timed) if args.warmup else None
+    rec = result.stages["distill"]
+    return {
+        "teach_s": round(teach_s, 1),
+        "items": sum(len(s["items"]) for s in json.loads((folder / "index.json").read_text())["shards"]),
+        "bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors")),
+        "distill_s_per_update": round(seconds, 3) if seconds else None,
+        "online_over_cached": round(online_seconds / seconds, 2) if (seconds and online_seconds) else None,
+        "peak_memory_mib": rec.get("peak_gpu_mb") if device == "cuda" else rec.get("peak_rss_mb"),
+        "losses": {k: v for k, v in timed[-1][2].items() if k in ("ar", "kl", "reg", "sft")},
+    }
 
 
 if __name__ == "__main__":

@@ -197,6 +197,11 @@ def test_gpu_check_smoke_runs_the_engine_and_reports_its_figures(tmp_path):
     assert figures["model_tflops_per_update"] > 0 and figures["mfu"] is None  # no peak known for a CPU
     assert figures["peak_memory_mib"]["planned"] > 0
     assert set(figures["losses"]) == {"ar", "kl", "reg", "sft"}
+    cache = figures["cache"]  # the same recipe again, its teacher's features from a cache
+    assert cache["items"] == 2 * (1 + 1 + 2) and cache["bytes"] > 0 and cache["teach_s"] > 0
+    assert cache["distill_s_per_update"] > 0 and cache["online_over_cached"] > 0
+    assert set(cache["losses"]) == {"ar", "kl", "reg", "sft"}
+    assert done.stdout.count("teacher features from the cache") == 1  # the second run read it
 
 
 def test_data_bench_smoke_measures_workers_padding_and_first_step(tmp_path):
