@@ -316,6 +316,24 @@ def run_arm(run: Run, threads: int | None) -> tuple[str, float]:
     return run.name, time.perf_counter() - t
 
 
+def train_all(runs: list, jobs: int, log) -> dict[str, float]:
+    """Every run (anything with .recipes and .name), `jobs` at a time with one CPU thread each
+    (spawned processes), or in this process; run name -> seconds."""
+    timings = {}
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            done = pool.map(run_arm, runs, [1] * len(runs))
+            for name, seconds in done:
+                timings[name] = seconds
+                log(f"done {name} ({seconds:.0f} s)")
+    else:
+        for run in runs:
+            name, seconds = run_arm(run, None)
+            timings[name] = seconds
+            log(f"done {name} ({seconds:.0f} s)")
+    return timings
+
+
 def evaluate(models: dict[str, str], out: Path, p: Preset, log) -> dict[str, dict]:
     """`genrecal eval --bench shapes` in one process on every model that out does not hold yet
     (a rerun with more seeds evaluates only the new ones); label -> {acc, stderr, n}."""
@@ -531,16 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         timings.update(seconds)
     runs = plan(work, data, p, teacher_path, caches)
     log(f"{len(runs)} runs, {args.jobs} at a time")
-    if args.jobs > 1:
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for name, seconds in pool.map(run_arm, runs, [1] * len(runs)):
-                timings[name] = seconds
-                log(f"done {name} ({seconds:.0f} s)")
-    else:
-        for run in runs:
-            name, seconds = run_arm(run, None)
-            timings[name] = seconds
-            log(f"done {name} ({seconds:.0f} s)")
+    timings.update(train_all(runs, args.jobs, log))
 
     models_to_eval = {"teacher": teacher_path, "baseline": str(work / "baseline" / "student")}
     for run in runs:

@@ -342,11 +342,14 @@ def evaluate(
     from .tasks import TASKS_DIR
 
     device = device or _default_device()
-    task_manager = TaskManager(include_path=str(TASKS_DIR))
+    # lm-eval's own task index (thousands of YAML files, ~6 s to read) only where a benchmark is
+    # one of its tasks; genrecal's own benchmarks (shapes) stand alone
+    stock = any(b.startswith(LM_EVAL_PREFIX) or b == "mmmu" for b in benchmarks)
+    task_manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=stock)
     with tempfile.TemporaryDirectory(prefix="genrecal-eval-") as workdir:
         specs, tops, data = _task_specs(benchmarks, task_manager, data_dir, workdir)
         if any(Path(workdir).iterdir()):
-            task_manager = TaskManager(include_path=[str(TASKS_DIR), workdir])
+            task_manager = TaskManager(include_path=[str(TASKS_DIR), workdir], include_defaults=stock)
         results, configs, leaves = _run(models, labels or _labels(models), metadata, specs, tops, task_manager,
                                         limit=limit, batch_size=batch_size, device=device, dtype=dtype, on_model=on_model)
 

@@ -232,3 +232,53 @@ def test_cache_bench_smoke_times_teach_online_and_cached(tmp_path):
     for arm in ("online", "cached"):
         assert len(result[arm]) == 2 and all(r["align_step_s"] > 0 and r["distill_step_s"] > 0 for r in result[arm])
     assert set(result["two_students_s"]) == {"online", "cache (teach + two runs)"}
+
+
+def test_welch_t_and_its_p_value():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from sweep import two_sided_p, welch
+
+    assert two_sided_p(2.776, 4) == pytest.approx(0.05, abs=2e-4)  # t tables: df 4, two-sided 5%
+    assert two_sided_p(1.960, 1e6) == pytest.approx(0.05, abs=2e-4)  # the normal limit
+    w = welch([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    assert w["t"] == pytest.approx(-3 / (2 / 3) ** 0.5) and w["df"] == pytest.approx(4.0)
+    assert w["p"] == pytest.approx(0.0213, abs=5e-4)
+    assert welch([1.0], [2.0, 3.0]) is None
+
+
+def test_sweep_smoke_covers_every_axis_reads_one_cache_and_runs_gold(tmp_path):
+    """bench/sweep.py --preset smoke: three student sizes, SFT and GenRecal clean and noisy, the
+    stretched size at twice the updates, ULD and embeddings on one size, TRL's GOLD on the
+    largest; the teacher's features written once and read by every teacher arm of every size."""
+    from PIL import Image
+
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "sweep.py"), "--preset", "smoke", "--work", str(tmp_path),
+                           "--jobs", "2"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "results" / "sweep-smoke.json").read_text())
+    points = {(r["size"], r["factor"], r["condition"], r["arm"]) for r in result["rows"]}
+    expected = {(s, 1, c, a) for s in "SML" for c in ("clean", "noisy") for a in ("sft", "genrecal")}
+    expected |= {("M", 2, "clean", "sft"), ("M", 2, "clean", "genrecal"), ("M", 1, "clean", "uld"), ("M", 1, "clean", "embeddings")}
+    assert points == expected
+    assert result["params"]["S"] < result["params"]["M"] < result["params"]["L"]
+    assert all("vs_sft" in r for r in result["rows"] if r["arm"] == "genrecal")
+
+    def ran(name):
+        return json.loads((tmp_path / "runs" / name / "student" / "genrecal.json").read_text())["recipe"]
+
+    once, twice = ran("M/x1/clean/genrecal/seed0"), ran("M/x2/clean/genrecal/seed0")
+    for st in ("align", "distill", "finetune"):
+        assert twice["stages"][st]["steps"] == 2 * once["stages"][st]["steps"] > 0
+    for name in ["S/x1/clean/genrecal/seed0", "L/x1/noisy/genrecal/seed0", "M/x1/clean/uld/seed0", "M/x1/clean/embeddings/seed0"]:
+        cond, which = name.split("/")[2], "embeddings" if "embeddings" in name else "hidden"
+        assert ran(name)["teacher"]["cache"] == str(tmp_path / "features" / f"{cond}-{which}"), name
+    assert sorted(p.name for p in (tmp_path / "features").iterdir() if p.name != "recipe") == [
+        "clean-embeddings", "clean-hidden", "noisy-hidden"]
+    gold = result["gold"]  # the test extras install trl: GOLD must have run, not just been named
+    assert "error" not in gold, gold.get("error")
+    assert 0.0 <= gold["acc"] <= 1.0 and gold["seconds_per_update"] > 0 and gold["gold_over_genrecal"] > 0
+    assert json.loads((tmp_path / "runs" / "L/x1/clean/gold/seed0" / "student" / "config.json").read_text())["model_type"] == "llava"
+    table = (tmp_path / "results" / "sweep-smoke.md").read_text()
+    assert "| L | " in table and "TRL GOLDTrainer" in table and "Welch t" in table
+    with Image.open(tmp_path / "results" / "sweep-smoke.png") as img:
+        assert img.size[0] > 1000
