@@ -21,6 +21,9 @@ os.environ.pop("HF_DATASETS_CACHE", None)
 
 ROOT = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # the suite split over processes (pytest -n): one thread each,
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # and for the CLIs they start (2 cores, 2 workers)
+
 
 HEAVY = ("torch", "transformers", "datasets", "accelerate")
 

@@ -33,7 +33,7 @@ def _torchrun(args, env=None, record=None, timeout=420, wait=True):
     full_env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "200", **(env or {})}
     if record is not None:
         full_env["GENRECAL_TEST_RECORD"] = str(record)
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000), str(ENTRY), *args]
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()), str(ENTRY), *args]
     proc = subprocess.Popen(cmd, env=full_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     if not wait:
@@ -45,6 +45,15 @@ def _torchrun(args, env=None, record=None, timeout=420, wait=True):
         out, err = proc.communicate()
         raise AssertionError(f"2-rank run still going after {timeout} s (hung?):\n{err[-3000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _free_port() -> int:
+    """A TCP port nobody listens on now (tests may run in parallel: pytest -n)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _kill_all(proc: subprocess.Popen) -> None:
