@@ -79,9 +79,7 @@ def main() -> int:
     a = ap.parse_args()
     import torch
 
-    from genrecal_cli.engine.parallel import make_accelerator
-    from genrecal_cli.engine.teach import teach
-    from genrecal_cli.run import resolve
+    from genrecal_cli.run import teach
 
     torch.set_num_threads(a.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -91,15 +89,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         cache = work / "cache"
-        for storage in ("bf16",):
-            r = recipe(work, "teach", items, steps, 1e-3, cache)
-            acc = make_accelerator(r)
-            t0 = time.perf_counter()
-            teach(r, resolve(r, accelerator=acc, needs_teacher=True), acc, folder=cache, storage=storage)
-            result["teach_s"] = round(time.perf_counter() - t0, 2)
-            result["cache_bytes"] = sum(f.stat().st_size for f in cache.iterdir())
-            result["storage"] = storage
-            print(json.dumps({k: result[k] for k in ("teach_s", "cache_bytes")}), flush=True)
+        t0 = time.perf_counter()
+        teach(recipe(work, "teach", items, steps, 1e-3, cache), cache, storage="bf16")
+        result["teach_s"] = round(time.perf_counter() - t0, 2)
+        result["cache_bytes"] = sum(f.stat().st_size for f in cache.iterdir())
+        result["storage"] = "bf16"
+        print(json.dumps({k: result[k] for k in ("teach_s", "cache_bytes")}), flush=True)
         # two students: the same model trained at two learning rates (an ablation); the data is the same
         result["online"] = [run(work, f"online-{lr}", items, steps, lr) for lr in LRS]
         print(json.dumps(result["online"]), flush=True)

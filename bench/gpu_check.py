@@ -136,6 +136,13 @@ class Clock:
     def note(self, text, style=""):
         print(text)
 
+    def per_update(self, stage: str, warmup: int) -> tuple[float | None, list]:
+        """Seconds per update of `stage` after its first `warmup` ones (None without warmup: no
+        start to time from), and the timed updates' records (step, time, metrics)."""
+        rows = self.times[stage]
+        timed = rows[warmup:]
+        return ((timed[-1][1] - rows[warmup - 1][1]) / len(timed) if warmup else None), timed
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -189,9 +196,7 @@ def main() -> None:
 
     clock = Clock()
     result = distill(recipe, overwrite=True, reporter=clock, accelerator=make_accelerator(recipe))
-    rows = clock.times["distill"]
-    timed = rows[args.warmup:]
-    seconds = (timed[-1][1] - rows[args.warmup - 1][1]) / len(timed) if args.warmup else None
+    seconds, timed = clock.per_update("distill", args.warmup)
     teacher, student = load_vlm(str(teacher_dir), empty=True), load_vlm(str(student_dir), empty=True)
     from genrecal_cli.model_shape import read_shape
     from genrecal_cli.plan import recalibrator_params
@@ -235,17 +240,13 @@ def cache_run(raw: dict, work: Path, args, online_seconds: float | None, device:
     import torch
 
     from genrecal_cli.engine.parallel import make_accelerator
-    from genrecal_cli.engine.teach import teach
     from genrecal_cli.recipe import recipe_from_dict
-    from genrecal_cli.run import distill, resolve
+    from genrecal_cli.run import distill, teach
 
     folder = work / "cache"
     shutil.rmtree(folder, ignore_errors=True)
-    recipe = recipe_from_dict(raw)
-    acc = make_accelerator(recipe)
     t = time.perf_counter()
-    teach(recipe, resolve(recipe, accelerator=acc, needs_teacher=True), acc, folder=folder, storage="bf16",
-          batch_size=args.batch)
+    teach(recipe_from_dict(raw), folder, storage="bf16", batch_size=args.batch)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -254,9 +255,7 @@ def cache_run(raw: dict, work: Path, args, online_seconds: float | None, device:
                                "train": {**raw["train"], "output_dir": str(work / "run-cached")}})
     clock = Clock()
     result = distill(cached, overwrite=True, reporter=clock, accelerator=make_accelerator(cached))
-    rows = clock.times["distill"]
-    timed = rows[args.warmup:]
-    seconds = (timed[-1][1] - rows[args.warmup - 1][1]) / len(timed) if args.warmup else None
+    seconds, timed = clock.per_update("distill", args.warmup)
     rec = result.stages["distill"]
     return {
         "teach_s": round(teach_s, 1),

@@ -212,10 +212,8 @@ def teach_once(work: Path, data: dict, p: Preset, teacher: str, student: str, lo
     """The teacher's features for every (condition, answer input) an arm reads, written once
     with `genrecal teach`'s engine in fp32 (so an arm trains as with the online teacher, to float
     noise); a complete cache is kept, a partial one resumed. Returns the folders and seconds."""
-    from genrecal_cli.engine.parallel import make_accelerator
-    from genrecal_cli.engine.teach import teach
     from genrecal_cli.recipe import recipe_from_dict
-    from genrecal_cli.run import resolve
+    from genrecal_cli.run import teach
 
     folders, seconds = {}, {}
     for cond, answer_input in CACHED:
@@ -223,11 +221,8 @@ def teach_once(work: Path, data: dict, p: Preset, teacher: str, student: str, lo
         raw = base_recipe(student, data[cond], work / "features" / "recipe", 0, p, teacher=teacher)
         raw["recalibrator"] = {"answer_input": answer_input}
         raw["stages"] = {"distill": stage(p.distill, "distill", p)}  # (a recipe has a stage; teach runs none)
-        recipe = recipe_from_dict(raw, source=str(folder))
-        acc = make_accelerator(recipe)
         t = time.perf_counter()
-        teach(recipe, resolve(recipe, accelerator=acc, needs_teacher=True), acc, folder=folder, storage="fp32",
-              batch_size=2 * p.batch_size)
+        teach(recipe_from_dict(raw, source=str(folder)), folder, storage="fp32", batch_size=2 * p.batch_size)
         folders[(cond, answer_input)] = str(folder)
         seconds[f"teach {cond}-{answer_input}"] = time.perf_counter() - t
         log(f"teacher features {cond}, answer input {answer_input}: {folder} ({seconds[f'teach {cond}-{answer_input}']:.0f} s)")

@@ -118,6 +118,18 @@ def resolve(recipe: Recipe, reporter=None, accelerator=None, needs_teacher: bool
     return Inputs(student=student, teacher=teacher, train=train, validation=validation, score=score)
 
 
+def teach(recipe: Recipe, folder, *, accelerator=None, **options):
+    """`genrecal teach`'s pass without its display: resolve the recipe's teacher and data, then
+    write the teacher-feature cache into `folder` (engine.teach.teach and its options)."""
+    from .engine.parallel import make_accelerator
+    from .engine.teach import teach as run_engine
+
+    accelerator = accelerator or make_accelerator(recipe)
+    recipe = built_in_data(recipe, accelerator)
+    inputs = resolve(recipe, accelerator=accelerator, needs_teacher=True)
+    return run_engine(recipe, inputs, accelerator, folder=folder, **options)
+
+
 def distill(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, reporter=None, accelerator=None, prefix: str = ""):
     """`genrecal distill`: resolve the recipe, then run the engine on it."""
     from .engine.distill import distill as run_engine

@@ -266,22 +266,27 @@ def test_loader_workers_read_the_cache_and_carry_its_errors(written, monkeypatch
     """Training batches arrive with their cached features read by the loader worker that
     collated them (the loop never reads the cache itself, except for the probe's fixed batch);
     a shard that went missing stops the run with the cache's one line, not a worker traceback."""
+    import os
     import shutil
 
-    from genrecal_cli.engine import stages
-
     tmp, _ = written
+    readers = tmp / "readers.txt"  # the process of every cache read (the workers are forked: patched too)
+    real = CacheReader.batch
 
-    def not_here(*a, **k):
-        raise AssertionError("the training loop read the cache itself")
+    def recorded(self, indices):
+        with open(readers, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return real(self, indices)
 
-    monkeypatch.setattr(stages, "join_items", not_here)
+    monkeypatch.setattr(CacheReader, "batch", recorded)
     raw = _raw(tmp, out="workers", cache=tmp / "cache")
     raw["data"]["num_workers"] = 1
     raw["train"]["probe_every"] = 0
     rec = Recorder()
     distill(recipe_from_dict(raw), reporter=rec)
     assert [s for s, _, _ in rec.rows] == ["align", "align", "distill", "distill"]
+    pids = set(readers.read_text().split())
+    assert pids and str(os.getpid()) not in pids, "the training loop read the cache itself"
     broken = tmp / "cache-broken"
     shutil.copytree(tmp / "cache", broken)
     first = json.loads((broken / "index.json").read_text())["shards"][0]["file"]

@@ -305,7 +305,6 @@ class CacheReader:
                 raise DataError(f"{self.folder}: this cache was written for another setup: {changed} changed; "
                                 "write it again with `genrecal teach`")
         self.storage, self.with_question = index["storage"], index["with_question"]
-        self.hidden_size = index.get("hidden_size")
         self.where = {i: s["file"] for s in index["shards"] for i in s["items"]}
         self._open: dict[str, _Shard] = {}  # the most recently opened shards (each a memory map)
 
@@ -316,9 +315,6 @@ class CacheReader:
         """Items' features joined as one batch's (join_items), as plain tensors (features_dict):
         what a loader worker adds to the batch it collates."""
         return features_dict(join_items(self.items(indices)))
-
-    def missing(self, indices: Iterable[int]) -> list[int]:
-        return [i for i in indices if i not in self.where]
 
     def _shard(self, file: str) -> "_Shard":
         if file not in self._open:

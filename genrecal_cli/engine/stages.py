@@ -21,12 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.loader import Batches, Collator, DataReport, Item, PairDataset, default_workers, length_estimates
+from ..data.loader import (Batches, Collator, DataReport, Item, PairDataset, default_workers, length_estimates,
+                           raise_carried)
 from ..data.stream import StreamBatches
 from ..errors import GenrecalError
 from ..recipe import Recipe, StageSpec
 from . import checkpoint as ckpt
-from .cache import check_lengths, features_from_dict, join_items
+from .cache import check_lengths, features_from_dict
 from .faults import Interrupted, StopRequests, signal_name
 from .objective import TEACHER_STAGES, GenRecal
 from .parallel import (RankBatches, after_trainable_changed, gather_objects, gather_rows, gathered, is_sharded,
@@ -53,16 +54,19 @@ class Run:
     cache: Any | None = None  # cache.CacheReader: the teacher's features read instead of computed (teacher.cache)
 
     def teacher_features(self, teacher, batch: dict) -> TeacherFeatures:
-        """One batch's teacher features: computed by the teacher, or read from its cache by the
-        items' row numbers (and checked against the teacher side rendered now)."""
+        """One batch's teacher features: computed by the teacher, or read from its cache by
+        whoever collated the batch (`cached_features`), checked against the teacher side
+        rendered now."""
         if self.cache is None:
             return teacher_features(teacher, batch["teacher"], self.recipe.recalibrator.answer_input)
-        if "extra" in batch:  # read by the loader worker that collated the batch
-            tf = features_from_dict(batch["extra"])
-        else:  # (the probe's fixed batch)
-            tf = join_items(self.cache.items(batch["keys"]), device=batch["teacher"]["input_ids"].device)
+        tf = features_from_dict(batch["extra"])
         check_lengths(tf, batch["teacher"], batch["keys"], self.cache.folder)
         return tf
+
+    def cached_features(self, stage: str):
+        """What a collator adds to a batch of `stage` (Collator `extra`): the items' cached
+        teacher features, where the run reads a cache and the stage uses the teacher."""
+        return self.cache.batch if self.cache is not None and stage in TEACHER_STAGES else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,13 +177,13 @@ def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: 
     else:  # checkpoints from before the data position was saved: every micro-batch had its items
         batches = Batches(dataset, sampler, sides, workers=workers, pin_memory=pin,
                           state=data_state.get("position", step * st.grad_accum),
-                          extra=run.cache.batch if run.cache is not None and stage in TEACHER_STAGES else None)
+                          extra=run.cached_features(stage))
     batches.report = DataReport(**data_state.get("report", {}))
     head = head_fn(teacher.head) if teacher is not None else None
     # L_reg: always in align, in distill unless stages.distill.reg = false; never without the
     # teacher's question features (a cache written without them)
     use_reg = (stage == "align" or st.reg) and (run.cache is None or run.cache.with_question)
-    probe = _probe_batch(dataset, sides, recipe, acc) if rec is not None else None
+    probe = _probe_batch(dataset, sides, recipe, acc, run.cached_features(stage)) if rec is not None else None
     if not sharded:
         module, optimizer = acc.prepare(module, optimizer)
     module.train()
@@ -323,7 +327,7 @@ def _save_progress(run, stage, step, total, acc, module, optimizer, scheduler, m
         run.reporter.note(f"checkpoint saved: {ckpt.checkpoint_dir(recipe.train.output_dir, stage, step)}", style="dim")
 
 
-def _probe_batch(dataset, sides, recipe: Recipe, acc) -> dict | None:
+def _probe_batch(dataset, sides, recipe: Recipe, acc, extra=None) -> dict | None:
     """The reliance probe's fixed batch: the first train.probe_items usable training items (the
     same on every process)."""
     from accelerate.utils import send_to_device
@@ -334,7 +338,9 @@ def _probe_batch(dataset, sides, recipe: Recipe, acc) -> dict | None:
     items = list(itertools.islice(usable, recipe.train.probe_items))
     if len(items) < 2:
         return None
-    return send_to_device(Collator(sides)(items), acc.device)
+    batch = Collator(sides, extra)(items)
+    raise_carried(batch)
+    return send_to_device(batch, acc.device)
 
 
 def _run_probe(acc, module, probe: dict, teacher, head, run: Run) -> dict[str, float]:
