@@ -305,15 +305,21 @@ def quiet() -> None:
 
 
 def run_arm(run: Run, threads: int | None) -> tuple[str, float]:
+    """Train one run's recipes in order; a run that is callable (another trainer, e.g. the
+    sweep's GOLD job) is called with the threads instead."""
     t = time.perf_counter()
-    for raw in run.recipes:
-        train(raw, threads)
+    if callable(run):
+        run(threads)
+    else:
+        for raw in run.recipes:
+            train(raw, threads)
     return run.name, time.perf_counter() - t
 
 
 def train_all(runs: list, jobs: int, log) -> dict[str, float]:
-    """Every run (anything with .recipes and .name), `jobs` at a time with one CPU thread each
-    (spawned processes), or in this process; run name -> seconds."""
+    """Every run (anything with .name and .recipes, or callable), `jobs` at a time with one CPU
+    thread each (spawned processes, handed out in the list's order), or in this process;
+    run name -> seconds."""
     timings = {}
     if jobs > 1:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:

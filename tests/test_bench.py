@@ -275,6 +275,7 @@ def test_sweep_smoke_covers_every_axis_reads_one_cache_and_runs_gold(tmp_path):
     assert sorted(p.name for p in (tmp_path / "features").iterdir() if p.name != "recipe") == [
         "clean-embeddings", "clean-hidden", "noisy-hidden"]
     gold = result["gold"]  # the test extras install trl: GOLD must have run, not just been named
+    assert "L/x1/clean/gold/seed0" in result["seconds"]  # as one of the pool's jobs, beside the runs
     assert "error" not in gold, gold.get("error")
     assert 0.0 <= gold["acc"] <= 1.0 and gold["seconds_per_update"] > 0 and gold["gold_over_genrecal"] > 0
     assert json.loads((tmp_path / "runs" / "L/x1/clean/gold/seed0" / "student" / "config.json").read_text())["model_type"] == "llava"
