@@ -271,10 +271,12 @@ def plan(work: Path, data: dict, p: Preset, teacher: str, caches: dict | None = 
 
 
 def train(raw: dict, threads: int | None = None) -> dict:
-    """Run one recipe in this process unless its student is already exported; returns timing."""
+    """Run one recipe in this process unless its student is already exported; a run that was
+    stopped (a killed benchmark) continues from its last checkpoint. Returns timing."""
     import torch
 
     from genrecal_cli.display import Reporter
+    from genrecal_cli.engine.checkpoint import latest_checkpoint
     from genrecal_cli.recipe import recipe_from_dict
     from genrecal_cli.run import distill
 
@@ -285,13 +287,14 @@ def train(raw: dict, threads: int | None = None) -> dict:
     if (out / "student" / "genrecal.json").exists():
         return {"skipped": True}
     recipe = recipe_from_dict(raw, source=str(out / "recipe"))
+    resume = latest_checkpoint(out) is not None
     t = time.perf_counter()
     with open(os.devnull, "w") as sink:
         from rich.console import Console
 
         with Reporter(out, console=Console(file=sink), log_every=recipe.train.log_every, live=False) as reporter:
-            distill(recipe, overwrite=True, reporter=reporter)
-    return {"seconds": time.perf_counter() - t}
+            distill(recipe, resume=resume, overwrite=not resume, reporter=reporter)
+    return {"seconds": time.perf_counter() - t, "resumed": resume}
 
 
 def quiet() -> None:

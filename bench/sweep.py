@@ -48,6 +48,8 @@ class Sweep:
     stretched: str  # the size trained again at `factor` x the updates
     factor: int
     stretch_conditions: tuple[str, ...]
+    stretch_seeds: tuple[int, ...]  # of world.seeds: the stretched size's seeds
+    noisy_seeds: tuple[int, ...]  # of world.seeds: the noisy condition's seeds
     extra_size: str  # ULD and answer_input = "embeddings" on this size (x1, clean)
     extra_seeds: tuple[int, ...]
     gold_size: str  # TRL's GOLDTrainer on this size (x1, clean, seed 0), when trl is installed
@@ -57,12 +59,12 @@ class Sweep:
 PRESETS = {
     "full": Sweep(
         world=replicate.PRESETS["full"], sizes=(("S", 64, 2), ("M", 128, 2), ("L", 192, 4)),
-        stretched="M", factor=4, stretch_conditions=("clean",), extra_size="M", extra_seeds=(0,),
+        stretched="M", factor=4, stretch_conditions=("clean",), stretch_seeds=(0, 1), noisy_seeds=(0, 1), extra_size="M", extra_seeds=(0,),
         gold_size="L", gold_steps=1500,
     ),
     "smoke": Sweep(
         world=replicate.PRESETS["smoke"], sizes=(("S", 32, 1), ("M", 48, 1), ("L", 64, 1)),
-        stretched="M", factor=2, stretch_conditions=("clean",), extra_size="M", extra_seeds=(0,),
+        stretched="M", factor=2, stretch_conditions=("clean",), stretch_seeds=(0,), noisy_seeds=(0,), extra_size="M", extra_seeds=(0,),
         gold_size="L", gold_steps=2,
     ),
 }
@@ -101,15 +103,18 @@ def plan(work: Path, sweep: Sweep, data: dict, baselines: dict, caches: dict) ->
                 if arm in ("uld", "embeddings") and cond != "clean":
                     continue
                 for seed in seeds:
+                    if (factor != 1 and seed not in sweep.stretch_seeds) or (cond == "noisy" and seed not in sweep.noisy_seeds):
+                        continue
                     runs.append(_run(work, p, Run(size, factor, cond, arm, seed), data, baselines[size], caches))
     return runs
 
 
-def longest_first(runs: list[Run], params: dict) -> list[Run]:
-    """The order the runs are handed to the workers: the longest first, so that the last ones
-    are short and no core idles while one long run finishes (cost ~ updates x sqrt(parameters),
-    a teacher arm ~2 SFT updates: the pilot's s/update within ~20%)."""
-    return sorted(runs, key=lambda r: -r.factor * math.sqrt(params[r.size]) * (1 if r.arm == "sft" else 2))
+def work_order(runs: list[Run], params: dict) -> list[Run]:
+    """The order the runs are handed to the workers: seed by seed (a sweep stopped early has
+    whole seeds), the longest first within a seed, so that the last runs are short and no core
+    idles while one long run finishes (cost ~ updates x sqrt(parameters), a teacher arm ~2 SFT
+    updates: the pilot's s/update within ~20%)."""
+    return sorted(runs, key=lambda r: (r.seed, -r.factor * math.sqrt(params[r.size]) * (1 if r.arm == "sft" else 2)))
 
 
 @dataclass
@@ -348,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     caches, seconds = replicate.teach_once(work, data, w, str(TEACHER), baselines[sweep.sizes[0][0]], log)
     timings.update(seconds)
     runs = plan(work, sweep, data, baselines, caches)
-    jobs: list = longest_first(runs, params)
+    jobs: list = work_order(runs, params)
     gold_job = None
     if not args.no_gold:  # first: its timing of a genrecal update then runs beside another job, as GOLD's did
         name = f"{sweep.gold_size}/x1/clean/gold/seed0"

@@ -283,3 +283,28 @@ def test_sweep_smoke_covers_every_axis_reads_one_cache_and_runs_gold(tmp_path):
     assert "| L | " in table and "TRL GOLDTrainer" in table and "Welch t" in table
     with Image.open(tmp_path / "results" / "sweep-smoke.png") as img:
         assert img.size[0] > 1000
+
+
+def test_a_stopped_bench_run_continues_from_its_last_checkpoint(tmp_path):
+    """replicate.train (every run of replicate.py and sweep.py): a run whose student was not
+    exported yet (a killed benchmark) continues after its last checkpoint, not from step 0."""
+    import shutil
+
+    import replicate
+
+    out = tmp_path / "run"
+    raw = {"teacher": {"path": "zoo:tiny-teacher"}, "student": {"path": "zoo:tiny-student"}, "data": {"shapes_size": 16},
+           "stages": {"align": {"steps": 2, "batch_size": 4}, "distill": {"steps": 4, "batch_size": 4}},
+           "train": {"output_dir": str(out), "log_every": 1, "eval_items": 0, "probe_every": 0, "save_every": 2,
+                     "keep_checkpoints": 3}}
+    assert replicate.train(raw, threads=1)["resumed"] is False
+    first = (out / "metrics.jsonl").read_text().splitlines()
+    # Stopped after distill's checkpoint at step 2: the later checkpoint, the stage and the student gone.
+    for late in [*(p for p in (out / "checkpoints").iterdir() if not p.name.endswith("-0000002") or "distill" not in p.name),
+                 out / "distill", out / "student"]:
+        shutil.rmtree(late)
+    assert replicate.train(raw, threads=1)["resumed"] is True
+    again = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()[len(first):]]
+    assert [(r["stage"], r["step"]) for r in again if "loss" in r] == [("distill", 3), ("distill", 4)]
+    assert (out / "student" / "genrecal.json").exists()
+    assert replicate.train(raw, threads=1) == {"skipped": True}
