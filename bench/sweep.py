@@ -59,7 +59,7 @@ class Sweep:
 PRESETS = {
     "full": Sweep(
         world=replicate.PRESETS["full"], sizes=(("S", 64, 2), ("M", 128, 2), ("L", 192, 4)),
-        stretched="M", factor=4, stretch_conditions=("clean",), stretch_seeds=(0, 1), noisy_seeds=(0, 1), extra_size="M", extra_seeds=(0,),
+        stretched="M", factor=4, stretch_conditions=("clean",), stretch_seeds=(0,), noisy_seeds=(0,), extra_size="M", extra_seeds=(0,),
         gold_size="L", gold_steps=1500,
     ),
     "smoke": Sweep(
