@@ -335,8 +335,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results; smoke: WORK/results)")
     ap.add_argument("--jobs", type=int, default=2, help="runs trained at once, one CPU thread each")
     ap.add_argument("--no-gold", action="store_true", help="leave TRL's GOLDTrainer out")
+    ap.add_argument("--seeds", type=int, default=None,
+                    help="seeds of the clean condition at x1 (default: the preset's; a rerun with more adds only the new runs)")
     args = ap.parse_args(argv)
     sweep = PRESETS[args.preset]
+    if args.seeds:
+        sweep = replace(sweep, world=replace(sweep.world, seeds=tuple(range(args.seeds))))
     w = sweep.world
     work = args.work.resolve()
     out = args.out or (ROOT / "bench" / "results" if args.preset == "full" else work / "results")
