@@ -54,7 +54,7 @@ def conversations(data_folder: str, limit: int | None = None):
 
 
 def run(out: Path, teacher: Path, student: str, data_folder: str, *, steps: int, batch_size: int, log,
-        genrecal_steps: int = 20, threads: int = 1, **_) -> dict:
+        genrecal_steps: int = 20, threads: int = 1, seed: int = 0, **_) -> dict:
     """Train with GOLD (unless `out/student` holds its result), then time genrecal's distill
     update beside it; returns the figures, or {"error": ...} with the exact error."""
     import torch
@@ -65,7 +65,7 @@ def run(out: Path, teacher: Path, student: str, data_folder: str, *, steps: int,
         from trl.experimental.gold import GOLDConfig, GOLDTrainer
     except ImportError as exc:
         return {"error": f"trl is not installed ({exc}); pip install -e '.[bench]'"}
-    result: dict = {"trl": trl.__version__, "steps": steps, "threads": threads}
+    result: dict = {"trl": trl.__version__, "steps": steps, "threads": threads, "seed": seed}
     done = out / "gold.json"
     if done.exists():
         return json.loads(done.read_text())
@@ -80,7 +80,7 @@ def run(out: Path, teacher: Path, student: str, data_folder: str, *, steps: int,
             learning_rate=LR[0], lr_scheduler_type="linear", use_uld_loss=True,
             teacher_model_name_or_path=str(teacher), teacher_tokenizer_name_or_path=str(teacher),
             max_completion_length=32, report_to=[], logging_steps=max(1, steps // 20), save_strategy="no",
-            use_cpu=True, bf16=False, dataloader_num_workers=0, seed=0,
+            use_cpu=True, bf16=False, dataloader_num_workers=0, seed=seed,
             uld_crossentropy_weight=1.0,  # the answer's own CE, as genrecal's distill adds L_sft (TRL's default: 0)
         )
         trainer = GOLDTrainer(model=model, teacher_model=str(teacher), args=config, train_dataset=conversations(data_folder),
@@ -110,7 +110,7 @@ def run(out: Path, teacher: Path, student: str, data_folder: str, *, steps: int,
         result["error"] = f"{type(exc).__name__}: {exc}".strip()
         result["traceback"] = traceback.format_exc()[-4000:]
         log(f"GOLD did not run: {result['error'][:300]}")
-    if "seconds_per_update" in result:
+    if "seconds_per_update" in result and genrecal_steps:  # 0: no timing beside it
         result["genrecal_seconds_per_update"] = genrecal_update(out / "genrecal-timing", teacher, student, data_folder,
                                                                 steps=genrecal_steps, batch_size=batch_size)
         result["gold_over_genrecal"] = result["seconds_per_update"] / result["genrecal_seconds_per_update"]

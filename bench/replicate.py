@@ -208,7 +208,8 @@ def prerequisite_recipes(work: Path, models: dict, data: dict, p: Preset, with_t
 CACHED = (("clean", "hidden"), ("noisy", "hidden"), ("clean", "embeddings"))  # what the arms read
 
 
-def teach_once(work: Path, data: dict, p: Preset, teacher: str, student: str, log) -> tuple[dict, dict]:
+def teach_once(work: Path, data: dict, p: Preset, teacher: str, student: str, log,
+               cached: tuple[tuple[str, str], ...] = CACHED) -> tuple[dict, dict]:
     """The teacher's features for every (condition, answer input) an arm reads, written once
     with `genrecal teach`'s engine in fp32 (so an arm trains as with the online teacher, to float
     noise); a complete cache is kept, a partial one resumed. Returns the folders and seconds."""
@@ -216,7 +217,7 @@ def teach_once(work: Path, data: dict, p: Preset, teacher: str, student: str, lo
     from genrecal_cli.run import teach
 
     folders, seconds = {}, {}
-    for cond, answer_input in CACHED:
+    for cond, answer_input in cached:
         folder = work / "features" / f"{cond}-{answer_input}"
         raw = base_recipe(student, data[cond], work / "features" / "recipe", 0, p, teacher=teacher)
         raw["recalibrator"] = {"answer_input": answer_input}
@@ -511,12 +512,29 @@ def plot(result: dict, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
-    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "replicate", help="models, data, runs (reused when present)")
+def bench_arguments(doc: str, presets, work: str) -> argparse.ArgumentParser:
+    """The options every seeded benchmark takes: --preset, --work (runs/WORK), --out, --jobs."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(presets), default="full")
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / work, help="models, data, runs (reused when present)")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results; smoke: WORK/results)")
-    ap.add_argument("--jobs", type=int, default=2, help="arms trained at once, one CPU thread each")
+    ap.add_argument("--jobs", type=int, default=2, help="runs trained at once, one CPU thread each")
+    return ap
+
+
+def save_figure(fig, path: Path) -> None:
+    """A matplotlib figure written as a PNG under a temporary name, then renamed into place."""
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = bench_arguments(__doc__, PRESETS, "replicate")
     ap.add_argument("--seeds", type=int, default=None, help="seeds of the main rows (default: the preset's)")
     ap.add_argument("--online", action="store_true",
                     help="run the teacher in every arm instead of computing its features once (teacher cache)")

@@ -23,7 +23,6 @@ and the JSON in --out (default bench/results; smoke: WORK/results).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -318,22 +317,14 @@ def plot(result: dict, path: Path) -> None:
     left.legend(fontsize=7)
     right.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    replicate.save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
-    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "sweep", help="models, data, runs (reused when present)")
-    ap.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results; smoke: WORK/results)")
-    ap.add_argument("--jobs", type=int, default=2, help="runs trained at once, one CPU thread each")
+    ap = replicate.bench_arguments(__doc__, PRESETS, "sweep")
     ap.add_argument("--no-gold", action="store_true", help="leave TRL's GOLDTrainer out")
     ap.add_argument("--seeds", type=int, default=None,
                     help="seeds of the clean condition at x1 (default: the preset's; a rerun with more adds only the new runs)")

@@ -23,7 +23,7 @@ from rich.text import Text
 
 METRICS_FILE = "metrics.jsonl"
 
-LOSS_TERMS = ("ar", "kl", "reg", "sft", "uld")
+LOSS_TERMS = ("ar", "kl", "reg", "sft", "uld", "kd")
 SPEED_KEYS = ("lr", "items_per_s", "tokens_per_s")
 DATA_KEYS = ("pad_share", "skipped_items", "truncated_items")  # padding in the batches; rows skipped / cut so far
 ALIGN_KEYS = (

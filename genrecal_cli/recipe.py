@@ -114,9 +114,15 @@ class RecalibratorSpec:
     num_blocks: int = 2  # decoder blocks in rec_body (paper: 1 < 2 = 5 = 10)
     answer_input: AnswerInput = "hidden"  # what stands for the teacher's answer (METHOD.md)
     new_positions: bool = True  # fresh position ids 0..n-1 with its own rotary (the paper's NPE)
+    # Beyond the paper: in training, replace each teacher answer token's input by a learned mask
+    # vector with this probability, so that later answer tokens also depend on the student
+    # (with "hidden" they otherwise do not). 0 is the paper's form.
+    answer_dropout: float = 0.0
 
     def _check(self, key: str, problems: list[str]) -> None:
         _positive(self.num_blocks, f"{key}.num_blocks", problems)
+        if not 0.0 <= self.answer_dropout < 1.0:
+            problems.append(f"{key}.answer_dropout: {self.answer_dropout} must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -130,10 +136,13 @@ class LossSpec:
     # ULD (Universal Logit Distillation), the cross-tokenizer logit baseline: the student's own
     # answer logits against the teacher's, sorted, in the distill stage. Off in GenRecal (0).
     uld: float = 0.0
+    # Classic token-level KD, for a pair that shares one tokenizer and template only: KL from the
+    # teacher's answer-token distribution to the student's own head's, in the distill stage.
+    kd: float = 0.0
     temperature: float = 1.0
 
     def _check(self, key: str, problems: list[str]) -> None:
-        for name in ("ar", "kl", "reg", "sft", "uld"):
+        for name in ("ar", "kl", "reg", "sft", "uld", "kd"):
             if getattr(self, name) < 0:
                 problems.append(f"{key}.{name}: weight {getattr(self, name)} is negative; use 0 to switch a term off")
         if self.temperature <= 0:
@@ -297,6 +306,9 @@ class Recipe:
         if self.teacher is not None and self.teacher.cache is not None and self.data.streaming:
             problems.append("teacher.cache: the cache finds items by their row number, which a stream does not have; "
                             "set data.streaming = false")
+        if self.loss.kd and not self.stages.distill.enabled:
+            problems.append("loss.kd: the teacher's distribution reaches the student in the distill stage, which is "
+                            "disabled; enable stages.distill or set loss.kd = 0")
         if self.stages.align.enabled and not (self.loss.ar or self.loss.kl or self.loss.reg):
             problems.append("stages.align: trains the Recalibrator on loss.ar, loss.kl and loss.reg, which are all 0; "
                             "give one a weight or disable the stage (enabled = false)")

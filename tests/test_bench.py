@@ -58,7 +58,8 @@ def test_replicate_smoke_runs_every_arm_and_writes_tables_and_plot(tmp_path):
     for arm, (loss, recal) in expected.items():
         r = ran("clean", arm)
         assert {k: r["loss"][k] for k in default} == {**default, **loss}, arm
-        assert r["recalibrator"] == {"num_blocks": 2, "answer_input": "hidden", "new_positions": True, **recal}, arm
+        assert r["recalibrator"] == {"num_blocks": 2, "answer_input": "hidden", "new_positions": True, "answer_dropout": 0.0,
+                                     **recal}, arm
         assert [s for s in ("align", "distill", "finetune") if r["stages"][s]["enabled"]] == ["align", "distill", "finetune"]
     # the teacher's features were computed once per condition and answer input; every arm that
     # reads the teacher read them from that cache
@@ -308,3 +309,56 @@ def test_a_stopped_bench_run_continues_from_its_last_checkpoint(tmp_path):
     assert [(r["stage"], r["step"]) for r in again if "loss" in r] == [("distill", 3), ("distill", 4)]
     assert (out / "student" / "genrecal.json").exists()
     assert replicate.train(raw, threads=1) == {"skipped": True}
+
+
+def test_transfer_smoke_runs_every_arm_on_both_students_from_one_cache(tmp_path):
+    """bench/transfer.py --preset smoke: the SFT budget ladder on each student, then every arm at
+    the chosen budget (same-tokenizer student: sft, kd, genrecal, embeddings, dropout; cross-tokenizer
+    student: sft, genrecal, embeddings, dropout, uld, gold), teacher features written once per answer
+    input and read by every teacher arm, and a rerun that trains nothing."""
+    from PIL import Image
+
+    cmd = [sys.executable, str(ROOT / "bench" / "transfer.py"), "--preset", "smoke", "--work", str(tmp_path), "--jobs", "2"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "results" / "transfer-smoke.json").read_text())
+    points = {(r["student"], r["arm"]) for r in result["rows"]}
+    assert points == {("same", a) for a in ("sft", "kd", "genrecal", "embeddings", "dropout")} | {
+        ("cross", a) for a in ("sft", "genrecal", "embeddings", "dropout", "uld", "gold")}
+    assert all("vs_sft" in r for r in result["rows"] if r["arm"] != "sft")
+    row = {(r["student"], r["arm"]): r for r in result["rows"]}
+    assert "vs_genrecal" in row[("cross", "embeddings")] and "vs_genrecal" in row[("cross", "dropout")]
+    assert "vs_kd" in row[("same", "genrecal")]
+    for s, lad in result["ladder"].items():  # the ladder's budgets, each measured on validation
+        assert [b for b, _ in lad["curve"]] == [3, 6] and lad["budget"] in (3, 6)
+        assert all(0.0 <= a <= 1.0 for _, a in lad["curve"])
+
+    def ran(name):
+        return json.loads((tmp_path / "runs" / "noisy" / name / "student" / "genrecal.json").read_text())["recipe"]
+
+    assert result["condition"] == "noisy"  # the default: the transfer set's answers 30% wrong
+    budget = result["ladder"]["same"]["budget"]
+    kd = ran(f"same/b{budget}/kd/seed0")
+    assert kd["loss"]["kd"] == 1.0 and kd["loss"]["ar"] == kd["loss"]["kl"] == 0.0 and not kd["stages"]["align"]["enabled"]
+    assert kd["stages"]["distill"]["steps"] == budget and not kd["stages"]["finetune"]["enabled"]  # KD throughout
+    assert ran(f"same/b{budget}/sft/seed0")["stages"]["finetune"]["steps"] == budget
+    genrecal = ran(f"same/b{budget}/genrecal/seed0")
+    assert genrecal["loss"].get("kd", 0.0) == 0.0 and genrecal["stages"]["align"]["steps"] == 2
+    # every arm makes the same student updates: GenRecal's distill + finetune = the budget
+    assert genrecal["stages"]["distill"]["steps"] + genrecal["stages"]["finetune"]["steps"] == budget
+    for name in (f"same/b{budget}/kd/seed0", f"cross/b{result['ladder']['cross']['budget']}/uld/seed0"):
+        assert ran(name)["teacher"]["cache"] == str(tmp_path / "features" / "noisy-hidden"), name
+    assert ran(f"same/b{budget}/dropout/seed0")["recalibrator"]["answer_dropout"] == 0.5
+    assert ran(f"same/b{budget}/embeddings/seed0")["teacher"]["cache"] == str(tmp_path / "features" / "noisy-embeddings")
+    assert sorted(p.name for p in (tmp_path / "features").iterdir() if p.name != "recipe") == [
+        "noisy-embeddings", "noisy-hidden"]
+    same = json.loads((tmp_path / "models" / "student-same" / "config.json").read_text())
+    assert same["model_type"] == "qwen2_vl"
+    with Image.open(tmp_path / "results" / "transfer-smoke.png") as img:
+        assert img.size[0] > 1000
+    table = (tmp_path / "results" / "transfer-smoke.md").read_text()
+    assert "| same | kd |" in table and "| cross | gold |" in table and "Reliance probe" in table
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "genrecal eval on" not in again.stdout  # nothing new to train or measure
+    assert json.loads((tmp_path / "results" / "transfer-smoke.json").read_text())["rows"] == result["rows"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -129,3 +130,34 @@ def test_uld_is_the_mean_distance_over_aligned_pairs_with_gradient_to_the_studen
     got.backward()
     assert s_rows.grad is not None and s_rows.grad[4].abs().sum() == 0  # row 4 has no partner
     assert t_rows.grad is None and t_head.weight.grad is None
+
+
+def test_kd_is_the_mean_forward_kl_per_token_with_gradient_to_the_student_only():
+    g = torch.Generator().manual_seed(5)
+    s_head, t_head = torch.nn.Linear(6, 9, bias=False), torch.nn.Linear(10, 9, bias=False)
+    s_rows = torch.randn(5, 6, generator=g, requires_grad=True)
+    t_rows = torch.randn(5, 10, generator=g, requires_grad=True)
+    for temperature in (1.0, 2.0):
+        got = losses.kd(s_head, s_rows, t_head, t_rows, temperature=temperature, chunk_size=2)
+        ref = 0.0
+        for i in range(5):  # the textbook formula, row by row: sum_v p_t (log p_t - log p_s), times T^2
+            p_t = (t_head(t_rows[i]) / temperature).softmax(-1)
+            p_s = (s_head(s_rows[i]) / temperature).softmax(-1)
+            ref += (p_t * (p_t.log() - p_s.log())).sum() * temperature**2
+        assert torch.allclose(got, ref / 5, atol=1e-5)
+    got.backward()
+    assert s_rows.grad is not None and s_rows.grad.abs().sum() > 0
+    assert t_rows.grad is None and t_head.weight.grad is None
+    # a student that predicts exactly the teacher's distribution has nothing left to learn
+    same = losses.kd(t_head, t_rows.detach(), t_head, t_rows.detach())
+    assert same.abs().item() < 1e-6
+
+
+def test_kd_refuses_rows_that_do_not_pair_and_compares_padded_heads_on_the_shared_ids():
+    s_head, t_head = torch.nn.Linear(4, 7, bias=False), torch.nn.Linear(4, 5, bias=False)
+    with pytest.raises(ValueError, match="same answer tokens"):
+        losses.kd(s_head, torch.randn(3, 4), t_head, torch.randn(2, 4))
+    rows = torch.randn(3, 4)
+    got = losses.kd(s_head, rows, t_head, rows)
+    ref = losses.kl(t_head(rows), s_head(rows)[:, :5]) / 3
+    assert torch.allclose(got, ref, atol=1e-6)

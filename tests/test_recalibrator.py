@@ -199,3 +199,54 @@ def test_linear_layers_use_the_configs_initializer_range():
     std = rec.proj_pre.weight.std().item()
     assert 0.04 < std < 0.06, std
     assert abs(rec.rec_body[0].mlp.up_proj.weight.std().item() - 0.05) < 0.01
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_rec_body_may_be_deeper_than_the_student(family):
+    # the depth-4 ablation on a 2-layer student: per-layer settings (Qwen2's layer_types) are
+    # indexed by the block, not by the student's layers
+    torch.manual_seed(0)
+    cfg, layer = BUILDERS[family]()
+    assert cfg.num_hidden_layers == 2
+    rec = Recalibrator(48, cfg, layer, num_blocks=4).eval()
+    assert len(rec.rec_body) == 4
+    q, qm, a, am = _batch()
+    out = rec(*_pair(q, qm, a, am))
+    assert out.shape == (int(am.sum()), 48) and torch.isfinite(out).all()
+    assert cfg.num_hidden_layers == 2  # the student's own config is left as it was
+
+
+def test_answer_dropout_masks_answer_inputs_in_training_only():
+    torch.manual_seed(0)
+    cfg, layer = _llama()
+    plain = Recalibrator(48, cfg, layer).eval()
+    torch.manual_seed(0)
+    drop = Recalibrator(48, cfg, layer, answer_dropout=0.5)
+    drop.answer_mask.data.normal_()  # (zero at init; any learned value must be what replaces a token)
+    q, qm, a, am = _batch()
+    # evaluation (and the reliance probe) sees every answer token: the paper's Recalibrator
+    assert torch.allclose(drop.eval()(*_pair(q, qm, a, am)), plain(*_pair(q, qm, a, am)), atol=1e-6)
+    drop.train()
+    torch.manual_seed(1)
+    out = drop(*_pair(q, qm, a, am))
+    assert not torch.allclose(out, plain(*_pair(q, qm, a, am)), atol=1e-4)
+    out.sum().backward()
+    assert drop.answer_mask.grad is not None and drop.answer_mask.grad.abs().sum() > 0
+    # every token masked: the answer's own features no longer reach the output
+    drop.answer_dropout = 0.999999
+    torch.manual_seed(2)
+    one = drop(*_pair(q, qm, a, am))
+    torch.manual_seed(2)
+    other = drop(*_pair(q, qm, torch.randn_like(a), am))
+    assert torch.allclose(one, other, atol=1e-6)
+
+
+def test_answer_dropout_is_a_probability():
+    from genrecal_cli.errors import RecipeError
+    from genrecal_cli.recipe import recipe_from_dict
+
+    base = {"teacher": {"path": "zoo:tiny-teacher"}, "student": {"path": "zoo:tiny-student"},
+            "stages": {"align": {"steps": 1}}}
+    assert recipe_from_dict({**base, "recalibrator": {"answer_dropout": 0.3}}).recalibrator.answer_dropout == 0.3
+    with pytest.raises(RecipeError, match=r"recalibrator.answer_dropout: 1.0 must be in \[0, 1\)"):
+        recipe_from_dict({**base, "recalibrator": {"answer_dropout": 1.0}})

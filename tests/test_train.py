@@ -546,6 +546,44 @@ def test_uld_baseline_distills_without_a_recalibrator(tmp_path, tiny_pair):
     assert any(not torch.equal(before[k], after[k]) for k in after if "language_model" in k)
 
 
+def test_classic_kd_distills_a_student_that_shares_the_teachers_tokenizer(tmp_path, tiny_pair):
+    # zoo:qwen2_vl: another size of the teacher's family, with its tokenizer and ChatML template
+    raw = _recipe(tmp_path, stages=("distill",), steps=3).to_dict()
+    raw["student"] = {"path": "zoo:qwen2_vl"}
+    raw["loss"] = {"ar": 0.0, "kl": 0.0, "reg": 0.0, "kd": 1.0, "sft": 1.0}
+    rec = Recorder()
+    distill(recipe_from_dict(raw), reporter=rec)
+    assert not (tmp_path / "distill" / "recalibrator.safetensors").exists()
+    assert rec.rows
+    for _, _, m in rec.rows:
+        assert {"kd", "sft"} <= set(m) and not {"ar", "kl", "reg", "uld"} & set(m)
+        assert 0.0 < m["kd"] < 50.0
+        assert abs(m["loss"] - m["kd"] - m["sft"]) < 1e-4
+    kd_only = [m["kd"] for _, _, m in rec.rows]
+    # with kd at weight 2 the logged loss counts it twice: the weight reaches the objective
+    raw["loss"]["kd"] = 2.0
+    raw["train"]["output_dir"] = str(tmp_path / "twice")
+    rec2 = Recorder()
+    distill(recipe_from_dict(raw), reporter=rec2)
+    m = rec2.rows[0][2]
+    assert abs(m["loss"] - 2 * m["kd"] - m["sft"]) < 1e-4 and abs(m["kd"] - kd_only[0]) < 1e-4
+
+
+def test_classic_kd_across_tokenizers_is_refused_in_one_line(tmp_path):
+    recipe = tmp_path / "kd.toml"
+    recipe.write_text(
+        '[teacher]\npath = "zoo:tiny-teacher"\n[student]\npath = "zoo:tiny-student"\n[data]\nshapes_size = 16\n'
+        '[loss]\nar = 0.0\nkl = 0.0\nreg = 0.0\nkd = 1.0\n[stages.distill]\nsteps = 1\nbatch_size = 2\n'
+        f'[train]\noutput_dir = "{tmp_path / "out"}"\neval_items = 0\n'
+    )
+    out = run_cli("distill", str(recipe))
+    assert out.returncode == 1, out.stderr
+    err = out.stderr.strip()
+    assert "loss.kd" in err and "different vocabularies" in err and "GenRecal" in err and "ULD" in err
+    assert "Traceback" not in out.stderr and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
 def test_the_engine_never_imports_the_tiny_world():
     """zoo: models and the shapes data are resolved at the edge (run.py) and handed in."""
     import ast

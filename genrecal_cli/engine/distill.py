@@ -88,6 +88,8 @@ def _run(recipe: Recipe, inputs: Inputs, acc, out: Path, *, resume: bool, report
         if reporter is not None:
             reporter.note(f"resuming after {found.stage} step {found.step}/{found.meta.get('total_steps')} ({found.path})")
 
+    if recipe.loss.kd and "distill" in remaining:  # before any weights load: a 78B teacher takes minutes
+        check_kd_pair(recipe, inputs)
     # The student trains in fp32 (master weights) whatever it was stored in; it is exported back
     # in that dtype. The frozen teacher stays in its recipe dtype.
     student = load_vlm(inputs.student, revision=recipe.student.revision, dtype=recipe.student.dtype,
@@ -122,7 +124,8 @@ def _run(recipe: Recipe, inputs: Inputs, acc, out: Path, *, resume: bool, report
         set_seed(recipe.train.seed)
         if recipe.uses_recalibrator:
             rec = Recalibrator(teacher.hidden_size, student.text_config, student.decoder_layer_class,
-                               num_blocks=recipe.recalibrator.num_blocks, new_positions=recipe.recalibrator.new_positions)
+                               num_blocks=recipe.recalibrator.num_blocks, new_positions=recipe.recalibrator.new_positions,
+                               answer_dropout=recipe.recalibrator.answer_dropout)
             rec.to(device=acc.device, dtype=MASTER_DTYPE)
     if found is not None and (found.path / "student").is_dir():  # a sharded checkpoint loads in its stage
         _load_state(found.path, student, rec)
@@ -232,6 +235,25 @@ def _checkpoint_activations(model) -> None:
         model.activation_checkpointing_enable({"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def check_kd_pair(recipe: Recipe, inputs: Inputs) -> None:
+    """loss.kd compares the two heads' distributions id by id: refuse a pair whose vocabularies differ."""
+    from transformers import AutoTokenizer
+
+    from ..errors import GenrecalError
+
+    def vocab(path: str, spec) -> dict[str, int]:
+        return AutoTokenizer.from_pretrained(path, revision=spec.revision,
+                                             trust_remote_code=spec.trust_remote_code).get_vocab()
+
+    t, s = vocab(inputs.teacher, recipe.teacher), vocab(inputs.student, recipe.student)
+    if t != s:
+        shared = sum(1 for k, v in s.items() if t.get(k) == v)
+        raise GenrecalError(
+            f"loss.kd: the teacher ({recipe.teacher.path}, {len(t):,} tokens) and the student ({recipe.student.path}, "
+            f"{len(s):,} tokens) have different vocabularies ({shared:,} tokens at the same id); classic KD needs one "
+            "tokenizer: use GenRecal (loss.ar, loss.kl: the default) or ULD (loss.uld) across tokenizers")
 
 
 def _warn_if_swapped(teacher, student, reporter) -> None:

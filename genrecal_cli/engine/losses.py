@@ -101,6 +101,43 @@ def _maybe_checkpoint(fn, head, rows, *args):
     return fn(head, rows, *args)
 
 
+def kd(
+    student_head: Head,
+    student_rows: torch.Tensor,
+    teacher_head: Head,
+    teacher_rows: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """L_kd: classic token-level distillation for a pair that shares a tokenizer, mean over N.
+
+    student_rows [N, d_s] / teacher_rows [N, d_l]: each side's rows predicting the same N answer
+    tokens (one vocabulary, one template: the i-th row of each predicts the same token).
+    L_kd = KL(softmax(teacher_head(teacher_rows)) || softmax(student_head(student_rows))) at the
+    temperature, forward KL with the teacher first, as L_kl. Both heads must share a vocabulary.
+    """
+    n = student_rows.shape[0]
+    if n != teacher_rows.shape[0]:
+        raise ValueError(f"kd: {n} student rows against {teacher_rows.shape[0]} teacher rows; "
+                         "the two sides must predict the same answer tokens")
+    if n == 0:
+        return student_rows.sum() * 0.0
+    total = student_rows.new_zeros((), dtype=torch.float32)
+    for s in range(0, n, chunk_size):
+        with torch.no_grad():
+            teacher_logits = teacher_head(teacher_rows[s : s + chunk_size])
+        total = total + _maybe_checkpoint(_kd_chunk, student_head, student_rows[s : s + chunk_size], teacher_logits,
+                                          temperature)
+    return total / n
+
+
+def _kd_chunk(head, rows, teacher_logits, temperature):
+    logits = head(rows)
+    vocab = min(logits.shape[-1], teacher_logits.shape[-1])  # heads padded to different multiples
+    return kl(teacher_logits[:, :vocab], logits[:, :vocab], temperature)
+
+
 def aligned_pairs(student_counts: torch.Tensor, teacher_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row indices that pair the i-th answer token of the student with the i-th of the teacher.
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..data.loader import model_inputs
+from ..errors import GenrecalError
 from ..models import image_features
 from ..recipe import LossSpec
 from . import losses
@@ -86,11 +87,24 @@ class GenRecal(nn.Module):
                     head, rows, (sbatch["labels"][:, 1:] != -100).sum(1),
                     teacher_head, teacher.rows, teacher.answer.mask.sum(1), temperature=w.temperature,
                 )
-        weight = {"ar": w.ar, "kl": w.kl, "reg": w.reg, "sft": w.sft, "uld": w.uld}
+            if stage == "distill" and w.kd:
+                same_answers(targets, teacher.targets)
+                terms["kd"] = losses.kd(head, rows, teacher_head, teacher.rows, temperature=w.temperature)
+        weight = {"ar": w.ar, "kl": w.kl, "reg": w.reg, "sft": w.sft, "uld": w.uld, "kd": w.kd}
         loss = sum(weight[k] * v for k, v in terms.items())
         if touch is not None and touch.requires_grad:
             loss = loss + touch
         return Output(loss, terms, recalibrated)
+
+
+def same_answers(student_targets: torch.Tensor, teacher_targets: torch.Tensor) -> None:
+    """loss.kd pairs the i-th answer token of each side: both must have tokenized the same ones."""
+    if student_targets.shape != teacher_targets.shape or not torch.equal(student_targets, teacher_targets):
+        raise GenrecalError(
+            f"loss.kd: the student's answers tokenize to {student_targets.numel()} tokens and the teacher's to "
+            f"{teacher_targets.numel()}{'' if student_targets.shape != teacher_targets.shape else ' other ones'}: "
+            "classic KD needs one tokenizer and template on both sides; for other token types use GenRecal "
+            "(loss.ar, loss.kl) or ULD (loss.uld)")
 
 
 def student_question(z_s: torch.Tensor, sbatch: dict) -> Tokens:

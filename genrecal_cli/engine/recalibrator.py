@@ -57,10 +57,18 @@ class Recalibrator(nn.Module):
         *,
         num_blocks: int = 2,
         new_positions: bool = True,
+        answer_dropout: float = 0.0,
     ):
         super().__init__()
         config = copy.deepcopy(student_text_config)
         config._attn_implementation = "sdpa"  # we pass an explicit mask; sdpa honours it like eager
+        # Per-layer settings (Qwen2's layer_types) are indexed by layer: the Rec-body's depth is
+        # its own, deeper than the student's at times (depth 4 from a 2-layer student); its blocks
+        # take the student's layer types in turn.
+        types = getattr(config, "layer_types", None)
+        if types:
+            config.layer_types = [types[i % len(types)] for i in range(num_blocks)]
+        config.num_hidden_layers = num_blocks
         student_hidden = config.hidden_size
         self.new_positions = new_positions
         self.proj_pre = nn.Linear(teacher_hidden, student_hidden, bias=False)
@@ -68,6 +76,12 @@ class Recalibrator(nn.Module):
         self.proj_post = nn.Linear(student_hidden, teacher_hidden, bias=False)
         self.norm = nn.LayerNorm(teacher_hidden)
         self.rotary = Rotary1D(config)
+        # Beyond the paper (recalibrator.answer_dropout): in training, each teacher answer
+        # token's input is replaced by one learned vector with this probability, so that the
+        # next token must be predicted from the context, the student's question included.
+        self.answer_dropout = answer_dropout
+        if answer_dropout > 0:
+            self.answer_mask = nn.Parameter(torch.zeros(student_hidden))
         self._init_weights(getattr(config, "initializer_range", 0.02))
 
     def _init_weights(self, std: float) -> None:
@@ -93,7 +107,7 @@ class Recalibrator(nn.Module):
         """
         if question_from_teacher:
             question = question.with_x(self.proj_pre(question.x))
-        packed, valid, is_answer, source_pos = interleave(question, answer.with_x(self.proj_pre(answer.x)))
+        packed, valid, is_answer, source_pos = interleave(question, answer.with_x(self._drop(self.proj_pre(answer.x))))
         n = packed.shape[1]
         positions = torch.arange(n, device=packed.device)[None, :].expand(packed.shape[0], -1)
         if not self.new_positions:
@@ -106,6 +120,15 @@ class Recalibrator(nn.Module):
             h = out[0] if isinstance(out, tuple) else out
         # Only the predictive rows go through the (per-row) output projection and norm.
         return self.norm(self.proj_post(predictive_rows(h, is_answer)))
+
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, Ka, d_s] with each token replaced by the learned mask vector with probability
+        answer_dropout, in training only (evaluation and the probe see every token)."""
+        if not (self.training and self.answer_dropout > 0):
+            return x
+        drop = torch.rand(x.shape[:-1], device=x.device) < self.answer_dropout
+        return torch.where(drop[..., None], self.answer_mask.to(x.dtype), x)
 
 
 def _causal_padding_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
