@@ -522,6 +522,16 @@ def bench_arguments(doc: str, presets, work: str) -> argparse.ArgumentParser:
     return ap
 
 
+def write_results(out: Path, stem: str, result: dict, markdown, plot, log) -> None:
+    """A benchmark's results as STEM.json, its table as STEM.md (also printed) and its plot as STEM.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / f"{stem}.md").write_text(markdown(result))
+    plot(result, out / f"{stem}.png")
+    print(markdown(result))
+    log(f"results in {out}")
+
+
 def save_figure(fig, path: Path) -> None:
     """A matplotlib figure written as a PNG under a temporary name, then renamed into place."""
     import matplotlib.pyplot as plt
@@ -593,12 +603,7 @@ def main(argv: list[str] | None = None) -> int:
                    for run in runs if run.arm not in ("sft", "uld") and run.seed == min(run_seeds(p, run.arm))},
         "seconds": {**timings, "total": time.perf_counter() - t0},
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"replicate-{args.preset}.json").write_text(json.dumps(result, indent=2, default=str))
-    (out / f"replicate-{args.preset}.md").write_text(markdown(result))
-    plot(result, out / f"replicate-{args.preset}.png")
-    print(markdown(result))
-    log(f"results in {out}")
+    write_results(out, f"replicate-{args.preset}", result, markdown, plot, log)
     return 0
 
 

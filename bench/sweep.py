@@ -23,7 +23,6 @@ and the JSON in --out (default bench/results; smoke: WORK/results).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -383,12 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                    for run in runs if run.arm == "genrecal" and run.seed == min(w.seeds)},
         "seconds": {**timings, "total": time.perf_counter() - t0},
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"sweep-{args.preset}.json").write_text(json.dumps(result, indent=2, default=str))
-    (out / f"sweep-{args.preset}.md").write_text(markdown(result))
-    plot(result, out / f"sweep-{args.preset}.png")
-    print(markdown(result))
-    log(f"results in {out}")
+    replicate.write_results(out, f"sweep-{args.preset}", result, markdown, plot, log)
     return 0
 
 

@@ -527,12 +527,7 @@ def main(argv: list[str] | None = None) -> int:
                    for r in done if r.arm in RECALIBRATOR_ARMS and r.seed == 0},
         "seconds": {**timings, "total": time.perf_counter() - t0},
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str))
-    (out / f"{stem}.md").write_text(markdown(result))
-    plot(result, out / f"{stem}.png")
-    print(markdown(result))
-    log(f"results in {out}")
+    replicate.write_results(out, stem, result, markdown, plot, log)
     return 0
 
 

@@ -362,3 +362,15 @@ def test_transfer_smoke_runs_every_arm_on_both_students_from_one_cache(tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "genrecal eval on" not in again.stdout  # nothing new to train or measure
     assert json.loads((tmp_path / "results" / "transfer-smoke.json").read_text())["rows"] == result["rows"]
+
+
+def test_the_budget_is_where_doubling_stops_raising_validation_accuracy():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from transfer import STILL_RISING, choose_budget
+
+    # the noisy transfer set's SFT ladder (docs/results.md section 8): 2,000 -> 4,000 added nothing
+    budget, why = choose_budget([(500, 0.31), (1000, 0.367), (2000, 0.437), (4000, 0.437)], 0.01)
+    assert budget == 2000 and "+0.0 points" in why
+    assert choose_budget([(500, 0.30), (1000, 0.305), (2000, 0.5)], 0.01)[0] == 500  # the first pair that stops
+    assert choose_budget([(500, 0.307), (1000, 0.477), (2000, 0.547), (4000, 0.62)], 0.01) == (4000, STILL_RISING)
+    assert choose_budget([(500, 0.5), (1000, 0.45)], 0.01)[0] == 500  # falling counts as stopped
