@@ -476,11 +476,20 @@ def main(argv: list[str] | None = None) -> int:
     students, params = build_students(work, w, log)
     everyone = students
     students = {s: students[s] for s in chosen}
-    lad = ladder(work, w, cond, students, data, args.jobs, log)
+    stem = f"transfer-{args.preset}" + ("" if cond == "noisy" else f"-{cond}")
+    # What an earlier sitting measured and recorded (the results file, committed for the full
+    # preset): its ladders and its runs' accuracies stand, so that a measurement of hours can be
+    # spread over sittings on machines that do not keep each other's run folders.
+    recorded = json.loads((out / f"{stem}.json").read_text()) if (out / f"{stem}.json").exists() else {}
+    if recorded and json.loads(json.dumps(recorded.get("world"))) != json.loads(json.dumps(w.__dict__)):
+        log(f"{out / f'{stem}.json'} was measured in another world (preset changed): not reused")
+        recorded = {}
+    lad = {s: recorded["ladder"][s] for s in students if s in recorded.get("ladder", {})}
+    lad.update(ladder(work, w, cond, {s: f for s, f in students.items() if s not in lad}, data, args.jobs, log))
     # The ladders of every student measured so far (this call's and earlier calls'): the report
     # covers every finished run of every student, whichever part this call ran.
     known = work / f"ladder-{cond}.json"
-    lad = {**(json.loads(known.read_text()) if known.exists() else {}), **lad}
+    lad = {**recorded.get("ladder", {}), **(json.loads(known.read_text()) if known.exists() else {}), **lad}
     known.write_text(json.dumps(lad, indent=2))
     lad = {s: lad[s] for s in w.students if s in lad}
     arms_now = {s: {a: n for a, n in w.arms[s].items() if only is None or a in only} for s in chosen}
@@ -492,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = [plan_run(work, w, cond, s, students[s], data, arm, seed, lad[s]["budget"], caches)
             for seed in range(max(n for arms in arms_now.values() for n in arms.values()))  # seed by seed
             for s in chosen for arm, n in arms_now[s].items() if seed < n]
+    before = recorded.get("accuracy", {})
+    runs = [r for r in runs if r.name not in before or (Path(r.final) / "config.json").exists()]
     if "gold" in {r.arm for r in runs}:
         import importlib.util
 
@@ -508,7 +519,11 @@ def main(argv: list[str] | None = None) -> int:
     done = [r for r in everything if (Path(r.final) / "config.json").exists()]
     models = {"teacher": str(TEACHER), **{r.name: r.final for r in done}}
     acc = replicate.evaluate(models, work / f"eval-transfer-{args.preset}.json", w.preset(w.ladder[0]), log)
-    stem = f"transfer-{args.preset}" + ("" if cond == "noisy" else f"-{cond}")
+    earlier = [r for r in everything if r not in done and r.name in before]
+    acc.update({r.name: before[r.name] for r in earlier})
+    if earlier:
+        log(f"{len(earlier)} runs measured in an earlier sitting (their accuracy from {out / f'{stem}.json'})")
+    done += earlier
     gold_notes = []
     for r in done:
         if r.arm == "gold" and (r.out / "gold.json").exists():
@@ -522,9 +537,11 @@ def main(argv: list[str] | None = None) -> int:
         "teacher_desc": "%s, hidden %d, %d layers" % replicate.describe(TEACHER), "test_items": acc["teacher"]["n"],
         "params": params, "ladder": lad, "rows": summarise(done, acc, w), "accuracy": acc, "gold_notes": gold_notes,
         "teacher_on_transfer_set": teacher_beyond_labels(written["hidden"], w.transfer_items)
-        if Path(written["hidden"]).is_dir() else None,
-        "probes": {r.name: replicate.probe_summary(Path(r.recipes[0]["train"]["output_dir"]))
-                   for r in done if r.arm in RECALIBRATOR_ARMS and r.seed == 0},
+        if Path(written["hidden"]).is_dir() else recorded.get("teacher_on_transfer_set"),
+        "probes": {**recorded.get("probes", {}),
+                   **{r.name: replicate.probe_summary(Path(r.recipes[0]["train"]["output_dir"]))
+                      for r in done if r.arm in RECALIBRATOR_ARMS and r.seed == 0 and r not in earlier}},
+        "earlier_sittings": sorted(r.name for r in earlier),
         "seconds": {**timings, "total": time.perf_counter() - t0},
     }
     replicate.write_results(out, stem, result, markdown, plot, log)

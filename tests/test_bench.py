@@ -358,10 +358,16 @@ def test_transfer_smoke_runs_every_arm_on_both_students_from_one_cache(tmp_path)
         assert img.size[0] > 1000
     table = (tmp_path / "results" / "transfer-smoke.md").read_text()
     assert "| same | kd |" in table and "| cross | gold |" in table and "Reliance probe" in table
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "genrecal eval on" not in again.stdout  # nothing new to train or measure
-    assert json.loads((tmp_path / "results" / "transfer-smoke.json").read_text())["rows"] == result["rows"]
+    # A later sitting on another machine (no run folders, only the results file): nothing is
+    # trained again, and the report still holds every run measured before.
+    later = tmp_path.parent / (tmp_path.name + "-later")
+    again = subprocess.run([*cmd[:5], str(later), "--out", str(tmp_path / "results"), "--only", "kd", "--students", "same"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert not (later / "runs").exists() and "runs measured in an earlier sitting" in again.stdout
+    reported = json.loads((tmp_path / "results" / "transfer-smoke.json").read_text())
+    assert reported["rows"] == result["rows"] and reported["ladder"] == result["ladder"]
+    assert reported["probes"] == result["probes"] and len(reported["earlier_sittings"]) == len(result["rows"])
 
 
 def test_the_budget_is_where_doubling_stops_raising_validation_accuracy():
