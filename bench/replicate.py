@@ -130,6 +130,33 @@ def noisy_answer(row: dict, rng: random.Random) -> dict:
     return {**row, "answer": re.sub(rf"\b{re.escape(true)}\b", swap, row["answer"], flags=re.IGNORECASE), "target": wrong}
 
 
+def with_noise(train, noise: float, log):
+    """The training rows with `noise` of their answers made wrong (noisy_answer; a fixed draw)."""
+    rng = random.Random("genrecal-noise")
+    text = train.remove_columns("image").to_list()  # the text columns only: no image decoding
+    rows = [noisy_answer(r, rng) if rng.random() < noise else r for r in text]
+    wrong = sum(a["answer"] != b["answer"] for a, b in zip(rows, text))
+    train = train.remove_columns(["answer", "target"])
+    log(f"noisy data: {wrong} of {len(rows)} training answers made wrong")
+    return train.add_column("answer", [r["answer"] for r in rows]).add_column("target", [r["target"] for r in rows])
+
+
+def bench_setup(args, log_start: float):
+    """What every seeded benchmark does first: its work folder (made), its results folder
+    (bench/results for the full preset, else WORK/results), a timed log, the zoo cache inside
+    the work folder and quiet libraries. Returns (work, out, log)."""
+    work = args.work.resolve()
+    out = args.out or (ROOT / "bench" / "results" if args.preset == "full" else work / "results")
+    work.mkdir(parents=True, exist_ok=True)
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - log_start:7.1f} s] {msg}", flush=True)
+
+    os.environ.setdefault("GENRECAL_CACHE", str(work / "cache"))
+    quiet()
+    return work, out, log
+
+
 def build_data(work: Path, p: Preset, log) -> dict[str, str]:
     """Two data folders with the same items: clean, and with p.noise of the train answers wrong."""
     from genrecal_cli.world.shapes import make_split
@@ -143,13 +170,7 @@ def build_data(work: Path, p: Preset, log) -> dict[str, str]:
         folder.mkdir(parents=True, exist_ok=True)
         train = make_split("train", p.train_items, seed=0)
         if cond == "noisy":
-            rng = random.Random("genrecal-noise")
-            text = train.remove_columns("image").to_list()  # the text columns only: no image decoding
-            rows = [noisy_answer(r, rng) if rng.random() < p.noise else r for r in text]
-            wrong = sum(a["answer"] != b["answer"] for a, b in zip(rows, text))
-            train = train.remove_columns(["answer", "target"])
-            train = train.add_column("answer", [r["answer"] for r in rows]).add_column("target", [r["target"] for r in rows])
-            log(f"noisy data: {wrong} of {len(rows)} training answers made wrong")
+            train = with_noise(train, p.noise, log)
         val = make_split("validation", max(40, p.train_items // 10), seed=0)
         for split, ds in (("train", train), ("validation", val)):
             ds.to_parquet(str(folder / f".{split}.tmp"))

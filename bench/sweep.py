@@ -24,7 +24,6 @@ and the JSON in --out (default bench/results; smoke: WORK/results).
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -332,16 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds:
         sweep = replace(sweep, world=replace(sweep.world, seeds=tuple(range(args.seeds))))
     w = sweep.world
-    work = args.work.resolve()
-    out = args.out or (ROOT / "bench" / "results" if args.preset == "full" else work / "results")
-    work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - t0:7.1f} s] {msg}", flush=True)
-
-    os.environ.setdefault("GENRECAL_CACHE", str(work / "cache"))
-    replicate.quiet()
+    work, out, log = replicate.bench_setup(args, t0)
     data = replicate.build_data(work, w, log)
     baselines, params, timings = build_students(work, sweep, data, log)
     caches, seconds = replicate.teach_once(work, data, w, str(TEACHER), baselines[sweep.sizes[0][0]], log)

@@ -34,8 +34,6 @@ rerun does only what is missing, and --only / --students run a part now and the 
 from __future__ import annotations
 
 import json
-import os
-import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -166,13 +164,7 @@ def build_data(work: Path, w: World, condition: str, log) -> str:
         folder.mkdir(parents=True, exist_ok=True)
         train = make_split("train", w.transfer_items, seed=0)
         if condition == "noisy":
-            rng = random.Random("genrecal-noise")
-            text = train.remove_columns("image").to_list()
-            rows = [replicate.noisy_answer(r, rng) if rng.random() < w.noise else r for r in text]
-            wrong = sum(a["answer"] != b["answer"] for a, b in zip(rows, text))
-            train = train.remove_columns(["answer", "target"])
-            train = train.add_column("answer", [r["answer"] for r in rows]).add_column("target", [r["target"] for r in rows])
-            log(f"noisy transfer set: {wrong} of {len(rows)} answers made wrong")
+            train = replicate.with_noise(train, w.noise, log)
         for split, ds in (("train", train), ("validation", make_split("validation", w.validation_items, seed=0))):
             ds.to_parquet(str(folder / f".{split}.tmp"))
             (folder / f".{split}.tmp").replace(folder / f"{split}.parquet")
@@ -461,16 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     known_arms = {a for arms in w.arms.values() for a in arms}
     if only and only - known_arms:
         ap.error(f"--only: unknown arm(s) {', '.join(sorted(only - known_arms))}; choose from {', '.join(sorted(known_arms))}")
-    work = args.work.resolve()
-    out = args.out or (ROOT / "bench" / "results" if args.preset == "full" else work / "results")
-    work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - t0:7.1f} s] {msg}", flush=True)
-
-    os.environ.setdefault("GENRECAL_CACHE", str(work / "cache"))
-    replicate.quiet()
+    work, out, log = replicate.bench_setup(args, t0)
     cond = args.condition
     data = build_data(work, w, cond, log)
     students, params = build_students(work, w, log)
