@@ -17,8 +17,10 @@ the same student updates; the budget is the one where SFT's validation accuracy 
 - same: sft, kd (classic KD: loss.kd beside L_sft throughout), genrecal (the paper's form:
   align -> distill -> finetune), and two variants beyond the paper in which every answer token
   depends on the student: embeddings (answer_input = "embeddings") and dropout
-  (recalibrator.answer_dropout = 0.5);
-- cross: sft, genrecal, embeddings, dropout, uld, gold (TRL's GOLDTrainer, bench/gold.py; needs trl).
+  (recalibrator.answer_dropout = 0.5), and no_finetune (align -> distill with the whole budget:
+  no finetune stage on the noisy labels after distill);
+- cross: sft, genrecal, embeddings, dropout, no_finetune, uld, gold (TRL's GOLDTrainer,
+  bench/gold.py; needs trl).
 
 The teacher's features are written once (`genrecal teach`'s engine, fp32) per answer input and
 read by every teacher arm of both students and every seed. Everything lands in --work (default
@@ -52,9 +54,12 @@ TEACHER_ARMS = {"kd": {"loss": {"ar": 0.0, "kl": 0.0, "reg": 0.0, "kd": 1.0}},
                 "uld": {"loss": {"ar": 0.0, "kl": 0.0, "reg": 0.0, "uld": 1.0}},
                 "genrecal": {},
                 "embeddings": {"recalibrator": {"answer_input": "embeddings"}},
-                "dropout": {"recalibrator": {"answer_dropout": 0.5}}}
-RECALIBRATOR_ARMS = ("genrecal", "embeddings", "dropout")
-VARIANTS = ("embeddings", "dropout")  # beyond the paper: every answer token depends on the student
+                "dropout": {"recalibrator": {"answer_dropout": 0.5}},
+                "no_finetune": {}}
+RECALIBRATOR_ARMS = ("genrecal", "embeddings", "dropout", "no_finetune")
+# Beyond the paper: every answer token depends on the student (embeddings, dropout); the whole
+# budget in distill, no finetune stage on the (noisy) labels after it (no_finetune).
+VARIANTS = ("embeddings", "dropout", "no_finetune")
 
 
 @dataclass(frozen=True)
@@ -88,14 +93,15 @@ PRESETS = {
     "full": World(
         transfer_items=1000, validation_items=300,
         students={"same": ("qwen2_vl", 128, 2), "cross": ("llava", 128, 2)},
-        arms={"same": {"sft": 5, "kd": 5, "genrecal": 5, "embeddings": 3, "dropout": 3},
-              "cross": {"sft": 5, "genrecal": 5, "embeddings": 5, "dropout": 5, "uld": 3, "gold": 3}},
+        arms={"same": {"sft": 5, "kd": 5, "genrecal": 5, "embeddings": 3, "dropout": 3, "no_finetune": 3},
+              "cross": {"sft": 5, "genrecal": 5, "embeddings": 5, "dropout": 5, "no_finetune": 3, "uld": 3,
+                        "gold": 3}},
         ladder=(500, 1000, 2000, 4000, 8000), rise=0.01, align=200, batch_size=16, eval_limit=None, probe_every=100,
     ),
     "smoke": World(
         transfer_items=24, validation_items=6,
         students={"same": ("qwen2_vl", 32, 1), "cross": ("llava", 32, 1)},
-        arms={"same": {"sft": 1, "kd": 1, "genrecal": 1, "embeddings": 1, "dropout": 1},
+        arms={"same": {"sft": 1, "kd": 1, "genrecal": 1, "embeddings": 1, "dropout": 1, "no_finetune": 1},
               "cross": {"sft": 1, "genrecal": 1, "embeddings": 1, "dropout": 1, "uld": 1, "gold": 1}},
         ladder=(3, 6), rise=0.01, align=2, batch_size=4, eval_limit=3, probe_every=1, pretrain_steps=4,
     ),
@@ -217,7 +223,10 @@ def plan_run(work: Path, w: World, condition: str, student: str, init: str, data
         raw["stages"] = {"finetune": replicate.stage(budget, "distill", p)}
     else:
         raw = replicate.base_recipe(init, data, out, seed, p, teacher=str(TEACHER))
-        if arm in RECALIBRATOR_ARMS:
+        if arm == "no_finetune":
+            raw["stages"] = {"align": replicate.stage(p.align, "align", p),
+                             "distill": replicate.stage(budget, "distill", p, train_projector=True)}
+        elif arm in RECALIBRATOR_ARMS:
             raw["stages"] = {"align": replicate.stage(p.align, "align", p),
                              "distill": replicate.stage(p.distill, "distill", p, train_projector=True),
                              "finetune": replicate.stage(p.finetune, "finetune", p)}
@@ -331,7 +340,7 @@ def summarise(runs: list, acc: dict, w: World) -> list[dict]:
     for row in rows.values():
         m, sd = replicate.mean_sd(row["final"])
         out.append({**row, "mean": m, "sd": sd})
-    versus = {"embeddings": "genrecal", "dropout": "genrecal", "genrecal": "kd"}
+    versus = {**{v: "genrecal" for v in VARIANTS}, "genrecal": "kd"}
     for row in out:
         for other in ("sft", versus.get(row["arm"])):
             ref = next((r for r in out if r["student"] == row["student"] and r["arm"] == other), None)
@@ -417,7 +426,7 @@ def plot(result: dict, path: Path) -> None:
     left.set_ylabel("validation accuracy % (seed 0)")
     left.legend(fontsize=8)
     colours = {"sft": "tab:gray", "kd": "tab:purple", "uld": "tab:orange", "gold": "black", "genrecal": "tab:blue",
-               "embeddings": "tab:cyan", "dropout": "tab:olive"}
+               "embeddings": "tab:cyan", "dropout": "tab:olive", "no_finetune": "tab:red"}
     labels = []
     for i, r in enumerate(result["rows"]):
         right.bar(i, 100 * r["mean"], yerr=100 * r["sd"], color=colours[r["arm"]], alpha=0.6, capsize=3)
@@ -465,7 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     # preset): its ladders and its runs' accuracies stand, so that a measurement of hours can be
     # spread over sittings on machines that do not keep each other's run folders.
     recorded = json.loads((out / f"{stem}.json").read_text()) if (out / f"{stem}.json").exists() else {}
-    if recorded and json.loads(json.dumps(recorded.get("world"))) != json.loads(json.dumps(w.__dict__)):
+    # (which arms run, and how many seeds, may grow between sittings: the rest is the world)
+    if recorded and ({k: v for k, v in json.loads(json.dumps(recorded.get("world"))).items() if k != "arms"}
+                     != {k: v for k, v in json.loads(json.dumps(w.__dict__)).items() if k != "arms"}):
         log(f"{out / f'{stem}.json'} was measured in another world (preset changed): not reused")
         recorded = {}
     lad = {s: recorded["ladder"][s] for s in students if s in recorded.get("ladder", {})}

@@ -313,7 +313,7 @@ def test_a_stopped_bench_run_continues_from_its_last_checkpoint(tmp_path):
 
 def test_transfer_smoke_runs_every_arm_on_both_students_from_one_cache(tmp_path):
     """bench/transfer.py --preset smoke: the SFT budget ladder on each student, then every arm at
-    the chosen budget (same-tokenizer student: sft, kd, genrecal, embeddings, dropout; cross-tokenizer
+    the chosen budget (same-tokenizer student: sft, kd, genrecal, embeddings, dropout, no_finetune; cross-tokenizer
     student: sft, genrecal, embeddings, dropout, uld, gold), teacher features written once per answer
     input and read by every teacher arm, and a rerun that trains nothing."""
     from PIL import Image
@@ -323,7 +323,7 @@ def test_transfer_smoke_runs_every_arm_on_both_students_from_one_cache(tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "results" / "transfer-smoke.json").read_text())
     points = {(r["student"], r["arm"]) for r in result["rows"]}
-    assert points == {("same", a) for a in ("sft", "kd", "genrecal", "embeddings", "dropout")} | {
+    assert points == {("same", a) for a in ("sft", "kd", "genrecal", "embeddings", "dropout", "no_finetune")} | {
         ("cross", a) for a in ("sft", "genrecal", "embeddings", "dropout", "uld", "gold")}
     assert all("vs_sft" in r for r in result["rows"] if r["arm"] != "sft")
     row = {(r["student"], r["arm"]): r for r in result["rows"]}
@@ -346,6 +346,9 @@ def test_transfer_smoke_runs_every_arm_on_both_students_from_one_cache(tmp_path)
     assert genrecal["loss"].get("kd", 0.0) == 0.0 and genrecal["stages"]["align"]["steps"] == 2
     # every arm makes the same student updates: GenRecal's distill + finetune = the budget
     assert genrecal["stages"]["distill"]["steps"] + genrecal["stages"]["finetune"]["steps"] == budget
+    whole = ran(f"same/b{budget}/no_finetune/seed0")["stages"]  # the whole budget in distill
+    assert whole["distill"]["steps"] == budget and not whole["finetune"]["enabled"] and whole["align"]["steps"] == 2
+    assert "vs_genrecal" in row[("same", "no_finetune")]
     for name in (f"same/b{budget}/kd/seed0", f"cross/b{result['ladder']['cross']['budget']}/uld/seed0"):
         assert ran(name)["teacher"]["cache"] == str(tmp_path / "features" / "noisy-hidden"), name
     assert ran(f"same/b{budget}/dropout/seed0")["recalibrator"]["answer_dropout"] == 0.5

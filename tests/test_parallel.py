@@ -466,3 +466,47 @@ def test_conversations_on_two_ranks_sharded_equal_ddp_and_stream_in_bf16(tmp_pat
     assert [(r["stage"], r["step"]) for r in rows] == [("align", 1), ("align", 2), ("distill", 1), ("distill", 2),
                                                         ("finetune", 1)]
     assert all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_classic_kd_on_two_ranks_follows_one_process(tmp_path):
+    """loss.kd (a student with the teacher's tokenizer, no Recalibrator) on 2 x batch 4 and on
+    1 x batch 8: the same KD and SFT terms at every update, within the tolerance of the first
+    test (each rank's token mean, then their mean)."""
+    stages = '[loss]\nar = 0.0\nkl = 0.0\nreg = 0.0\nkd = 1.0\n[stages.distill]\nsteps = 3\nlr = 5e-4\nbatch_size = {b}\n'
+    one = _recipe(tmp_path / "one.toml", tmp_path / "one", stages.format(b=8))
+    two = _recipe(tmp_path / "two.toml", tmp_path / "two", stages.format(b=4))
+    for path in (one, two):  # zoo:qwen2_vl: the teacher's family, tokenizer and template
+        path.write_text(path.read_text().replace('"zoo:tiny-student"', '"zoo:qwen2_vl"'))
+    single = run_cli("distill", str(one), env={"OMP_NUM_THREADS": "1"}, timeout=420)
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = _torchrun(["distill", str(two)], record=tmp_path / "rec")
+    assert double.returncode == 0, double.stderr[-3000:]
+    _assert_two_ranks(tmp_path / "rec")
+    a, b = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    assert [r["processes"] for r in b] == [2] * 3 and len(a) == 3
+    for ra, rb in zip(a, b):
+        assert "kd" in ra and not {"ar", "kl", "reg"} & set(ra)
+        for term in ("kd", "sft"):
+            assert rb[term] == pytest.approx(ra[term], rel=5e-3, abs=1e-3), (ra["step"], term, ra[term], rb[term])
+    assert not (tmp_path / "two" / "distill" / "recalibrator.safetensors").exists()
+
+
+def test_answer_dropout_trains_its_mask_on_two_ranks_in_bf16(tmp_path):
+    """recalibrator.answer_dropout on 2 ranks in bf16: each rank draws its own masks (ordinary
+    dropout), the learned mask vector gets a gradient through DDP on every rank (torch.where
+    keeps it in the graph even where a rank drew no mask) and moves from its zero start; every
+    loss is finite."""
+    stages = ('[recalibrator]\nanswer_dropout = 0.5\n[stages.align]\nsteps = 2\nbatch_size = 4\n'
+              '[stages.distill]\nsteps = 2\nbatch_size = 4\n')
+    recipe = _recipe(tmp_path / "drop.toml", tmp_path / "out", stages, precision='"bf16"')
+    done = _torchrun(["distill", str(recipe)], record=tmp_path / "rec")
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_two_ranks(tmp_path / "rec")
+    rows = _rows(tmp_path / "out")
+    assert [(r["stage"], r["step"]) for r in rows] == [(s, k) for s in ("align", "distill") for k in (1, 2)]
+    assert all(math.isfinite(r[t]) for r in rows for t in ("loss", "ar", "kl"))
+    from safetensors.torch import load_file
+
+    for stage in ("align", "distill"):
+        mask = load_file(str(tmp_path / "out" / stage / "recalibrator.safetensors"))["answer_mask"]
+        assert mask.dtype == torch.float32 and mask.abs().max() > 0, stage  # trained (starts at zero)

@@ -567,6 +567,19 @@ def test_classic_kd_distills_a_student_that_shares_the_teachers_tokenizer(tmp_pa
     distill(recipe_from_dict(raw), reporter=rec2)
     m = rec2.rows[0][2]
     assert abs(m["loss"] - 2 * m["kd"] - m["sft"]) < 1e-4 and abs(m["kd"] - kd_only[0]) < 1e-4
+    # in bf16 (autocast, in a process of its own: accelerate fixes the precision per process; the
+    # loss itself sums in fp32): the same first-step KD within bf16's precision
+    recipe, out = tmp_path / "bf16.toml", tmp_path / "bf16"
+    recipe.write_text(
+        '[teacher]\npath = "zoo:tiny-teacher"\n[student]\npath = "zoo:qwen2_vl"\n[data]\nshapes_size = 32\n'
+        'max_length = 256\n[loss]\nar = 0.0\nkl = 0.0\nreg = 0.0\nkd = 1.0\n'
+        '[stages.distill]\nsteps = 2\nbatch_size = 4\nlr = 1e-3\nlr_end = 1e-4\n'
+        f'[train]\noutput_dir = "{out}"\nlog_every = 1\neval_items = 0\nprecision = "bf16"\n')
+    done = run_cli("distill", str(recipe))
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert rows[0]["kd"] == pytest.approx(kd_only[0], rel=0.05)
 
 
 def test_classic_kd_across_tokenizers_is_refused_in_one_line(tmp_path):
