@@ -94,7 +94,7 @@ PRESETS = {
         transfer_items=1000, validation_items=300,
         students={"same": ("qwen2_vl", 128, 2), "cross": ("llava", 128, 2)},
         arms={"same": {"sft": 5, "kd": 5, "genrecal": 5, "embeddings": 3, "dropout": 3, "no_finetune": 3},
-              "cross": {"sft": 5, "genrecal": 5, "embeddings": 5, "dropout": 5, "no_finetune": 3, "uld": 3,
+              "cross": {"sft": 5, "genrecal": 5, "embeddings": 3, "dropout": 3, "no_finetune": 3, "uld": 3,
                         "gold": 3}},
         ladder=(500, 1000, 2000, 4000, 8000), rise=0.01, align=200, batch_size=16, eval_limit=None, probe_every=100,
     ),
