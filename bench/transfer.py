@@ -223,13 +223,12 @@ def plan_run(work: Path, w: World, condition: str, student: str, init: str, data
         raw["stages"] = {"finetune": replicate.stage(budget, "distill", p)}
     else:
         raw = replicate.base_recipe(init, data, out, seed, p, teacher=str(TEACHER))
-        if arm == "no_finetune":
+        if arm in RECALIBRATOR_ARMS:  # (no_finetune: the whole budget in distill)
+            distill = budget if arm == "no_finetune" else p.distill
             raw["stages"] = {"align": replicate.stage(p.align, "align", p),
-                             "distill": replicate.stage(budget, "distill", p, train_projector=True)}
-        elif arm in RECALIBRATOR_ARMS:
-            raw["stages"] = {"align": replicate.stage(p.align, "align", p),
-                             "distill": replicate.stage(p.distill, "distill", p, train_projector=True),
-                             "finetune": replicate.stage(p.finetune, "finetune", p)}
+                             "distill": replicate.stage(distill, "distill", p, train_projector=True)}
+            if arm != "no_finetune":
+                raw["stages"]["finetune"] = replicate.stage(p.finetune, "finetune", p)
         else:
             raw["stages"] = {"distill": replicate.stage(budget, "distill", p, train_projector=True)}
         for key, changes in TEACHER_ARMS[arm].items():
@@ -475,8 +474,10 @@ def main(argv: list[str] | None = None) -> int:
     # spread over sittings on machines that do not keep each other's run folders.
     recorded = json.loads((out / f"{stem}.json").read_text()) if (out / f"{stem}.json").exists() else {}
     # (which arms run, and how many seeds, may grow between sittings: the rest is the world)
-    if recorded and ({k: v for k, v in json.loads(json.dumps(recorded.get("world"))).items() if k != "arms"}
-                     != {k: v for k, v in json.loads(json.dumps(w.__dict__)).items() if k != "arms"}):
+    def world(d: dict) -> dict:  # as JSON holds it, without the arms
+        return {k: v for k, v in json.loads(json.dumps(d)).items() if k != "arms"}
+
+    if recorded and world(recorded.get("world") or {}) != world(w.__dict__):
         log(f"{out / f'{stem}.json'} was measured in another world (preset changed): not reused")
         recorded = {}
     lad = {s: recorded["ladder"][s] for s in students if s in recorded.get("ladder", {})}

@@ -100,19 +100,27 @@ def _rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_ranks_follow_one_process_update_by_update(tmp_path):
-    """The same recipe on 2 x batch 8 and 1 x batch 16: the same learning rate at every update
-    (warm-up and decay included) and the same loss curve within a stated tolerance."""
-    stages = '[stages.distill]\nsteps = 6\nwarmup_steps = 2\nlr = 5e-4\nlr_end = 5e-5\nbatch_size = {b}\n'
-    one = _recipe(tmp_path / "one.toml", tmp_path / "one", stages.format(b=16))
-    two = _recipe(tmp_path / "two.toml", tmp_path / "two", stages.format(b=8))
+def _one_then_two(tmp_path, stages: str, batch: int, student: str | None = None) -> tuple[list[dict], list[dict]]:
+    """The same recipe on 1 process x batch `batch` and on 2 ranks x batch / 2 (stages: a recipe
+    text with {b} for the batch size; `student` another zoo student); each run's metrics rows."""
+    one = _recipe(tmp_path / "one.toml", tmp_path / "one", stages.format(b=batch))
+    two = _recipe(tmp_path / "two.toml", tmp_path / "two", stages.format(b=batch // 2))
+    if student is not None:
+        for path in (one, two):
+            path.write_text(path.read_text().replace('"zoo:tiny-student"', f'"{student}"'))
     single = run_cli("distill", str(one), env={"OMP_NUM_THREADS": "1"}, timeout=420)
     assert single.returncode == 0, single.stderr[-2000:]
     double = _torchrun(["distill", str(two)], record=tmp_path / "rec")
     assert double.returncode == 0, double.stderr[-3000:]
     _assert_two_ranks(tmp_path / "rec")
+    return _rows(tmp_path / "one"), _rows(tmp_path / "two")
 
-    a, b = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+
+def test_two_ranks_follow_one_process_update_by_update(tmp_path):
+    """The same recipe on 2 x batch 8 and 1 x batch 16: the same learning rate at every update
+    (warm-up and decay included) and the same loss curve within a stated tolerance."""
+    stages = '[stages.distill]\nsteps = 6\nwarmup_steps = 2\nlr = 5e-4\nlr_end = 5e-5\nbatch_size = {b}\n'
+    a, b = _one_then_two(tmp_path, stages, 16)
     assert [r["processes"] for r in a] == [1] * 6 and [r["processes"] for r in b] == [2] * 6
     assert {r["global_batch"] for r in a} == {r["global_batch"] for r in b} == {16}
     lrs = [r["lr"] for r in a]
@@ -473,16 +481,7 @@ def test_classic_kd_on_two_ranks_follows_one_process(tmp_path):
     1 x batch 8: the same KD and SFT terms at every update, within the tolerance of the first
     test (each rank's token mean, then their mean)."""
     stages = '[loss]\nar = 0.0\nkl = 0.0\nreg = 0.0\nkd = 1.0\n[stages.distill]\nsteps = 3\nlr = 5e-4\nbatch_size = {b}\n'
-    one = _recipe(tmp_path / "one.toml", tmp_path / "one", stages.format(b=8))
-    two = _recipe(tmp_path / "two.toml", tmp_path / "two", stages.format(b=4))
-    for path in (one, two):  # zoo:qwen2_vl: the teacher's family, tokenizer and template
-        path.write_text(path.read_text().replace('"zoo:tiny-student"', '"zoo:qwen2_vl"'))
-    single = run_cli("distill", str(one), env={"OMP_NUM_THREADS": "1"}, timeout=420)
-    assert single.returncode == 0, single.stderr[-2000:]
-    double = _torchrun(["distill", str(two)], record=tmp_path / "rec")
-    assert double.returncode == 0, double.stderr[-3000:]
-    _assert_two_ranks(tmp_path / "rec")
-    a, b = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    a, b = _one_then_two(tmp_path, stages, 8, student="zoo:qwen2_vl")  # the teacher's family and tokenizer
     assert [r["processes"] for r in b] == [2] * 3 and len(a) == 3
     for ra, rb in zip(a, b):
         assert "kd" in ra and not {"ar", "kl", "reg"} & set(ra)
