@@ -146,9 +146,10 @@ def report(
 
 @app.command()
 def teach(
-    recipe: Path = typer.Argument(..., help="A TOML recipe: its teacher, data and max_length."),
+    recipe: Optional[Path] = typer.Argument(None, help="A TOML recipe: its teacher, data and max_length."),
     overrides: Optional[List[str]] = SetOption,
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="The cache folder (default: the recipe's teacher.cache)."),
+    verify: Optional[Path] = typer.Option(None, "--verify", metavar="DIR", help="Check every shard of the cache in DIR (every item's checksum) and name the damaged ones; exit 1 if any."),
     storage: str = typer.Option("bf16", "--storage", help="bf16, fp32, or fp8 (e4m3 with a float32 scale per row)."),
     no_question: bool = typer.Option(False, "--no-question", help="Leave out the teacher's question features (the largest part); L_reg is then off when the cache is read."),
     batch_size: int = typer.Option(16, "--batch-size", help="Items per teacher forward."),
@@ -158,6 +159,11 @@ def teach(
     """Run the teacher once over the recipe's training data and write its features into a cache
     that align and distill read instead ([teacher] cache = DIR): one teacher pass, many students."""
     from .recipe import load_recipe
+
+    if verify is not None:
+        return _verify_cache(verify)
+    if recipe is None:
+        raise GenrecalError("genrecal teach: give a RECIPE (or --verify DIR to check a cache)")
 
     loaded = load_recipe(recipe, overrides or [])
     if loaded.teacher is None:
@@ -196,13 +202,46 @@ def teach(
                   MofNCompleteColumn(), TimeRemainingColumn(), console=console, disable=not main) as bar:
         task = bar.add_task("teach", total=None)
         out = run_teach(loaded, inputs, accelerator, folder=folder, storage=storage, with_question=not no_question,
-                        batch_size=batch_size, items_per_shard=shard_items,
+                        batch_size=batch_size, items_per_shard=shard_items, command=_command_line(),
                         note=bar.console.print if main else None,
                         progress=lambda done, total: bar.update(task, completed=done, total=total))
     if main:
         console.print(f"[bold green]done[/]: teacher features in [bold]{out}[/]"
                       + (f" (written by {n} processes)" if n > 1 else "")
                       + f"; recipes read them with \\[teacher] cache = \"{out}\"")
+
+
+def _command_line() -> str:
+    """This command as a user would type it again (recorded in a cache's index)."""
+    import shlex
+
+    return " ".join(["genrecal", *(shlex.quote(a) for a in sys.argv[1:])])
+
+
+def _verify_cache(folder: Path) -> None:
+    """`genrecal teach --verify DIR`: every item of every shard checked; the damaged shards named."""
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from .engine.cache import verify
+
+    console = _console()
+    with Progress("[bold]verify[/]", BarColumn(bar_width=24), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("verify", total=None)
+        found = verify(folder, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    state = ("complete: {items:,} items, {cached:,} cached, {skipped:,} skipped".format(**found["complete"])
+             if found["complete"] else "UNFINISHED" + (f" (finish it with `{found['command']}`)" if found["command"] else ""))
+    console.print(escape(f"{folder}: {found['shards']:,} shards, {found['items']:,} items, "
+                         f"{found['bytes'] / 1e9:,.3f} GB; {state}"))
+    for line in found["damaged"]:
+        console.print(f"[red]damaged[/] {escape(line)}")
+    if found["damaged"]:
+        raise GenrecalError(f"{folder}: {len(found['damaged'])} damaged shard(s); run the `genrecal teach` that "
+                            "wrote the cache again: it rewrites them")
+    if not found["complete"]:
+        raise GenrecalError(f"{folder}: every shard is intact, but the cache is unfinished")
+    console.print("[bold green]intact[/]: every item passed its checksum")
 
 
 @app.command("inspect-vocab")
@@ -410,6 +449,14 @@ def _comparison_table(report):
     return table
 
 
+def _escape(text: str) -> str:
+    """Text for rich with markup on, printed as it is (an error's text may hold brackets: a
+    recipe's [teacher] table, a gloo location such as [/pytorch/.../pair.cc:553])."""
+    from rich.markup import escape
+
+    return escape(text)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console-script entry point: one red line and exit 1 for user errors, unless --debug."""
     args = sys.argv[1:] if argv is None else list(argv)
@@ -431,13 +478,13 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise
         code = getattr(exc, "exit_code", 1)
         label = "[yellow]stopped:[/yellow]" if code in (130, 143) else "[red]error:[/red]"  # a signal, after saving
-        _console(stderr=True).print(f"{label} {exc}", markup=True, soft_wrap=True)
+        _console(stderr=True).print(f"{label} {_escape(str(exc))}", markup=True, soft_wrap=True)
         sys.exit(code)
     except Exception as exc:  # a bug, not a user mistake: still one line unless asked
         if debug:
             raise
         _console(stderr=True).print(
-            f"[red]internal error:[/red] {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+            f"[red]internal error:[/red] {type(exc).__name__}: {_escape(str(exc))} (rerun with --debug for the traceback)",
             soft_wrap=True,
         )
         sys.exit(1)

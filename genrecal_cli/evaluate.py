@@ -243,7 +243,7 @@ def check_mmmu_data(data_dir: Path | None, subjects: dict[str, str]) -> dict[str
             raise DataError(
                 f"the {MMMU_DATASET} data set (mmmu) is not in the local Hugging Face cache and cannot be "
                 f"downloaded ({type(e).__name__}); download it where there is network "
-                f"(`huggingface-cli download {MMMU_DATASET} --repo-type dataset --local-dir DIR`) and pass "
+                f"(`hf download {MMMU_DATASET} --repo-type dataset --local-dir DIR`) and pass "
                 "--data-dir DIR"
             ) from None
         return None
@@ -278,7 +278,7 @@ def check_mmmu_data(data_dir: Path | None, subjects: dict[str, str]) -> dict[str
         raise DataError(
             f"--data-dir {data_dir} is not a local copy of {MMMU_DATASET} in its own schema ({'; '.join(problems)}); "
             f"expected SUBJECT/validation-*.parquet for each of the {len(subjects)} subjects with columns "
-            f"{', '.join(MMMU_COLUMNS)}, as `huggingface-cli download {MMMU_DATASET} --repo-type dataset` writes"
+            f"{', '.join(MMMU_COLUMNS)}, as `hf download {MMMU_DATASET} --repo-type dataset` writes"
         )
     return files
 

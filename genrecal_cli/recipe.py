@@ -29,7 +29,7 @@ Schedule = Literal["linear", "cosine", "constant"]
 AnswerInput = Literal["hidden", "embeddings"]
 TeacherPlacement = Literal["replicate", "shard"]
 StudentPlacement = Literal["ddp", "shard"]
-DataFormat = Literal["auto", "columns", "messages", "conversations"]
+DataFormat = Literal["auto", "columns", "messages", "conversations", "cauldron"]
 
 # A hub id is "name" or "org/name"; anything else that does not exist locally is a missing path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -72,13 +72,14 @@ class DataSpec:
     data/formats.py (image + question + answer columns, chat messages, LLaVA conversations)."""
 
     source: str = "shapes"  # built-in "shapes" (one turn) or "chats" (several turns and images), a .jsonl/.json/.parquet/.csv file, a folder or a hub id
-    format: DataFormat = "auto"  # "auto": told by the columns (messages, conversations, or question + answer)
+    format: DataFormat = "auto"  # "auto": told by the columns (messages, conversations, texts, or question + answer)
     image_column: str = "image"  # columns layout: one image (or none); conversations layout: a path or a list
     question_column: str = "question"
     answer_column: str = "answer"
     messages_column: str = "messages"  # chat messages: role + content (a string or typed parts)
-    images_column: str = "images"  # the messages' images, one per {"type": "image"} part, in order
+    images_column: str = "images"  # the messages' images, one per {"type": "image"} part, in order (also The Cauldron's)
     conversations_column: str = "conversations"  # LLaVA-style turns: from human / gpt, <image> placeholders
+    texts_column: str = "texts"  # The Cauldron's turns: {user, assistant}; its images (images_column) go with the first question
     image_root: Optional[str] = None  # folder of relative image paths; unset: the source's folder
     max_length: int = 512  # tokens per item on each side; trailing turns that do not fit are dropped, an item whose first turn does not fit is skipped
     streaming: bool = False  # read the training split as a stream (hub or large sources): no download or pass up front; stages need `steps`

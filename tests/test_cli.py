@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from genrecal_cli import __version__
 
 from .conftest import heavy_imports
@@ -128,3 +130,24 @@ def test_inspect_vocab_with_data_answers_and_bad_files(cli, tmp_path, tiny_pair)
     corrupt.write_text("this is not base64 rank data\n")
     out = cli("inspect-vocab", str(corrupt), "zoo:tiny-student")
     assert out.returncode == 1 and "broken.tiktoken" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("error", ["internal", "user"])
+def test_error_text_with_brackets_prints_as_it_is(monkeypatch, capsys, error):
+    """An error whose text holds brackets (gloo's "[/pytorch/.../pair.cc:553]", a recipe's
+    "[teacher]" table, "[/bold]") prints in its one line as it is: rich markup in it would
+    otherwise raise MarkupError, and the user would get a traceback instead."""
+    from genrecal_cli import cli as cli_module
+    from genrecal_cli.errors import GenrecalError
+
+    text = "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer; [teacher] [/bold]"
+
+    def broken(**kwargs):
+        raise (RuntimeError(text) if error == "internal" else GenrecalError(text))
+
+    monkeypatch.setattr(cli_module, "app", broken)
+    with pytest.raises(SystemExit) as done:
+        cli_module.main(["distill", "x.toml"])
+    assert done.value.code == 1
+    err = capsys.readouterr().err
+    assert text in err and len(err.strip().splitlines()) == 1

@@ -183,7 +183,7 @@ def test_a_malformed_row_stops_with_its_row_and_field(tiny_pair, tmp_path):
             {"messages": [{"role": "user", "content": "q"}, {"role": "assistent", "content": "a"}]}]
     spec = DataSpec(source=_write(tmp_path, rows))
     ds = PairDataset(load_split(spec, "train"), spec, sides(tiny_pair))
-    with pytest.raises(DataError, match=r"train.jsonl: row 1: messages\[1\].role: 'assistent' is not one of"):
+    with pytest.raises(DataError, match=r"train.jsonl: row 1 \(from 0\): messages\[1\].role: 'assistent' is not one of"):
         ds.check_start()
 
 
@@ -199,7 +199,7 @@ def test_a_malformed_row_met_in_a_loader_worker_stops_with_its_one_line(tiny_pai
     with pytest.raises(DataError) as err:
         for _ in range(4):
             next(batches)
-    assert str(err.value).endswith("train.jsonl: row 5: messages[1].role: 'assistent' is not one of system, user, assistant")
+    assert str(err.value).endswith("train.jsonl: row 5 (from 0): messages[1].role: 'assistent' is not one of system, user, assistant")
     assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
 
 

@@ -285,3 +285,28 @@ def test_help_does_not_import_lm_eval():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_offline_mmmu_message_names_a_command_the_installed_hub_client_has(tmp_path, monkeypatch):
+    """Offline and not cached, mmmu asks for a local copy with a download command: that command
+    exists in the installed huggingface_hub (`hf`; `huggingface-cli` is gone) with the options
+    the message uses."""
+    import re
+
+    from genrecal_cli.errors import DataError
+    from genrecal_cli.evaluate import check_mmmu_data
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(DataError) as err:
+        check_mmmu_data(None, {"mmmu_val_art": "Art"})
+    command = re.search(r"`(hf download [^`]+)`", str(err.value))
+    assert command, str(err.value)
+    words = command.group(1).split()
+    hf = shutil.which("hf", path=str(Path(sys.executable).parent))
+    assert hf is not None, "the hub client's `hf` command is not installed beside this Python"
+    helped = subprocess.run([hf, "download", "--help"], capture_output=True, text=True, timeout=120)
+    assert helped.returncode == 0
+    for option in (w for w in words if w.startswith("--")):
+        assert option in helped.stdout, option

@@ -20,9 +20,11 @@ def test_layout_is_told_by_the_columns():
     assert detect(["id", "image", "conversations"], SPEC) == "conversations"
     assert detect(["image", "question", "answer"], SPEC) == "columns"
     assert detect(["question", "answer"], SPEC) == "columns"  # text-only
+    assert detect(["images", "texts"], SPEC) == "cauldron"
     with pytest.raises(DataError) as info:
         detect(["prompt", "completion"], SPEC)
-    assert "d.jsonl" in str(info.value) and "prompt, completion" in str(info.value) and "data.format" in str(info.value)
+    assert "d.jsonl" in str(info.value) and "prompt, completion" in str(info.value)
+    assert "'texts' (The Cauldron)" in str(info.value) and "data.messages_column" in str(info.value)
 
 
 def test_a_named_layout_whose_column_is_missing_names_it():
@@ -66,6 +68,23 @@ def test_inline_images_in_parts_are_taken_in_order():
     assert to_conversation(row, "messages", SPEC, 0).images == ["x.png"]
 
 
+def test_the_cauldron_layout_shows_every_image_with_the_first_question():
+    """HuggingFaceM4/the_cauldron: `images` + `texts` [{user, assistant, source}]; a widely used
+    VLM instruction set, read as it ships."""
+    row = {"images": ["a.png", "b.png"], "texts": [
+        {"user": "Which one is larger?", "assistant": "The first.", "source": "vqa"},
+        {"user": "And its colour?", "assistant": "Red.", "source": "vqa"},
+    ]}
+    conv = to_conversation(row, "cauldron", SPEC, 0)
+    assert conv.messages == [{"role": "user", "content": [IMG, IMG, TXT("Which one is larger?")]},
+                             {"role": "assistant", "content": [TXT("The first.")]},
+                             {"role": "user", "content": [TXT("And its colour?")]},
+                             {"role": "assistant", "content": [TXT("Red.")]}]
+    assert conv.images == ["a.png", "b.png"] and answers_of(conv) == ["The first.", "Red."]
+    text_only = to_conversation({"images": [], "texts": [{"user": "2+2?", "assistant": "4"}]}, "cauldron", SPEC, 1)
+    assert text_only.images == [] and text_only.messages[0]["content"] == [TXT("2+2?")]
+
+
 def test_llava_conversations_with_image_placeholders():
     row = {"image": ["a.png", "b.png"], "conversations": [
         {"from": "human", "value": "<image>\nWhat is shown?"},
@@ -83,25 +102,28 @@ def test_llava_conversations_with_image_placeholders():
 
 
 @pytest.mark.parametrize("fmt, row, named", [
-    ("columns", {"question": "q", "answer": ""}, "row 7: field 'answer' is empty"),
-    ("columns", {"question": None, "answer": "a"}, "row 7: field 'question' is empty"),
-    ("messages", {"messages": "hello"}, "row 7: field 'messages' must be a non-empty list"),
-    ("messages", {"messages": [{"role": "bot", "content": "x"}]}, "row 7: messages[0].role: 'bot' is not one of"),
-    ("messages", {"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "row 7: messages[0].content[0]: expected"),
+    ("columns", {"question": "q", "answer": ""}, "row 7 (from 0): field 'answer' is empty"),
+    ("columns", {"question": None, "answer": "a"}, "row 7 (from 0): field 'question' is empty"),
+    ("messages", {"messages": "hello"}, "row 7 (from 0): field 'messages' must be a non-empty list"),
+    ("messages", {"messages": [{"role": "bot", "content": "x"}]}, "row 7 (from 0): messages[0].role: 'bot' is not one of"),
+    ("messages", {"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "row 7 (from 0): messages[0].content[0]: expected"),
     ("messages", {"messages": [{"role": "user", "content": [IMG, TXT("q")]}, {"role": "assistant", "content": "a"}],
-                  "images": []}, "row 7: messages[0].content[0]: image part 1 has no image ('images' lists 0)"),
+                  "images": []}, "row 7 (from 0): messages[0].content[0]: image part 1 has no image ('images' lists 0)"),
     ("messages", {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-                  "images": ["a.png"]}, "row 7: 'images' lists 1 images but the messages have 0 image parts"),
-    ("messages", {"messages": [{"role": "user", "content": "q"}]}, "row 7: field 'messages' has no assistant turn"),
+                  "images": ["a.png"]}, "row 7 (from 0): 'images' lists 1 images but the messages have 0 image parts"),
+    ("messages", {"messages": [{"role": "user", "content": "q"}]}, "row 7 (from 0): field 'messages' has no assistant turn"),
     ("messages", {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": [IMG]}],
-                  "images": ["a.png"]}, "row 7: messages[1]: an assistant message holds an image"),
+                  "images": ["a.png"]}, "row 7 (from 0): messages[1]: an assistant message holds an image"),
     ("messages", {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]},
-     "row 7: messages[1] is an empty answer"),
-    ("conversations", {"conversations": [{"from": "robot", "value": "x"}]}, "row 7: conversations[0].from: 'robot'"),
-    ("conversations", {"conversations": [{"from": "human", "value": 3}]}, "row 7: conversations[0].value: expected a string"),
+     "row 7 (from 0): messages[1] is an empty answer"),
+    ("conversations", {"conversations": [{"from": "robot", "value": "x"}]}, "row 7 (from 0): conversations[0].from: 'robot'"),
+    ("conversations", {"conversations": [{"from": "human", "value": 3}]}, "row 7 (from 0): conversations[0].value: expected a string"),
     ("conversations", {"image": "a.png", "conversations": [{"from": "human", "value": "no placeholder"},
                                                            {"from": "gpt", "value": "a"}]},
-     "row 7: 0 <image> placeholder(s) in 'conversations' but 1 image(s) in 'image'"),
+     "row 7 (from 0): 0 <image> placeholder(s) in 'conversations' but 1 image(s) in 'image'"),
+    ("cauldron", {"texts": "hello"}, "row 7 (from 0): field 'texts' must be a non-empty list of turns"),
+    ("cauldron", {"texts": [{"user": "q"}]}, "row 7 (from 0): texts[0].assistant: expected a string, got NoneType"),
+    ("cauldron", {"texts": [{"user": "q", "assistant": " "}]}, "row 7 (from 0): texts[0].assistant is an empty answer"),
 ])
 def test_a_bad_row_names_the_row_and_the_field(fmt, row, named):
     with pytest.raises(DataError) as info:

@@ -170,8 +170,12 @@ def test_a_killed_teach_resumes_and_a_cache_without_questions_turns_reg_off(tmp_
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    kept = CacheReader(tmp_path / "c").where
-    assert 8 <= len(kept) < 160  # killed part-way, finished shards kept
+    # killed part-way: the cache is refused as unfinished, with the command that finishes it
+    with pytest.raises(DataError, match=r"an unfinished cache \(\d+ items written, then its writer stopped\); "
+                                        r"run `genrecal teach .*r.toml --storage fp32 --no-question .*` again"):
+        CacheReader(tmp_path / "c")
+    kept = {i for s in json.loads((tmp_path / "c" / "index.json").read_text())["shards"] for i in s["items"]}
+    assert 8 <= len(kept) < 160  # finished shards kept
     again = run_cli("teach", recipe, "--storage", "fp32", "--no-question", "--batch-size", "4", "--shard-items", "4")
     assert again.returncode == 0, again.stderr
     assert f"resuming: {len(kept)} of 160 items already in the cache" in again.stdout
@@ -202,7 +206,7 @@ def test_writers_of_several_processes_merge_and_an_unfinished_cache_is_refused(t
     """Two writers (processes 0 and 1 of 2) each write their own shards and partial index; until
     the main process merges them the cache is refused as unfinished; a later writer on one
     process counts both parts as done and its merge leaves one index."""
-    from genrecal_cli.engine.cache import CacheWriter, ItemFeatures, merge_index
+    from genrecal_cli.engine.cache import CacheWriter, ItemFeatures, complete, merge_index
 
     def item(i):
         return ItemFeatures(answer=torch.full((2, 4), float(i)), answer_turn=torch.ones(2, dtype=torch.long),
@@ -224,6 +228,9 @@ def test_writers_of_several_processes_merge_and_an_unfinished_cache_is_refused(t
     again.flush()
     merge_index(tmp_path)
     assert [p.name for p in tmp_path.glob("index*")] == ["index.json"]
+    with pytest.raises(DataError, match=r"an unfinished cache \(7 items written"):
+        CacheReader(tmp_path)  # merged, but no completion record yet
+    complete(tmp_path, 7)
     reader = CacheReader(tmp_path, fp)
     assert sorted(reader.where) == list(range(7))
     assert [float(it.answer[0, 0]) for it in reader.items(range(7))] == [float(i) for i in range(7)]
@@ -297,3 +304,38 @@ def test_loader_workers_read_the_cache_and_carry_its_errors(written, monkeypatch
     with pytest.raises(DataError, match=rf"{first}: cache shard missing") as caught:
         distill(recipe_from_dict(raw))
     assert "\n" not in str(caught.value) and "Traceback" not in str(caught.value)
+
+
+def test_a_flipped_byte_is_refused_by_distill_named_by_verify_and_rewritten_by_teach(written, tmp_path):
+    """256 bytes overwritten in the middle of a shard of a written cache: `distill` from it stops
+    in one line naming the shard and the item (the check runs in the loader worker), `genrecal
+    teach --verify` names the shard and exits 1, and the same `genrecal teach` rewrites it."""
+    import os
+    import shutil
+
+    from .test_cache import _overwrite_middle
+
+    src, _ = written
+    cache = tmp_path / "cache"
+    shutil.copytree(src / "cache", cache)
+    intact = run_cli("teach", "--verify", str(cache))
+    assert intact.returncode == 0, intact.stderr
+    assert "12 items" in intact.stdout and "complete: 12 items, 12 cached, 0 skipped" in intact.stdout
+    shards = json.loads((cache / "index.json").read_text())["shards"]
+    _overwrite_middle(cache / shards[0]["file"], os.urandom(256))
+    raw = _raw(src, out="flipped", cache=cache)
+    raw["data"]["num_workers"] = 1
+    raw["train"]["probe_every"] = 0
+    with pytest.raises(DataError) as caught:
+        distill(recipe_from_dict(raw))
+    assert f"{shards[0]['file']}: item" in str(caught.value) and "fails its checksum" in str(caught.value)
+    assert "\n" not in str(caught.value)
+    found = run_cli("teach", "--verify", str(cache))
+    assert found.returncode == 1 and f"damaged {shards[0]['file']}: " in found.stdout
+    assert found.stderr.strip().count("\n") == 0 and "1 damaged shard(s)" in found.stderr
+    redo = run_cli("teach", _toml(tmp_path, _raw(src, cache=cache)), "--storage", "fp32", "--batch-size", "5")
+    assert redo.returncode == 0, redo.stderr
+    assert f"damaged shard {shards[0]['file']}" in redo.stdout.replace("\n", " ")
+    assert run_cli("teach", "--verify", str(cache)).returncode == 0
+    for a, b in zip(CacheReader(cache).items(range(12)), CacheReader(src / "cache").items(range(12))):
+        assert torch.equal(a.rows, b.rows) and torch.equal(a.targets, b.targets)

@@ -9,7 +9,12 @@ Layouts, detected from the columns (data.format = "auto") or named in the recipe
   {"type": "image"} / {"type": "text", "text": ...}) with the images in an `images` column (a
   list, k-th image part = k-th entry) or inline in the part ("image", "path" or "url");
 - "conversations": LLaVA-style {"from": "human" | "gpt" | "system", "value": ...} with `<image>`
-  placeholders, the image path (or list of paths) in the image column.
+  placeholders, the image path (or list of paths) in the image column;
+- "cauldron": The Cauldron's layout (HuggingFaceM4/the_cauldron, and sets built like it): a
+  `texts` column of turns {"user": ..., "assistant": ...} and the row's images in an `images`
+  column, all of them shown with the first question.
+
+Rows count from 0 in every message (a .jsonl file's row 1 is its second line).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any, Mapping, Sequence
 
 from ..errors import DataError
 
-FORMATS = ("columns", "messages", "conversations")
+FORMATS = ("columns", "messages", "conversations", "cauldron")
 ROLES = ("system", "user", "assistant")
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_PLACEHOLDER = "<image>"
@@ -67,6 +72,7 @@ def detect(columns: Sequence[str], spec) -> str:
     needs = {
         "messages": [spec.messages_column],
         "conversations": [spec.conversations_column],
+        "cauldron": [spec.texts_column],
         "columns": [spec.question_column, spec.answer_column],
     }
     if spec.format != "auto":
@@ -77,13 +83,14 @@ def detect(columns: Sequence[str], spec) -> str:
                 f"{', '.join(map(repr, missing))} {'are' if len(missing) > 1 else 'is'} missing (the data has "
                 f"{', '.join(columns)})")
         return spec.format
-    for fmt in ("messages", "conversations", "columns"):
+    for fmt in ("messages", "conversations", "cauldron", "columns"):
         if all(c in columns for c in needs[fmt]):
             return fmt
     raise DataError(
         f"{spec.source}: cannot tell the data's layout from its columns ({', '.join(columns)}): expected "
-        f"'{spec.messages_column}' (chat messages), '{spec.conversations_column}' (LLaVA-style) or "
-        f"'{spec.question_column}' + '{spec.answer_column}'; set data.format and the data.*_column keys")
+        f"'{spec.messages_column}' (chat messages), '{spec.conversations_column}' (LLaVA-style), "
+        f"'{spec.texts_column}' (The Cauldron) or '{spec.question_column}' + '{spec.answer_column}'; where the data "
+        "has one of these under another name, set that data.*_column key (e.g. data.messages_column)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,13 +99,15 @@ def detect(columns: Sequence[str], spec) -> str:
 
 def to_conversation(row: Mapping, fmt: str, spec, index: int) -> Conversation:
     """Row `index` of the split as a Conversation; DataError names the row and the field."""
-    where = f"{spec.source}: row {index}"
+    where = f"{spec.source}: row {index} (from 0)"
     if fmt == "columns":
         return _from_columns(row, spec, where)
     if fmt == "messages":
         return _from_messages(row, spec, where)
     if fmt == "conversations":
         return _from_llava(row, spec, where)
+    if fmt == "cauldron":
+        return _from_cauldron(row, spec, where)
     raise ValueError(f"unknown data format {fmt!r}")  # pragma: no cover - detect() returns one of FORMATS
 
 
@@ -208,6 +217,29 @@ def _from_llava(row: Mapping, spec, where: str) -> Conversation:
         raise DataError(f"{where}: {used} {IMAGE_PLACEHOLDER} placeholder(s) in '{col}' but {len(paths)} "
                         f"image(s) in '{spec.image_column}'")
     return _finish(messages, paths, where, col)
+
+
+def _from_cauldron(row: Mapping, spec, where: str) -> Conversation:
+    col = spec.texts_column
+    raw = row.get(col)
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise DataError(f"{where}: field '{col}' must be a non-empty list of turns, got {_kind(raw)}")
+    listed = row.get(spec.images_column)
+    images = [] if _absent(listed) else (list(listed) if isinstance(listed, (list, tuple)) else [listed])
+    messages: list[dict] = []
+    for t, turn in enumerate(raw):
+        at = f"{where}: {col}[{t}]"
+        if not isinstance(turn, Mapping):
+            raise DataError(f"{at}: a turn must be a table with 'user' and 'assistant', got {_kind(turn)}")
+        for role in ("user", "assistant"):
+            text = _scalar_text(turn.get(role))
+            if not isinstance(text, str):
+                raise DataError(f"{at}.{role}: expected a string, got {_kind(text)}")
+            if role == "assistant" and not text.strip():
+                raise DataError(f"{at}.assistant is an empty answer")
+            parts = [{"type": "image"}] * len(images) if role == "user" and t == 0 else []
+            messages.append({"role": role, "content": [*parts, {"type": "text", "text": text}]})
+    return _finish(messages, images, where, col)
 
 
 def _finish(messages: list[dict], images: list, where: str, col: str) -> Conversation:

@@ -109,8 +109,8 @@ def length_estimates(rows, spec: DataSpec, image_tokens: int) -> Callable[[list[
 
     fmt = detect(rows.column_names, spec)
     text = {"columns": [spec.question_column, spec.answer_column], "messages": [spec.messages_column],
-            "conversations": [spec.conversations_column]}[fmt]
-    image = spec.images_column if fmt == "messages" else spec.image_column
+            "conversations": [spec.conversations_column], "cauldron": [spec.texts_column]}[fmt]
+    image = spec.images_column if fmt in ("messages", "cauldron") else spec.image_column
     table_view = rows.select_columns([c for c in (*text, image) if c in rows.column_names]).with_format("arrow")
 
     def lengths(indices: list[int]) -> list[float]:

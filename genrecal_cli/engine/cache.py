@@ -11,22 +11,34 @@ Per item (a row of the training split, by its index):
 
 Layout of a cache folder:
     index.json              format, fingerprint, storage dtype, feature size, whether the
-                            question features are there, and the shards: file, item indices
+                            question features are there, the shards (file, item indices, bytes),
+                            the command that writes it, and once every item is done its
+                            completion record (`complete`: items, cached, skipped)
     shard-00000.safetensors every item of a shard, its tensors concatenated along the first
                             dimension with `offsets.*` [n + 1] cutting them apart again; fp8
-                            storage adds a float32 scale per row (`*.scale`)
+                            storage adds a float32 scale per row (`*.scale`); `checksum` [n]:
+                            each item's SHA-256 (first 8 bytes) over its key and stored bytes
 
 Shards are written under a temporary name and renamed into place, then the index is rewritten
-(atomically): a killed writer leaves finished shards that a resumed one keeps. Several processes
-write together: each its own shards (`shard-r<rank>-*`) and its own partial index
-(`index-r<rank>.json`), which the main process merges into index.json at the end (`merge_index`);
-a resumed writer, on any number of processes, counts what every index names as done. Reading
-checks the fingerprint and names what changed; a missing, cut or corrupt shard is named in one
-line; an unfinished cache (partial indices left) is refused.
+(atomically): a killed writer leaves finished shards that a resumed one keeps, once each passed
+its checks (size, header, every item's checksum); a damaged one is removed and its items computed
+again. Several processes write together: each its own shards (`shard-r<rank>-*`) and its own
+partial index (`index-r<rank>.json`), which the main process merges into index.json at the end
+(`merge_index`) before it writes the completion record (`complete`); a resumed writer, on any
+number of processes, counts what every index names as done.
+
+Reading refuses an unfinished cache (no completion record, or partial indices left) with the
+command that finishes it, checks the fingerprint and names what changed, and checks each shard
+when it is opened (its size against the index, its header, its item keys) and each item's
+checksum when a process first reads it: in the loader workers, off the training step. The
+checksum is per item, not per file, because training reads items at random across every shard:
+a whole-file hash would read the whole cache in every worker. `verify` checks every item of every
+shard (`genrecal teach --verify DIR`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -39,7 +51,7 @@ from ..errors import DataError
 from .teacher import TeacherFeatures
 from .turns import Tokens
 
-FORMAT = 1
+FORMAT = 2  # 2: item checksums and the completion record
 INDEX = "index.json"
 STORAGE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 FP8_MAX = 448.0  # the largest finite float8 e4m3fn value
@@ -153,12 +165,12 @@ class CacheWriter:
 
     def __init__(self, folder: str | Path, fingerprint: Mapping[str, str], *, storage: str = "bf16",
                  with_question: bool = True, items_per_shard: int = 1024, hidden_size: int | None = None,
-                 part: int = 0, parts: int = 1):
+                 part: int = 0, parts: int = 1, command: str | None = None):
         if storage not in STORAGE:
             raise ValueError(f"storage {storage!r} is not one of {', '.join(STORAGE)}")
         self.folder = Path(folder)
         self.fingerprint, self.storage, self.with_question = dict(fingerprint), storage, with_question
-        self.items_per_shard, self.hidden_size = items_per_shard, hidden_size
+        self.items_per_shard, self.hidden_size, self.command = items_per_shard, hidden_size, command
         # one writer of several (process `part` of `parts`): its own shard names and partial index
         self.prefix, self.index_name = ("shard-", INDEX) if parts == 1 else (f"shard-r{part}-", f"index-r{part}.json")
         self.shards: list[dict] = []
@@ -172,9 +184,32 @@ class CacheWriter:
                 raise DataError(f"{self.folder}: holds a cache stored as {old['storage']} "
                                 f"{'with' if old['with_question'] else 'without'} question features; "
                                 "resume it with the same settings or write to another folder")
-            self.shards = _union(self.shards, [s for s in old["shards"] if (self.folder / s["file"]).is_file()])
+            self.shards = _union(self.shards, old["shards"])
             self.hidden_size = old.get("hidden_size", hidden_size)
+            self.command = self.command or old.get("command")
+        # Names listed anywhere are never reused (an old index may still list a removed damaged shard).
+        self._taken = {s["file"] for s in self.shards}
         self.folder.mkdir(parents=True, exist_ok=True)
+
+    def check(self, part: int = 0, parts: int = 1) -> list[str]:
+        """Check the listed shards (size, header, every item's checksum) and remove the files of
+        the damaged ones; on several processes each checks every `parts`-th shard from `part`,
+        and each passes the union of what all found to `drop`. Returns "file: what is wrong",
+        one line per damaged shard. A resumed `genrecal teach` calls it before it computes what
+        is missing: a damaged shard's items are computed again."""
+        found = []
+        for shard in self.shards[part::parts]:
+            problem = check_shard(self.folder, shard)
+            if problem:
+                found.append(f"{shard['file']}: {problem}")
+                (self.folder / shard["file"]).unlink(missing_ok=True)
+        self.drop([line.split(":")[0] for line in found])
+        return found
+
+    def drop(self, files: Iterable[str]) -> None:
+        """Forget shards (damaged ones): their items count as not done."""
+        gone = set(files)
+        self.shards = [s for s in self.shards if s["file"] not in gone]
 
     @property
     def done(self) -> set[int]:
@@ -207,20 +242,60 @@ class CacheWriter:
                     tensors[name + suffix] = t
             else:
                 tensors[name] = joined.to(torch.int32 if name.endswith(("turn", "pos")) else torch.long).contiguous()
+        offsets = {k[len("offsets."):]: v.tolist() for k, v in tensors.items() if k.startswith("offsets.")}
+        tensors["checksum"] = torch.tensor(
+            [_checksum(key, {name: t[offsets[_base(name)][k]:offsets[_base(name)][k + 1]]
+                             for name, t in tensors.items() if _is_data(name)}) for k, key in enumerate(indices)],
+            dtype=torch.long)
         n = sum(1 for s in self.shards if s["file"].startswith(self.prefix))
-        while (self.folder / (file := f"{self.prefix}{n:05d}.safetensors")).exists():
-            n += 1  # a shard a killed writer finished but did not index
+        while (self.folder / (file := f"{self.prefix}{n:05d}.safetensors")).exists() or file in self._taken:
+            n += 1  # a shard a killed writer finished but did not index, or a name an index lists
         tmp = self.folder / f".{file}.tmp"
         save_file(tensors, str(tmp))
         os.replace(tmp, self.folder / file)
         self.shards.append({"file": file, "items": indices, "bytes": (self.folder / file).stat().st_size})
+        self._taken.add(file)
         self._pending.clear()
-        self._write_index()
+        self.write_index()
 
-    def _write_index(self) -> None:
+    def write_index(self) -> None:
         index = {"format": FORMAT, "fingerprint": self.fingerprint, "storage": self.storage,
-                 "with_question": self.with_question, "hidden_size": self.hidden_size, "shards": self.shards}
-        _write_json(self.folder / self.index_name, index)
+                 "with_question": self.with_question, "hidden_size": self.hidden_size, "command": self.command,
+                 "shards": self.shards}
+        _write_json(self.folder / self.index_name, index)  # no completion record: `complete` writes it
+
+
+def _base(name: str) -> str:
+    """The tensor whose offsets cut `name` ("answer.scale" -> "answer")."""
+    return name.split(".")[0]
+
+
+def _is_data(name: str) -> bool:
+    """A tensor that holds items' values (not the shard's index, offsets or checksums)."""
+    return name not in ("index", "checksum") and not name.startswith("offsets.")
+
+
+def _checksum(key: int, parts: Mapping[str, torch.Tensor]) -> int:
+    """An item's checksum: SHA-256 over its key and its stored bytes, tensor by tensor in name
+    order (the first 8 bytes, as a signed 64-bit integer)."""
+    h = hashlib.sha256(int(key).to_bytes(8, "little", signed=True))
+    for name in sorted(parts):
+        t = parts[name].contiguous()
+        h.update(name.encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return int.from_bytes(h.digest()[:8], "little", signed=True)
+
+
+def complete(folder: str | Path, items: int) -> dict:
+    """Write the completion record into index.json (after `merge_index`): the data's `items`,
+    how many are cached, how many were skipped (they did not fit data.max_length). From then on
+    the cache reads as finished. Returns the record."""
+    folder = Path(folder)
+    index = _read_json(folder / INDEX)
+    cached = len({i for s in index["shards"] for i in s["items"]})
+    index["complete"] = {"items": items, "cached": cached, "skipped": items - cached}
+    _write_json(folder / INDEX, index)
+    return index["complete"]
 
 
 def merge_index(folder: str | Path) -> None:
@@ -270,11 +345,25 @@ def read_index(folder: Path) -> dict:
     folder = Path(folder)
     if any(folder.glob(PARTIAL)):
         raise DataError(f"{folder}: an unfinished cache (its writers stopped before merging their indices); "
-                        "run the same `genrecal teach` again to finish it")
+                        f"run {_command(folder)} again to finish it")
     path = folder / INDEX
     if not path.is_file():
         raise DataError(f"{folder}: not a teacher-feature cache (no {INDEX}); write one with `genrecal teach`")
-    return _read_json(path)
+    index = _read_json(path)
+    if "complete" not in index:
+        cached = len({i for s in index["shards"] for i in s["items"]})
+        finish = f"`{index['command']}`" if index.get("command") else "the same `genrecal teach`"
+        raise DataError(f"{folder}: an unfinished cache ({cached:,} items written, then its writer stopped); "
+                        f"run {finish} again to finish it")
+    return index
+
+
+def _command(folder: Path) -> str:
+    """The command that writes the cache in `folder`, as its indices record it."""
+    for index in _indices(folder):
+        if index.get("command"):
+            return f"`{index['command']}`"
+    return "the same `genrecal teach`"
 
 
 def _read_json(path: Path) -> dict:
@@ -283,7 +372,8 @@ def _read_json(path: Path) -> dict:
     except ValueError as exc:
         raise DataError(f"{path}: unreadable ({exc})") from None
     if index.get("format") != FORMAT:
-        raise DataError(f"{path}: cache format {index.get('format')!r}, this genrecal reads format {FORMAT}")
+        raise DataError(f"{path}: cache format {index.get('format')!r}, this genrecal reads format {FORMAT}; "
+                        "write the cache again with `genrecal teach`")
     return index
 
 
@@ -305,6 +395,7 @@ class CacheReader:
                 raise DataError(f"{self.folder}: this cache was written for another setup: {changed} changed; "
                                 "write it again with `genrecal teach`")
         self.storage, self.with_question = index["storage"], index["with_question"]
+        self.shards = {s["file"]: s for s in index["shards"]}
         self.where = {i: s["file"] for s in index["shards"] for i in s["items"]}
         self._open: dict[str, _Shard] = {}  # the most recently opened shards (each a memory map)
 
@@ -318,21 +409,12 @@ class CacheReader:
 
     def _shard(self, file: str) -> "_Shard":
         if file not in self._open:
-            from safetensors import safe_open
-
-            path = self.folder / file
-            if not path.is_file():
-                raise DataError(f"{path}: cache shard missing; write the cache again with `genrecal teach`")
-            try:  # memory-mapped: an item reads its own rows, never the whole shard
-                handle = safe_open(str(path), "pt")
-                small = {k: handle.get_tensor(k) for k in handle.keys() if k == "index" or k.startswith("offsets.")}
-                handle.get_slice(next(iter(_FEATURES)))[0:1]  # a cut file fails here, not mid-run
-            except Exception as exc:  # safetensors: header or length wrong
-                raise DataError(f"{path}: cache shard is cut short or corrupt ({type(exc).__name__}: "
-                                f"{str(exc).splitlines()[0] if str(exc) else ''}); write the cache again") from None
+            shard = open_shard(self.folder, self.shards[file])
+            if isinstance(shard, str):
+                raise DataError(f"{self.folder / file}: {shard}; {_REPAIR.format(folder=self.folder)}")
             if len(self._open) >= 64:  # a bounded number of open files
                 self._open.pop(next(iter(self._open)))
-            self._open[file] = _Shard(handle, small)
+            self._open[file] = shard
         return self._open[file]
 
     def items(self, indices: Sequence[int]) -> list[ItemFeatures]:
@@ -340,29 +422,118 @@ class CacheReader:
         for i in indices:
             if i not in self.where:
                 raise DataError(f"{self.folder}: item {i} is not in the cache (written for other data?)")
-            out.append(self._shard(self.where[i]).item(i))
+            shard = self._shard(self.where[i])
+            item = shard.item(i)
+            if item is None:
+                raise DataError(f"{self.folder / self.where[i]}: item {i} fails its checksum (the shard is damaged); "
+                                + _REPAIR.format(folder=self.folder))
+            out.append(item)
         return out
 
 
+_REPAIR = ("find every damaged shard with `genrecal teach --verify {folder}`, "
+           "then run the `genrecal teach` that wrote it again: it rewrites them")
+
+
+def open_shard(folder: Path, record: Mapping) -> "_Shard | str":
+    """A listed shard opened (memory-mapped) after its cheap checks: the file is there, its size
+    is the index's, its header reads, and it holds the items the index says. What is wrong, in
+    words, where a check fails."""
+    from safetensors import safe_open
+
+    path = folder / record["file"]
+    if not path.is_file():
+        return "cache shard missing"
+    size = path.stat().st_size
+    if "bytes" in record and size != record["bytes"]:
+        return f"cache shard is cut short or corrupt ({size:,} bytes, the index says {record['bytes']:,})"
+    try:  # memory-mapped: an item reads its own rows, never the whole shard
+        handle = safe_open(str(path), "pt")
+        small = {k: handle.get_tensor(k) for k in handle.keys()
+                 if k in ("index", "checksum") or k.startswith("offsets.")}
+    except Exception as exc:  # safetensors: header or length wrong
+        return (f"cache shard is cut short or corrupt ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''})")
+    if "index" not in small or "checksum" not in small or small["index"].tolist() != list(record["items"]):
+        return "cache shard is corrupt (its item keys are not the ones the index lists)"
+    return _Shard(handle, small)
+
+
+def check_shard(folder: Path, record: Mapping) -> str:
+    """'' when a shard is intact (open_shard's checks, then every item's checksum), else what is
+    wrong with it."""
+    shard = open_shard(folder, record)
+    if isinstance(shard, str):
+        return shard
+    bad = []
+    for i in record["items"]:
+        try:
+            ok = shard.item(i) is not None
+        except Exception:  # a corrupt offset reads outside a tensor
+            ok = False
+        if not ok:
+            bad.append(i)
+    if bad:
+        return f"{len(bad)} of {len(record['items'])} items fail their checksum (first: item {bad[0]})"
+    return ""
+
+
+def verify(folder: str | Path, progress=None) -> dict:
+    """Every shard of a cache checked in full (`genrecal teach --verify`): what is damaged, one
+    line per shard, and what the index says. `progress(done, total)` after each shard."""
+    folder = Path(folder)
+    indices = _indices(folder)
+    if not indices:
+        raise DataError(f"{folder}: not a teacher-feature cache (no {INDEX}); write one with `genrecal teach`")
+    shards = []
+    for index in indices:
+        shards = _union(shards, index["shards"])
+    damaged = []
+    for k, shard in enumerate(shards):
+        problem = check_shard(folder, shard)
+        if problem:
+            damaged.append(f"{shard['file']}: {problem}")
+        if progress is not None:
+            progress(k + 1, len(shards))
+    main = indices[0] if (folder / INDEX).is_file() else {}
+    return {"shards": len(shards), "items": len({i for s in shards for i in s["items"]}),
+            "bytes": sum(s.get("bytes", 0) for s in shards), "damaged": damaged,
+            "complete": main.get("complete"), "partial": len(indices) - (1 if main else 0),
+            "command": next((i["command"] for i in indices if i.get("command")), None)}
+
+
 class _Shard:
-    """One open shard: its index and offsets in memory, its tensors read by rows on demand."""
+    """One open shard: its index, offsets and checksums in memory, its tensors read by rows on
+    demand; each item's checksum checked the first time this process reads it."""
 
     def __init__(self, handle, small: dict[str, torch.Tensor]):
-        self.handle, self.offsets = handle, {k[len("offsets."):]: v.tolist() for k, v in small.items() if k != "index"}
+        self.handle = handle
+        self.offsets = {k[len("offsets."):]: v.tolist() for k, v in small.items() if k.startswith("offsets.")}
         self.position = {int(i): k for k, i in enumerate(small["index"].tolist())}
-        self.names = set(handle.keys())
+        self.checksums = small["checksum"].tolist()
+        self.names = sorted(n for n in handle.keys() if _is_data(n))
+        self.verified: set[int] = set()
 
-    def item(self, i: int) -> ItemFeatures:
+    def item(self, i: int) -> ItemFeatures | None:
+        """Item `i` (features decoded to float32), or None where its bytes fail the checksum."""
         k = self.position[i]
+        stored = {}
+        try:
+            for name in self.names:
+                offsets = self.offsets[_base(name)]
+                stored[name] = self.handle.get_slice(name)[offsets[k]:offsets[k + 1]]
+        except Exception:  # a damaged offset reads outside its tensor
+            return None
+        if k not in self.verified:
+            if _checksum(i, stored) != self.checksums[k]:
+                return None
+            self.verified.add(k)
         fields = {}
-        for name, offsets in self.offsets.items():
-            a, b = offsets[k], offsets[k + 1]
-            rows = self.handle.get_slice(name)[a:b]
+        for name in self.offsets:
             if name in _FEATURES:
-                scale = self.handle.get_slice(f"{name}.scale")[a:b] if f"{name}.scale" in self.names else None
-                fields[name] = decode(rows, scale)
+                fields[name] = decode(stored[name], stored.get(f"{name}.scale"))
             else:
-                fields[name] = rows.long()
+                fields[name] = stored[name].long()
         return ItemFeatures(**fields)
 
 
@@ -381,10 +552,11 @@ def size_estimate(answer_tokens: int, question_tokens: int, hidden: int, storage
 
 def fingerprint(recipe, teacher_path: str) -> dict[str, str]:
     """What the teacher's features depend on, each part a short digest: the teacher's weights
-    (its safetensors headers and sizes: names, shapes, dtypes, offsets), its tokenizer and
-    processor files, the training data (the recipe's data table and the files' sizes and first
-    and last MiB), max_length, the answer input, the teacher's dtype and the compute precision.
-    Not the student: one cache serves every student."""
+    (`weights_digest`: its safetensors headers and sampled values of every tensor; a hub
+    teacher: its commit), its tokenizer and processor files, the training data (the recipe's
+    data table and the files' sizes and first and last MiB; a hub data set: its commit),
+    max_length, the answer input, the teacher's dtype and the compute precision. Not the
+    student: one cache serves every student."""
     import dataclasses
     import hashlib
 
@@ -396,12 +568,6 @@ def fingerprint(recipe, teacher_path: str) -> dict[str, str]:
         for part in parts:
             h.update(len(part).to_bytes(8, "little") + part)
         return h.hexdigest()[:16]
-
-    def weights(folder: Path) -> Iterable[bytes]:
-        for f in sorted(folder.glob("*.safetensors")):
-            with f.open("rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                yield f.name.encode() + f.stat().st_size.to_bytes(8, "little") + fh.read(min(n, 100 << 20))
 
     def sample(path: Path) -> Iterable[bytes]:
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
@@ -421,11 +587,14 @@ def fingerprint(recipe, teacher_path: str) -> dict[str, str]:
             if k not in ("num_workers", "shuffle_buffer", "group_by_length", "streaming", "eval_split", "max_length")}
     source = Path(recipe.data.source).expanduser()
     return {
-        "the teacher's weights": digest(weights(folder)) if folder.is_dir() else f"hub:{teacher_path}@{recipe.teacher.revision}",
+        "the teacher's weights": weights_digest(folder) if folder.is_dir() else
+        f"hub:{teacher_path}@{hub_commit(teacher_path, recipe.teacher.revision, 'model')}",
         "the teacher's tokenizer and processor": digest(p.read_bytes() for _, p in sorted(processor_files(
             teacher_path, recipe.teacher.revision).items())),
         # (the built-in shapes are drawn with train.seed: another seed is other data)
         "the data": digest([repr(sorted(data.items())).encode(), *(sample(source) if source.exists() else []),
+                            *([f"hub:{recipe.data.source}@{hub_commit(recipe.data.source, None, 'dataset')}".encode()]
+                              if _is_hub_id(recipe.data.source) and not source.exists() else []),
                             *([str(recipe.train.seed).encode()] if recipe.data.source == "shapes" else [])]),
         "data.max_length": str(recipe.data.max_length),
         "recalibrator.answer_input": recipe.recalibrator.answer_input,
@@ -434,12 +603,71 @@ def fingerprint(recipe, teacher_path: str) -> dict[str, str]:
     }
 
 
-def check_lengths(cached: TeacherFeatures, teacher_batch: dict, keys: Sequence[int], folder: Path) -> None:
-    """The cached answer tokens of each item match the teacher side rendered now (with another
-    student, max_length may keep other turns: then the cache does not fit that item)."""
-    rendered = ((teacher_batch["segment"] >= 0) & (teacher_batch["segment"] % 2 == 1)).sum(1).tolist()
-    stored = cached.answer.mask.sum(1).tolist()
-    for key, now, then in zip(keys, rendered, stored):
-        if now != then:
-            raise DataError(f"{folder}: item {key} has {then} answer tokens in the cache but {now} as rendered now "
-                            "(data.max_length keeps other turns with this student?); write the cache again")
+SAMPLE = 4096  # bytes of each window of a tensor's values the fingerprint reads
+
+
+def weights_digest(folder: Path) -> str:
+    """A digest of a local model's weights that changes when their values change, cheap enough
+    for a 150 GB teacher: each safetensors file's name, size and header (names, shapes, dtypes,
+    offsets), and of every tensor three windows of SAMPLE bytes of its values (its start, middle
+    and end). Retraining moves nearly every value of every tensor it trains, so every tensor
+    retrained changes the digest; an edit of single values away from those windows does not.
+    It reads about 12 KiB per tensor: some 15 MB for a 72B model's ~1,300 tensors, whatever
+    their size."""
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with f.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = fh.read(min(n, 100 << 20))
+            h.update(f.name.encode() + f.stat().st_size.to_bytes(8, "little") + header)
+            try:
+                tensors = json.loads(header)
+            except ValueError:  # not a safetensors header: its size and first bytes only
+                continue
+            for name in sorted(k for k in tensors if k != "__metadata__"):
+                start, end = tensors[name]["data_offsets"]
+                for at in sorted({start, max(start, (start + end - SAMPLE) // 2), max(start, end - SAMPLE)}):
+                    fh.seek(8 + n + at)
+                    h.update(fh.read(min(SAMPLE, end - at)))
+    return h.hexdigest()[:16]
+
+
+def _is_hub_id(source: str) -> bool:
+    """"org/name" (or "name"), not a local path or a built-in data set."""
+    return not source.startswith((".", "/", "~")) and source not in ("shapes", "chats") and \
+        Path(source).suffix == "" and source.count("/") <= 1
+
+
+def hub_commit(repo: str, revision: str | None, kind: str) -> str:
+    """The commit of a hub model or data set that this machine's hub cache holds for `revision`
+    (default: main): what was read, so a hub repo's later commits count as another setup."""
+    import re
+
+    if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    from huggingface_hub import constants
+
+    refs = Path(constants.HF_HUB_CACHE) / f"{kind}s--{repo.replace('/', '--')}" / "refs" / (revision or "main")
+    if refs.is_file():
+        return refs.read_text().strip()
+    raise DataError(f"{repo}: not in this machine's hub cache ({refs.parent.parent}), so the cache cannot tell "
+                    f"which commit of this {kind} it holds; load it once (with network) first")
+
+
+def check_answers(cached: TeacherFeatures, teacher_batch: dict, keys: Sequence[int], folder: Path) -> None:
+    """The cached answer tokens of each item are the answer ids of the teacher side rendered now
+    (with another student, max_length may keep other turns: then the cache does not fit that
+    item; another tokenizer or template would give other ids)."""
+    answer = (teacher_batch["segment"] >= 0) & (teacher_batch["segment"] % 2 == 1)
+    counts = cached.answer.mask.sum(1).tolist()
+    stored = cached.targets.detach().cpu().split(counts)
+    for b, (key, then) in enumerate(zip(keys, stored)):
+        now = teacher_batch["input_ids"][b][answer[b]].cpu()
+        if len(now) != len(then):
+            raise DataError(f"{folder}: item {key} has {len(then)} answer tokens in the cache but {len(now)} as "
+                            "rendered now (data.max_length keeps other turns with this student?); write the cache again")
+        if not torch.equal(now, then.to(now.dtype)):
+            at = int((now != then.to(now.dtype)).nonzero()[0])
+            raise DataError(f"{folder}: item {key}'s answer token {at} is {int(then[at])} in the cache but "
+                            f"{int(now[at])} as rendered now (another tokenizer, template or data?); "
+                            "write the cache again")

@@ -103,9 +103,10 @@ def _run(recipe: Recipe, inputs: Inputs, acc, out: Path, *, resume: bool, report
     mesh = device_mesh(acc, recipe.parallel.shard_group) if shard_t or shard_s else None
     teacher = rec = cache = None
     if cached:  # the teacher's features come from its cache: only its head is read
-        cache = CacheReader(recipe.teacher.cache, fingerprint(recipe, inputs.teacher))
         teacher = load_head_only(inputs.teacher, revision=recipe.teacher.revision, dtype=recipe.teacher.dtype,
                                  trust_remote_code=recipe.teacher.trust_remote_code)
+        # (after the head loads: a hub teacher's commit is then in this machine's hub cache)
+        cache = CacheReader(recipe.teacher.cache, fingerprint(recipe, inputs.teacher))
         teacher.head.to(acc.device)
         if reporter is not None:
             reporter.note(f"teacher features from the cache {recipe.teacher.cache} (stored as {cache.storage}"

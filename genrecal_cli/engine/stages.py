@@ -27,7 +27,7 @@ from ..data.stream import StreamBatches
 from ..errors import GenrecalError
 from ..recipe import Recipe, StageSpec
 from . import checkpoint as ckpt
-from .cache import check_lengths, features_from_dict
+from .cache import check_answers, features_from_dict
 from .faults import Interrupted, StopRequests, signal_name
 from .objective import TEACHER_STAGES, GenRecal
 from .parallel import (RankBatches, after_trainable_changed, gather_objects, gather_rows, gathered, is_sharded,
@@ -60,7 +60,7 @@ class Run:
         if self.cache is None:
             return teacher_features(teacher, batch["teacher"], self.recipe.recalibrator.answer_input)
         tf = features_from_dict(batch["extra"])
-        check_lengths(tf, batch["teacher"], batch["keys"], self.cache.folder)
+        check_answers(tf, batch["teacher"], batch["keys"], self.cache.folder)
         return tf
 
     def cached_features(self, stage: str):

@@ -5,7 +5,9 @@ seeds and ablations read it instead of running the teacher again.
 The items are rendered as in training (both sides: max_length drops the same trailing turns on
 both, so the student's processor is read too, not its weights), in the split's order, in loader
 workers; the teacher runs under the recipe's compute precision. A killed run resumes: finished
-shards are kept and only the items not in them are computed.
+shards that pass their checks (size, header, every item's checksum) are kept, a damaged one is
+removed, and only the items not in a kept shard are computed. At the end the index gets its
+completion record: until then the cache is refused as unfinished.
 
 On several processes (torchrun / accelerate launch) the batches still to compute are dealt
 round-robin; each process writes its own shards and partial index, merged by the main process
@@ -23,17 +25,19 @@ from typing import Callable
 from ..data.loader import PairDataset, default_workers
 from ..errors import GenrecalError
 from ..recipe import Recipe
-from .cache import CacheWriter, fingerprint, merge_index, split_items
+from .cache import CacheWriter, complete, fingerprint, merge_index, split_items
 from .parallel import device_mesh, shard_teacher, teacher_sharded
 from .teacher import teacher_features
 
 
 def teach(recipe: Recipe, inputs, accelerator, *, folder: str | Path, storage: str = "bf16",
           with_question: bool = True, batch_size: int = 16, items_per_shard: int = 1024,
-          progress: Callable[[int, int], None] | None = None, note: Callable[[str], None] | None = None) -> Path:
+          progress: Callable[[int, int], None] | None = None, note: Callable[[str], None] | None = None,
+          command: str | None = None) -> Path:
     """Write (or complete) the cache in `folder`; `progress(done, total)` after every batch (this
     process's items: the main process's share on several), `note(text)` for what the user should
-    know (a resumed cache)."""
+    know (a resumed cache, damaged shards); `command`, the command line that writes it, is
+    recorded in the index for the message that refuses it while unfinished."""
     from accelerate.utils import send_to_device
 
     from ..data.loader import pair_loader, raise_carried
@@ -57,11 +61,22 @@ def teach(recipe: Recipe, inputs, accelerator, *, folder: str | Path, storage: s
     dataset.check_start()
     writer = CacheWriter(folder, fingerprint(recipe, inputs.teacher), storage=storage, with_question=with_question,
                          items_per_shard=items_per_shard, hidden_size=teacher.hidden_size,
-                         part=acc.process_index, parts=acc.num_processes)
+                         part=acc.process_index, parts=acc.num_processes, command=command)
+    # What an earlier run wrote is checked (each process a share of the shards) before anyone
+    # writes; every process drops every damaged shard, so all agree on what is left to do.
+    damaged = writer.check(acc.process_index, acc.num_processes)
+    if acc.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        damaged = gather_object(damaged)
+    writer.drop(line.split(":")[0] for line in damaged)
     done = writer.done
     acc.wait_for_everyone()  # every process knows what is done before any writes
-    if done and note is not None:
-        note(f"resuming: {len(done):,} of {len(dataset):,} items already in the cache {folder}")
+    if note is not None:
+        for line in damaged:
+            note(f"damaged shard {line}: removed, its items are computed again")
+        if done:
+            note(f"resuming: {len(done):,} of {len(dataset):,} items already in the cache {folder}")
     todo = [i for i in range(len(dataset)) if i not in done]
     batches = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
     n, rank = acc.num_processes, acc.process_index
@@ -93,9 +108,14 @@ def teach(recipe: Recipe, inputs, accelerator, *, folder: str | Path, storage: s
         if progress is not None:
             progress(seen, total)
     writer.flush()
+    writer.write_index()  # also where nothing was left to write: the damaged shards are no longer listed
     acc.wait_for_everyone()
     if acc.is_main_process:
         merge_index(folder)
+        record = complete(folder, len(dataset))
+        if note is not None and record["skipped"]:
+            note(f"{record['skipped']:,} of {record['items']:,} items not cached: they do not fit data.max_length "
+                 "(training skips them too)")
     acc.wait_for_everyone()
     return Path(folder)
 
