@@ -373,7 +373,7 @@ def _read_json(path: Path) -> dict:
         raise DataError(f"{path}: unreadable ({exc})") from None
     if index.get("format") != FORMAT:
         raise DataError(f"{path}: cache format {index.get('format')!r}, this genrecal reads format {FORMAT}; "
-                        "write the cache again with `genrecal teach`")
+                        f"remove {path.parent} and write the cache again with `genrecal teach`")
     return index
 
 
