@@ -163,3 +163,50 @@ def test_a_streamed_run_stopped_mid_epoch_resumes_bit_identical(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming after distill step 3/8" in resumed.stdout
     _same_weights(tmp_path / "straight", tmp_path / "stopped")
+
+
+def test_resuming_under_another_batch_split_is_refused_naming_what_changed(tmp_path, tiny_pair):
+    """A run stopped by SIGTERM with batch_size 4 x grad_accum 2, resumed as 8 x 1 (the same
+    global batch): its saved data position counts micro-batches of 4, so the resumed run would
+    continue on other items. Refused in one line naming both keys; nothing trains. (tiny_pair:
+    the zoo models are built before, so the signal's step count is the run's own.)"""
+    out = tmp_path / "out"
+    recipe = _recipe(tmp_path / "r.toml", out, grad_accum=2)
+    env = {**os.environ, **ENV, "GENRECAL_TEST_SIGNAL": "SIGTERM:4"}
+    done = subprocess.run([sys.executable, str(ENTRY), "distill", str(recipe)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 143, done.stderr[-2000:]
+    text = recipe.read_text().replace("batch_size = 4\ngrad_accum = 2", "batch_size = 8\ngrad_accum = 1")
+    recipe.write_text(text)
+    before = (out / "metrics.jsonl").read_text()
+    resumed = run_cli("distill", str(recipe), "--resume", env=ENV)
+    assert resumed.returncode == 1
+    err = resumed.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "stages.distill.batch_size 4 -> 8" in err and "stages.distill.grad_accum 2 -> 1" in err, err
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_every_data_setting_a_position_depends_on_is_checked():
+    from genrecal_cli.engine.checkpoint import Found
+    from genrecal_cli.engine.stages import _check_layout, data_layout
+    from genrecal_cli.errors import GenrecalError
+    from genrecal_cli.recipe import recipe_from_dict
+
+    def layout(**data):
+        raw = {"teacher": {"path": "zoo:tiny-teacher"}, "student": {"path": "zoo:tiny-student"}, "data": data,
+               "stages": {"distill": {"steps": 4, "batch_size": 4, "grad_accum": 2}}}
+        recipe = recipe_from_dict(raw)
+        return data_layout(recipe, recipe.stages.distill, 7, 2, 3)
+
+    saved = layout()
+    _check_layout(Found("distill", Path("c"), dict(saved)), layout(), False, "distill", "distill")  # the same: passes
+    for meta, named in ((dict(saved, seed=8), "train.seed (this stage's seed) 8 -> 7"),
+                        (dict(saved, group_by_length=True), "data.group_by_length True -> False"),
+                        (dict(saved, processes=1), "the number of processes 1 -> 2")):
+        with pytest.raises(GenrecalError, match=named.replace("(", r"\(").replace(")", r"\)")):
+            _check_layout(Found("distill", Path("c"), meta), layout(), False, "distill", "distill")
+    streamed = layout(streaming=True)
+    assert streamed["num_workers"] == 3 and "num_workers" not in saved  # workers split a stream's shards only
+    with pytest.raises(GenrecalError, match=r"data.num_workers \(a stream's loader workers\) 1 -> 3"):
+        _check_layout(Found("distill", Path("c"), dict(streamed, num_workers=1)), streamed, False, "distill", "distill")

@@ -145,10 +145,10 @@ def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: 
             lengths = length_estimates(run.train_rows, recipe.data, image_tokens)
         sampler = RankBatches(len(dataset), st.batch_size, acc.num_processes, acc.process_index, seed, lengths=lengths)
     total = st.steps if streaming else total_updates(st, len(sampler))  # a stream's stages count steps (recipe check)
-    layout = {"processes": acc.num_processes, "global_batch": st.batch_size * acc.num_processes * st.grad_accum}
     workers = recipe.data.num_workers
     if workers is None:
         workers = default_workers(acc.num_processes, on_gpu=acc.device.type == "cuda")
+    layout = data_layout(recipe, st, seed, acc.num_processes, workers)
 
     # what trains, with which optimizer and schedule
     params = set_trainable(stage, run.student, rec, st)
@@ -160,7 +160,7 @@ def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(st, total))
     step, data_state = 0, {}
     if resume is not None:
-        _check_layout(resume, layout, sharded, label)
+        _check_layout(resume, layout, sharded, label, stage)
         if sharded:
             ckpt.load_sharded_state(resume.path, module, optimizer)
         else:
@@ -294,20 +294,39 @@ def _grad_sync(acc, module, sharded: bool, sync: bool):
     return nullcontext() if sync else acc.no_sync(module)
 
 
-def _check_layout(resume: ckpt.Found, layout: dict, sharded: bool, label: str) -> None:
+def data_layout(recipe: Recipe, st: StageSpec, seed: int, processes: int, workers: int) -> dict:
+    """What decides which items each saved data position stands for: a resumed run must have the
+    same (its position counts micro-batches of this size, dealt by this seed's order to these
+    processes). Loader workers matter only to a stream, whose shards they split between them."""
+    layout = {"processes": processes, "global_batch": st.batch_size * processes * st.grad_accum,
+              "batch_size": st.batch_size, "grad_accum": st.grad_accum, "seed": seed,
+              "group_by_length": recipe.data.group_by_length}
+    if recipe.data.streaming:
+        layout["num_workers"] = workers
+    return layout
+
+
+LAYOUT_KEYS = {"processes": "the number of processes", "batch_size": "stages.{stage}.batch_size",
+               "grad_accum": "stages.{stage}.grad_accum", "seed": "train.seed (this stage's seed)",
+               "group_by_length": "data.group_by_length", "num_workers": "data.num_workers (a stream's loader workers)"}
+
+
+def _check_layout(resume: ckpt.Found, layout: dict, sharded: bool, label: str, stage: str) -> None:
     if bool(resume.meta.get("sharded")) != sharded:
         was, now = ('"shard"', '"ddp"') if resume.meta.get("sharded") else ('"ddp"', '"shard"')
         raise GenrecalError(
             f"{label}: the checkpoint {resume.path} was written with parallel.student = {was}; this run has {now}. "
             "Resume with the same setting, or start over with --overwrite")
-    saved = {k: resume.meta.get(k) for k in layout}
-    if saved != layout:
+    # (a checkpoint from before a key was saved is checked on the keys it has)
+    changed = [f"{LAYOUT_KEYS[k].format(stage=stage)} {resume.meta[k]} -> {v}" for k, v in layout.items()
+               if k in LAYOUT_KEYS and k in resume.meta and resume.meta[k] != v]
+    if not changed and resume.meta.get("global_batch", layout["global_batch"]) != layout["global_batch"]:
+        changed = [f"the global batch {resume.meta['global_batch']} -> {layout['global_batch']}"]
+    if changed:
         raise GenrecalError(
-            f"{label}: the checkpoint {resume.path} was written by {saved['processes']} process(es) with a global "
-            f"batch of {saved['global_batch']} items; this run has {layout['processes']} with {layout['global_batch']}. "
-            "Resume with the same number of processes and batch settings (its data position and RNG states "
-            "are per process), or start over with --overwrite"
-        )
+            f"{label}: the checkpoint {resume.path} was written with other data settings ({'; '.join(changed)}): "
+            "its data position counts micro-batches of its own layout, so this run would continue on other items. "
+            "Resume with the checkpoint's settings, or start over with --overwrite")
 
 
 def _save_progress(run, stage, step, total, acc, module, optimizer, scheduler, metrics, layout, batches) -> None:
