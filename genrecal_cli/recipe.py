@@ -310,6 +310,11 @@ class Recipe:
         if self.loss.kd and not self.stages.distill.enabled:
             problems.append("loss.kd: the teacher's distribution reaches the student in the distill stage, which is "
                             "disabled; enable stages.distill or set loss.kd = 0")
+        if self.train.precision == "fp16" and self.parallel.student == "shard":
+            problems.append('parallel.student: "shard" with train.precision = "fp16" is not supported: fp16 needs a '
+                            "gradient scaler that skips overflow steps, and accelerate's GradScaler does not reach a "
+                            'student sharded with FSDP2; use train.precision = "bf16" (no scaler needed) or '
+                            'parallel.student = "ddp"')
         if self.stages.align.enabled and not (self.loss.ar or self.loss.kl or self.loss.reg):
             problems.append("stages.align: trains the Recalibrator on loss.ar, loss.kl and loss.reg, which are all 0; "
                             "give one a weight or disable the stage (enabled = false)")

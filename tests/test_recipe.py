@@ -183,6 +183,18 @@ def test_parallel_table_and_its_limits():
     assert problems_of({**MINIMAL, "parallel": {"shard_group": 0}}) == ["parallel.shard_group: 0 must be > 0"]
 
 
+def test_fp16_with_a_sharded_student_is_refused_at_load():
+    """fp16 needs a GradScaler that skips overflow steps; accelerate's does not reach an FSDP2
+    student (gradients would stay scaled by 65,536 and overflows would step): refused in the
+    recipe, while bf16 sharded and fp16 with DDP stay accepted."""
+    fp16_shard = {**MINIMAL, "train": {"precision": "fp16"}, "parallel": {"student": "shard"}}
+    [problem] = problems_of(fp16_shard)
+    assert problem.startswith('parallel.student: "shard" with train.precision = "fp16" is not supported')
+    assert 'train.precision = "bf16"' in problem and 'parallel.student = "ddp"' in problem
+    assert recipe_from_dict({**fp16_shard, "train": {"precision": "bf16"}}).parallel.student == "shard"
+    assert recipe_from_dict({**fp16_shard, "parallel": {"student": "ddp"}}).train.precision == "fp16"
+
+
 def test_checkpoint_settings_are_checked():
     assert problems_of({**MINIMAL, "train": {"save_every": -1, "keep_checkpoints": 0}}) == [
         "train.save_every: -1 must be >= 0 (0 = only at the end of each stage)", "train.keep_checkpoints: 0 must be > 0"]
