@@ -6,6 +6,7 @@ Heavy libraries (torch, transformers) are imported inside command bodies only, s
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -13,7 +14,7 @@ from typing import List, Optional
 import typer
 
 from . import __version__
-from .errors import GenrecalError
+from .errors import GenrecalError, PeerStopped, RecipeError
 
 app = typer.Typer(
     name="genrecal",
@@ -473,12 +474,21 @@ def main(argv: Optional[list[str]] = None) -> None:
     except typer.TyperException as exc:  # usage errors: typer's own message, exit 2
         exc.show()
         sys.exit(exc.exit_code)
+    except PeerStopped:  # another process met the error and prints it
+        if debug:
+            raise
+        sys.exit(1)
     except GenrecalError as exc:
         if debug:
             raise
         code = getattr(exc, "exit_code", 1)
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        # Every process meets these alike (a recipe problem; a stop agreed by all): process 0 prints it.
+        if (isinstance(exc, RecipeError) or code in (130, 143)) and rank != 0:
+            sys.exit(code)
         label = "[yellow]stopped:[/yellow]" if code in (130, 143) else "[red]error:[/red]"  # a signal, after saving
-        _console(stderr=True).print(f"{label} {_escape(str(exc))}", markup=True, soft_wrap=True)
+        where = f"process {rank}: " if world > 1 and not isinstance(exc, RecipeError) and code not in (130, 143) else ""
+        _console(stderr=True).print(f"{label} {where}{_escape(str(exc))}", markup=True, soft_wrap=True)
         sys.exit(code)
     except Exception as exc:  # a bug, not a user mistake: still one line unless asked
         if debug:

@@ -26,6 +26,11 @@ class DataError(GenrecalError):
     """A data source that cannot be read or lacks what the recipe asks for."""
 
 
+class PeerStopped(GenrecalError):
+    """This process stops because another process met an error and prints it: the CLI exits 1
+    without a line of its own, so that the message appears once."""
+
+
 def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (or its type name), for one-line errors."""
     text = str(exc).strip() or type(exc).__name__

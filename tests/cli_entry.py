@@ -9,6 +9,8 @@ GENRECAL_TEST_RECORD=DIR   each rank writes DIR/rank-<r>.json (what accelerate s
 GENRECAL_TEST_NAN=R:N      on rank R, the N-th call of the student's L_sft returns NaN
 GENRECAL_TEST_SIGNAL=S:N   the process sends itself signal S (e.g. SIGTERM) from inside its N-th
                            optimizer step (counted across stages), before the parameters move
+GENRECAL_TEST_FAIL=R:N     on rank R, encoding the N-th item (in a loader worker where there are
+                           workers) raises a DataError naming it: an error only that rank meets
 """
 
 import json
@@ -76,6 +78,22 @@ def main() -> None:
                 return value * float("nan") if len(calls) == at else value
 
             objective.losses.sft = poisoned
+    fail = os.environ.get("GENRECAL_TEST_FAIL")
+    if fail:
+        rank, at = map(int, fail.split(":"))
+        if state.process_index == rank:
+            from genrecal_cli.data.loader import PairDataset
+            from genrecal_cli.errors import DataError
+
+            real_item, seen = PairDataset.__getitem__, []
+
+            def failing(self, idx):
+                seen.append(idx)  # (per loader worker: each counts its own items)
+                if len(seen) == at:
+                    raise DataError(f"injected: row {idx} cannot be read on process {rank}")
+                return real_item(self, idx)
+
+            PairDataset.__getitem__ = failing
     sig = os.environ.get("GENRECAL_TEST_SIGNAL")
     if sig:
         import signal

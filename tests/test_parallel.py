@@ -162,9 +162,34 @@ def test_a_nan_on_one_rank_stops_every_rank_with_one_message(tmp_path):
     _assert_two_ranks(tmp_path / "rec")
     assert done.returncode != 0
     message = "finetune: loss became non-finite at step 2 on process 1"
-    assert done.stderr.count(message) == 2, done.stderr[-3000:]  # both ranks stopped, with the same line
+    assert done.stderr.count(message) == 1, done.stderr[-3000:]  # both ranks stopped, the line printed once
     assert "Traceback" not in done.stderr.split("error:")[0][-500:]
     assert [r["step"] for r in _rows(tmp_path / "out")] == [1]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_error_on_one_rank_stops_both_at_once_with_one_message(tmp_path, workers):
+    """Rank 1 alone meets an unreadable row (in its loader worker, carried out; or in the
+    process itself): both ranks stop at that micro-batch, nobody waits in a collective, the
+    message is printed once (by rank 1), and the run exits 1 quickly."""
+    stages = f"[stages.distill]\nsteps = 6\nbatch_size = 2\n"
+    recipe = _recipe(tmp_path / "r.toml", tmp_path / "out", stages)
+    recipe.write_text(recipe.read_text().replace("shapes_size = 32\n", f"shapes_size = 32\nnum_workers = {workers}\n"))
+    started = time.time()
+    done = _torchrun(["distill", str(recipe)], record=tmp_path / "rec", env={"GENRECAL_TEST_FAIL": "1:5"}, timeout=300)
+    _assert_two_ranks(tmp_path / "rec")
+    assert done.returncode != 0
+    assert done.stderr.count("injected: row") == 1, done.stderr[-3000:]
+    assert "error: process 1: injected: row" in done.stderr
+    # genrecal's line comes first; what follows it is torchrun's own report of a failed child
+    # (its traceback and the ranks' exit codes), which the ranks cannot turn off
+    before = done.stderr.split("Traceback (most recent call last)")[0]
+    # rank 0 stopped by agreement: not by a broken connection, nor by torchrun's SIGTERM
+    assert "internal error" not in done.stderr and "stopped by" not in done.stderr, before[-2000:]
+    assert "error: process 1: injected: row" in before and "ChildFailedError" not in before
+    rows = _rows(tmp_path / "out") if (tmp_path / "out" / "metrics.jsonl").exists() else []
+    assert len(rows) <= 3  # stopped at the micro-batch holding its 5th item (batch 2: update 3 at the latest)
+    assert time.time() - started < 240
 
 
 def test_kill_9_on_two_ranks_then_resume_matches_an_uninterrupted_run(tmp_path):
@@ -409,6 +434,48 @@ def test_a_shard_group_that_does_not_divide_the_processes_is_refused():
 
     with pytest.raises(GenrecalError, match="parallel.shard_group = 3 does not divide the 8 processes"):
         device_mesh(SimpleNamespace(num_processes=8, device=torch.device("cpu")), 3)
+
+
+def test_sigterm_to_torchrun_stops_both_ranks_with_one_line_and_a_checkpoint(tmp_path):
+    """What a user sees when a scheduler sends SIGTERM to torchrun: torchrun forwards it to every
+    rank; the ranks agree to stop after the current update, save one checkpoint, print one
+    "stopped:" line (process 0) and exit 143; torchrun itself then exits 1 with its own
+    SignalException report (torchrun does not pass its ranks' exit codes on: README). The
+    checkpoint resumes."""
+    recipe = _recipe(tmp_path / "r.toml", tmp_path / "out", "[stages.distill]\nsteps = 40\nbatch_size = 2\n")
+    proc = _torchrun(["distill", str(recipe)], record=tmp_path / "rec", wait=False)
+    deadline = time.time() + 240
+    while not ((tmp_path / "out" / "metrics.jsonl").exists() and _rows(tmp_path / "out")):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        _kill_all(proc)
+        raise
+    _assert_two_ranks(tmp_path / "rec")
+    assert proc.returncode == 1  # torchrun's own code (SignalException), not the ranks' 143
+    assert err.count("stopped: distill: stopped by SIGTERM at step") == 1, err[-3000:]
+    assert "exitcode  : 143" in err or "SignalException" in err
+    saved = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir() if not p.name.startswith("."))
+    assert len(saved) == 1 and saved[0].startswith("distill-")
+    resumed = _torchrun(["distill", str(recipe), "--resume"], record=tmp_path / "rec2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["step"] for r in _rows(tmp_path / "out")][-1] == 40
+
+
+def test_a_recipe_problem_of_the_world_size_is_refused_once_before_any_model_loads(tmp_path):
+    """parallel.shard_group = 3 on 2 processes, with nothing sharded: refused as a recipe problem
+    as soon as the number of processes is known (no model loaded, nothing written), printed
+    once (by process 0), not once per rank."""
+    recipe = _recipe(tmp_path / "r.toml", tmp_path / "out", "[stages.distill]\nsteps = 2\nbatch_size = 2\n"
+                     "[parallel]\nshard_group = 3\n")
+    done = _torchrun(["distill", str(recipe)], record=tmp_path / "rec", timeout=240)
+    _assert_two_ranks(tmp_path / "rec")
+    assert done.returncode != 0
+    assert done.stderr.count("parallel.shard_group: 3 does not divide the 2 processes") == 1, done.stderr[-3000:]
+    assert "Loading weights" not in done.stderr and not (tmp_path / "out").exists()
 
 
 def test_resuming_a_checkpoint_under_another_student_placement_is_refused(tmp_path):

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..errors import DataError, GenrecalError
+from ..errors import DataError, GenrecalError, PeerStopped, RecipeError
 from ..recipe import Recipe
 
 MASTER_DTYPE = torch.float32  # what every trained parameter and its optimizer state is kept in
@@ -51,8 +51,18 @@ def make_accelerator(recipe: Recipe):
         raise GenrecalError(f"train.log_with: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
                             f"installed here (pip install {' '.join(missing)})")
     out = Path(recipe.train.output_dir)
-    return Accelerator(mixed_precision=mixed_precision(recipe), log_with=wanted or None,
-                       project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    accelerator = Accelerator(mixed_precision=mixed_precision(recipe), log_with=wanted or None,
+                              project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    check_world(recipe, accelerator.num_processes)
+    return accelerator
+
+
+def check_world(recipe: Recipe, processes: int) -> None:
+    """The recipe checks that need only the number of processes, before any model loads."""
+    g = recipe.parallel.shard_group
+    if g is not None and processes % g:
+        raise RecipeError(recipe.origin, [f"parallel.shard_group: {g} does not divide the {processes} processes; "
+                                          f"use a divisor of {processes} (usually the GPUs per node)"])
 
 
 class RankBatches(torch.utils.data.Sampler):
@@ -131,6 +141,23 @@ def gather_rows(accelerator, row: torch.Tensor) -> torch.Tensor:
     """Every process's float vector `row` [k] as [processes, k], on every process."""
     row = row.detach().float().to(accelerator.device)[None]
     return accelerator.gather(row) if accelerator.num_processes > 1 else row
+
+
+def stop_together(accelerator, failure: BaseException | None, label: str) -> None:
+    """Every process calls it at the same point of its loop, `failure` what it met since the last
+    call (None: nothing). When any process met an error every process stops here: the one that
+    met it raises its own error (its one line), the others PeerStopped, which the CLI does not
+    print: the message appears once, from the process that met it, and no process is left
+    waiting in a collective. One all-reduce of one number per call."""
+    if accelerator.num_processes > 1:
+        flags = gather_rows(accelerator, torch.tensor([0.0 if failure is None else 1.0]))[:, 0]
+    else:
+        flags = torch.tensor([0.0 if failure is None else 1.0])
+    if failure is not None:
+        raise failure
+    if flags.any():
+        rank = int(flags.nonzero()[0])
+        raise PeerStopped(f"{label}: process {rank} met an error and stopped every process (its message is above)")
 
 
 def gather_objects(accelerator, items: list) -> list:

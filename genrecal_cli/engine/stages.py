@@ -24,14 +24,14 @@ from torch import nn
 from ..data.loader import (Batches, Collator, DataReport, Item, PairDataset, default_workers, length_estimates,
                            raise_carried)
 from ..data.stream import StreamBatches
-from ..errors import GenrecalError
+from ..errors import GenrecalError, PeerStopped
 from ..recipe import Recipe, StageSpec
 from . import checkpoint as ckpt
 from .cache import check_answers, features_from_dict
 from .faults import Interrupted, StopRequests, signal_name
 from .objective import TEACHER_STAGES, GenRecal
 from .parallel import (RankBatches, after_trainable_changed, gather_objects, gather_rows, gathered, is_sharded,
-                       total_updates)
+                       stop_together, total_updates)
 from .probe import alignment_stats, reliance
 from .recalibrator import Recalibrator
 from .teacher import TeacherFeatures, head_fn, teacher_features
@@ -202,10 +202,21 @@ def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: 
     while step < total:
         sums = 0.0
         for i in range(st.grad_accum):
-            batch = send_to_device(next(batches), acc.device)
+            # What can fail on one process alone (a loader worker's error carried out, a whole
+            # epoch skipped, a damaged cache item) fails here, before any collective of this
+            # micro-batch: every process then agrees to stop (parallel.stop_together).
+            failure, batch, tf = None, None, None
+            try:
+                batch = send_to_device(next(batches), acc.device)
+                if teacher is not None and run.cache is not None:
+                    tf = run.teacher_features(teacher, batch)  # read and checked, no teacher forward
+            except Exception as exc:
+                failure = exc
+            stop_together(acc, failure, label)
             last = i == st.grad_accum - 1
-            with acc.autocast():
-                tf = run.teacher_features(teacher, batch) if teacher else None
+            if teacher is not None and tf is None:
+                with acc.autocast():  # collective when the teacher is sharded
+                    tf = run.teacher_features(teacher, batch)
             with _grad_sync(acc, module, sharded, last):
                 with acc.autocast():
                     out = module(batch["student"], tf, head, stage=stage, reg=use_reg)
@@ -221,6 +232,8 @@ def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: 
                 if bad.any():
                     rank = int(bad.nonzero()[0])
                     terms = {n: round(float(v), 4) for n, v in zip(names, everyone[rank, :k])}
+                    if rank != acc.process_index:  # that process prints it
+                        raise PeerStopped(f"{label}: process {rank} met a non-finite loss")
                     raise GenrecalError(
                         f"{label}: loss became non-finite at step {step + 1} on process {rank} ({terms}); the last "
                         f"good checkpoint is kept in {out_dir}; lower stages.{stage}.lr or check the data")
