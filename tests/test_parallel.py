@@ -485,9 +485,9 @@ def test_resuming_a_checkpoint_under_another_student_placement_is_refused(tmp_pa
 
     layout = {"processes": 2, "global_batch": 8}
     found = Found("distill", tmp_path / "c", {**layout, "sharded": True})
-    _check_layout(found, layout, True, "distill")  # the same placement: fine
+    _check_layout(found, layout, True, "distill", "distill")  # the same placement: fine
     with pytest.raises(GenrecalError, match='written with parallel.student = "shard"; this run has "ddp"'):
-        _check_layout(found, layout, False, "distill")
+        _check_layout(found, layout, False, "distill", "distill")
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava", "internvl", "idefics3"])
