@@ -107,7 +107,7 @@ def distill(
         raise
     if accelerator.is_main_process:
         if result.accuracy:
-            console.print(_accuracy_table(result.accuracy, loaded.data.eval_split))
+            console.print(_accuracy_table(result.accuracy, result.accuracy_on))
         console.print(f"[bold green]done[/]: student exported to [bold]{result.student_dir}[/]")
         _draw_report(out, console)
 
@@ -407,11 +407,12 @@ def _plan_table(recipe):
     return table
 
 
-def _accuracy_table(accuracy: dict, split: str):
+def _accuracy_table(accuracy: dict, rows: str):
+    from rich.markup import escape
     from rich.table import Table
 
     groups = sorted({g for a in accuracy.values() for g in a["groups"] if g.startswith("form:")})
-    table = Table(title=f"accuracy on the {split} split (greedy answers)", header_style="bold")
+    table = Table(title=f"accuracy on {escape(rows)} (greedy answers)", header_style="bold")
     for col in ("model", "accuracy", "n", *[g.split(":", 1)[1] for g in groups]):
         table.add_column(col, justify="left" if col == "model" else "right")
     for name, a in accuracy.items():

@@ -31,6 +31,7 @@ class RunRecord:
     rows: list[dict[str, Any]]
     stages: list[tuple[str, int, int]] = field(default_factory=list)  # (stage, first x, last x)
     accuracy: dict[str, Any] | None = None
+    accuracy_on: str = "the validation split"  # the table's rows
     recipe: dict[str, Any] | None = None
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
@@ -74,6 +75,7 @@ def read_run(folder: str | Path) -> RunRecord:
         try:
             done = json.loads(meta.read_text(encoding="utf-8"))
             record.accuracy, record.recipe = done.get("accuracy") or None, done.get("recipe")
+            record.accuracy_on = done.get("accuracy_on", record.accuracy_on)
         except ValueError:
             pass
     return record
@@ -137,7 +139,7 @@ def figure(record: RunRecord):
     lines(axes[1, 1], ("items_per_s",), {"items_per_s": "items/s"}, title="throughput", ylabel="items/s")
 
     ax = axes[1, 2]
-    ax.set_title("accuracy on the validation split", fontsize=10, pad=14)
+    ax.set_title(f"accuracy on {record.accuracy_on}", fontsize=10, pad=14)
     table = record.accuracy or {}
     names = [n for n in ("teacher", "student before", "student after") if isinstance(table.get(n), dict)]
     if names:

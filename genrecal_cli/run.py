@@ -7,6 +7,7 @@ conversations are written to a folder (each brings its own scorer), other data s
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -14,8 +15,9 @@ from .errors import GenrecalError
 from .recipe import DataSpec, Recipe
 
 
-def load_rows(spec: DataSpec, split: str, *, seed: int = 0):
-    """One split of the recipe's data as a `datasets.Dataset`, columns checked."""
+def load_rows(spec: DataSpec, split: str, *, seed: int = 0, held_out: int = 0):
+    """One split of the recipe's data as a `datasets.Dataset`, columns checked, its first
+    `held_out` rows left out (an external source's; see `held_out`)."""
     from .data.sources import check_split, load_split
 
     if spec.source == "shapes":
@@ -24,13 +26,11 @@ def load_rows(spec: DataSpec, split: str, *, seed: int = 0):
         n = spec.shapes_size if split == "train" else max(200, spec.shapes_size // 10)
         return check_split(make_split(split, n, seed=seed), spec, split)
     if spec.source == "chats":
-        import dataclasses
-
         spec = dataclasses.replace(spec, source=str(chats_folder(spec, seed)))
-    return load_split(spec, split)
+    return load_split(spec, split, held_out)
 
 
-def load_stream(spec: DataSpec, split: str, *, seed: int = 0):
+def load_stream(spec: DataSpec, split: str, *, seed: int = 0, held_out: int = 0):
     """One split of the recipe's data as a stream (data.streaming); the built-in shapes data is
     made in memory first."""
     from .data.sources import as_stream, check_stream, load_stream as stream_external
@@ -38,10 +38,8 @@ def load_stream(spec: DataSpec, split: str, *, seed: int = 0):
     if spec.source == "shapes":
         return check_stream(as_stream(load_rows(spec, split, seed=seed)), spec, split)
     if spec.source == "chats":
-        import dataclasses
-
         spec = dataclasses.replace(spec, source=str(chats_folder(spec, seed)))
-    return stream_external(spec, split)
+    return stream_external(spec, split, held_out)
 
 
 def resolve_model(spec, role: str, reporter=None, accelerator=None) -> str:
@@ -96,26 +94,46 @@ def resolve(recipe: Recipe, reporter=None, accelerator=None, needs_teacher: bool
         needs_teacher = any(getattr(recipe.stages, s).enabled for s in ("align", "distill"))
     teacher = resolve_model(recipe.teacher, "teacher", reporter, accelerator) if needs_teacher else None
     student = resolve_model(recipe.student, "student", reporter, accelerator)
-    data = recipe.data
+    data, n_eval = recipe.data, recipe.train.eval_items
     validation, score = None, None
+    held = held_out(recipe)
+    if held and reporter is not None:
+        reporter.note(f"data: {data.source} has no '{data.eval_split}' split: its first {held:,} rows are held out "
+                      "for the accuracy table and not trained on (train.eval_items; 0 trains on every row)",
+                      style="yellow")
+    # the table's rows: the eval split's first eval_items, or the held-out rows of the training data
+    eval_split, eval_spec = ((data.train_split, dataclasses.replace(data, num_train=None)) if held
+                             else (data.eval_split, data))
     if data.streaming:
-        train = load_stream(data, data.train_split, seed=recipe.train.seed)
-        if recipe.train.eval_items:  # only the rows the accuracy table uses are read
+        train = load_stream(data, data.train_split, seed=recipe.train.seed, held_out=held)
+        if n_eval:  # only the rows the accuracy table uses are read
             import datasets
 
-            rows = list(load_stream(data, data.eval_split, seed=recipe.train.seed).take(recipe.train.eval_items))
+            rows = list(load_stream(eval_spec, eval_split, seed=recipe.train.seed).take(n_eval))
             validation = datasets.Dataset.from_list(rows)
     else:
-        train = load_rows(data, data.train_split, seed=recipe.train.seed)
-        if recipe.train.eval_items:
-            rows = load_rows(data, data.eval_split, seed=recipe.train.seed)
-            validation = rows.select(range(min(recipe.train.eval_items, len(rows))))
+        train = load_rows(data, data.train_split, seed=recipe.train.seed, held_out=held)
+        if n_eval:
+            rows = load_rows(eval_spec, eval_split, seed=recipe.train.seed)
+            validation = rows.select(range(min(n_eval, len(rows))))
     if validation is not None:
         if data.source == "shapes":
             from .world.shapes import scorer as score
         elif (Path(data.source) / "chats.json").is_file():  # a folder the chats builder wrote
             from .world.chats import scorer as score
-    return Inputs(student=student, teacher=teacher, train=train, validation=validation, score=score)
+    return Inputs(student=student, teacher=teacher, train=train, validation=validation, score=score,
+                  held_out=held, validation_title=f"{len(validation)} items held out of the training data" if held
+                  else f"the {data.eval_split} split")
+
+
+def held_out(recipe: Recipe) -> int:
+    """How many of the training data's first rows the accuracy table takes: train.eval_items
+    when the data has no validation split (data.eval_split) of its own, else none. The same on
+    every run and process of a recipe; `genrecal teach` and `distill` hold out the same rows."""
+    from .data.sources import has_split
+
+    data = recipe.data
+    return recipe.train.eval_items if recipe.train.eval_items and not has_split(data, data.eval_split) else 0
 
 
 def teach(recipe: Recipe, folder, *, accelerator=None, **options):

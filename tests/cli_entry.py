@@ -11,6 +11,10 @@ GENRECAL_TEST_SIGNAL=S:N   the process sends itself signal S (e.g. SIGTERM) from
                            optimizer step (counted across stages), before the parameters move
 GENRECAL_TEST_FAIL=R:N     on rank R, encoding the N-th item (in a loader worker where there are
                            workers) raises a DataError naming it: an error only that rank meets
+GENRECAL_TEST_SIDE=DIR     each call of the side computations (alignment statistics, the reliance
+                           probe, greedy generation for the accuracy table) appends to
+                           DIR/side-<rank>.jsonl a JSON line: its name, whether CPU autocast was on
+                           and in which dtype, and for generation each question and its answer
 """
 
 import json
@@ -94,6 +98,30 @@ def main() -> None:
                 return real_item(self, idx)
 
             PairDataset.__getitem__ = failing
+    side = os.environ.get("GENRECAL_TEST_SIDE")
+    if side:
+        import torch
+
+        from genrecal_cli.data.formats import text_of
+        from genrecal_cli.engine import accuracy, stages
+
+        Path(side).mkdir(parents=True, exist_ok=True)
+
+        def recorded(name, fn):
+            def call(*args, **kwargs):
+                row = {"fn": name, "autocast": torch.is_autocast_enabled("cpu"), "dtype": str(torch.get_autocast_dtype("cpu"))}
+                result = fn(*args, **kwargs)
+                if name == "generate_answers":  # (vlm, prompts, images): each prompt's last question, answered
+                    row["answers"] = [[text_of(p.messages[-1]), a] for p, a in zip(args[1], result)]
+                with open(Path(side) / f"side-{state.process_index}.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                return result
+
+            return call
+
+        stages.alignment_stats = recorded("alignment_stats", stages.alignment_stats)
+        stages.reliance = recorded("reliance", stages.reliance)
+        accuracy.generate_answers = recorded("generate_answers", accuracy.generate_answers)
     sig = os.environ.get("GENRECAL_TEST_SIGNAL")
     if sig:
         import signal

@@ -394,14 +394,23 @@ def test_a_streamed_run_trains_and_exports(tmp_path, tiny_pair):
 
 
 def test_data_reports_merge_every_row_once():
-    """What processes and stages skipped is merged: each row once, none lost."""
+    """What processes and stages met is merged: a row met by several (the same row in every
+    epoch and stage, on either process) counts once, and none is lost. The whole path on 2 ranks:
+    test_parallel.py, rows skipped on either rank."""
     from genrecal_cli.data.loader import DataReport
 
-    report = DataReport({1: "image file not found"}, {4: 1})
-    report.add(DataReport({2: "first turn longer than max_length 8"}, {}))
-    assert report.skipped == {1: "image file not found", 2: "first turn longer than max_length 8"}
-    assert report.truncated == {4: 1}
-    assert report.to_dict()["skipped_items"] == 2
+    rank0 = DataReport({1: "image file not found", 7: "image file not found"}, {4: 1})
+    rank1 = DataReport({1: "image file not found", 2: "first turn longer than max_length 8"}, {4: 1, 6: 2})
+    later_stage = DataReport({7: "image file not found", 2: "first turn longer than max_length 8"}, {6: 2})
+    run = DataReport()
+    for part in (rank0, rank1, later_stage):
+        run.add(part)
+    assert run.skipped == {1: "image file not found", 2: "first turn longer than max_length 8", 7: "image file not found"}
+    assert run.truncated == {4: 1, 6: 2}
+    assert run.to_dict() == {"skipped_items": 3, "skipped_by_reason": {"image file not found": 2,
+                             "first turn longer than max_length 8": 1}, "truncated_items": 2, "dropped_turns": 3}
+    assert run.summary(10, 8) == ("skipped 3 of 10 items (2 image file not found; 1 first turn longer than max_length 8); "
+                                  "dropped 3 trailing turns of 2 items to fit max_length 8")
 
 
 def test_a_streamed_file_is_read_as_the_loop_needs_it_not_whole(tmp_path):
@@ -437,3 +446,30 @@ def test_a_stream_that_turns_unreadable_stops_with_one_line_naming_it(tiny_pair,
         while batches.source.epoch == 0:
             next(batches)
     assert "\n" not in str(err.value)
+
+
+def test_which_sources_hold_a_validation_split(tmp_path):
+    """A single file or a folder of train files has none (its rows are held out for the table);
+    split files and saved splits are found; built-in sets and hub ids are taken at their word."""
+    import datasets
+
+    from genrecal_cli.data.sources import has_split
+
+    rows = [{"question": "q", "answer": "a"}]
+    file = _write(tmp_path, rows, name="d.jsonl")
+    only_train = tmp_path / "only"
+    only_train.mkdir()
+    _write(only_train, rows, name="train-00000.jsonl")
+    both = tmp_path / "both"
+    both.mkdir()
+    _write(both, rows, name="train.jsonl")
+    datasets.Dataset.from_list(rows).to_parquet(str(both / "validation-00000.parquet"))
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(saved))
+    one = tmp_path / "one"
+    datasets.Dataset.from_list(rows).save_to_disk(str(one))
+    found = {name: has_split(DataSpec(source=str(src)), "validation")
+             for name, src in (("file", file), ("only", only_train), ("both", both), ("saved", saved), ("one", one))}
+    assert found == {"file": False, "only": False, "both": True, "saved": False, "one": False}
+    assert has_split(DataSpec(source=str(saved)), "train") and has_split(DataSpec(source=str(both)), "train")
+    assert has_split(DataSpec(source="shapes"), "validation") and has_split(DataSpec(source="org/set"), "validation")

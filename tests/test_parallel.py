@@ -292,11 +292,19 @@ def test_a_sharded_teacher_holds_half_on_each_rank_and_trains_like_a_replicated_
     """[parallel] teacher = "shard" (FSDP2 over 2 gloo ranks): each rank holds about half of the
     teacher's inner model and the whole LM head; only rank 0 read the teacher's weights (rank 1
     built it on the meta device and received its shard); every logged loss and the final student
-    equal the replicated run's; the teacher's accuracy is skipped with a note."""
+    equal the replicated run's; the teacher's accuracy row (the sharded teacher generating on both
+    ranks in step, each its share) has every answer the whole teacher gives in this one process."""
+    from genrecal_cli.data.formats import detect, text_of, to_conversation
+    from genrecal_cli.data.sources import open_image
+    from genrecal_cli.engine.accuracy import accuracy as greedy, generate_answers
+    from genrecal_cli.models import load_vlm
+    from genrecal_cli.recipe import load_recipe
+    from genrecal_cli.run import resolve
+
     sharded = _recipe(tmp_path / "shard.toml", tmp_path / "shard", SHARD_STAGES + '[parallel]\nteacher = "shard"\n',
                       save_every=2)
     sharded.write_text(sharded.read_text().replace("eval_items = 0", "eval_items = 3"))
-    done = _torchrun(["distill", str(sharded)], record=tmp_path / "rec")
+    done = _torchrun(["distill", str(sharded)], record=tmp_path / "rec", env={"GENRECAL_TEST_SIDE": str(tmp_path / "side")})
     assert done.returncode == 0, done.stderr[-3000:]
     _assert_two_ranks(tmp_path / "rec")
     shares = _shares(tmp_path / "rec", "teacher")
@@ -304,8 +312,20 @@ def test_a_sharded_teacher_holds_half_on_each_rank_and_trains_like_a_replicated_
     assert [s["loaded_on_meta"] for s in shares] == [False, True]
     _same_run(replicated, tmp_path / "shard")
     accuracy = json.loads((tmp_path / "shard" / "student" / "genrecal.json").read_text())["accuracy"]
-    assert "teacher" not in accuracy and accuracy["student after"]["n"] == 3
-    assert "teacher accuracy skipped: the teacher is sharded" in done.stdout
+    assert accuracy["student after"]["n"] == 3 and "skipped" not in done.stdout
+    recipe = load_recipe(sharded)
+    inputs = resolve(recipe)
+    teacher = load_vlm(inputs.teacher)
+    whole = greedy(teacher, inputs.validation, spec=recipe.data, score=inputs.score).to_dict()
+    assert accuracy["teacher"] == json.loads(json.dumps(whole)) and whole["n"] == 3
+    # the answers themselves: the first generation on each rank is the teacher's (items 0, 2 / 1)
+    fmt = detect(inputs.validation.column_names, recipe.data)
+    prompts = [to_conversation(inputs.validation[i], fmt, recipe.data, i).prompt_and_reference()[0] for i in range(3)]
+    images = [[open_image(v) for v in p.images] for p in prompts]
+    direct = [[text_of(p.messages[-1]), a] for p, a in zip(prompts, generate_answers(teacher, prompts, images))]
+    firsts = [json.loads((tmp_path / "side" / f"side-{r}.jsonl").read_text().splitlines()[0]) for r in (0, 1)]
+    assert [f["fn"] for f in firsts] == ["generate_answers"] * 2
+    assert firsts[0]["answers"] == [direct[0], direct[2]] and firsts[1]["answers"] == [direct[1]]
 
 
 def test_a_sharded_student_trains_like_ddp_and_exports_a_plain_folder(tmp_path, replicated):
@@ -406,6 +426,29 @@ def test_a_sharded_teacher_does_not_hang_when_only_one_rank_has_an_image(tmp_pat
     seen = {r: (tmp_path / "rec" / f"items-{r}.txt").read_text().split() for r in (0, 1)}
     assert sorted(seen[0][:1] + seen[1][:1]) == ["0", "1"]  # the first micro-batch: one item each
     assert [r["step"] for r in _rows(tmp_path / "out")] == [1, 2, 1, 2]
+
+
+def test_rows_skipped_on_either_rank_in_every_epoch_and_stage_are_reported_once(tmp_path):
+    """Two rows name a missing image. Over two stages of two epochs each, on 2 ranks, they are met
+    several times, on either rank; the run's report counts each once, with its reason, and the
+    items each rank encoded show that both ranks met them."""
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "red.png")
+    rows = [{"image": "gone.png" if i in (2, 5) else "red.png", "question": f"What colour is square {i}?",
+             "answer": "red"} for i in range(8)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stages = "".join(f"[stages.{s}]\nsteps = 4\nbatch_size = 2\n" for s in ("align", "distill"))
+    recipe = _recipe(tmp_path / "r.toml", tmp_path / "out", stages, probe_every=0)
+    recipe.write_text(recipe.read_text().replace("shapes_size = 32", f'source = "{tmp_path / "d.jsonl"}"'))
+    done = _torchrun(["distill", str(recipe)], record=tmp_path / "rec")
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_two_ranks(tmp_path / "rec")
+    met = [[int(x) for x in (tmp_path / "rec" / f"items-{r}.txt").read_text().split()] for r in (0, 1)]
+    assert sum(m.count(2) + m.count(5) for m in met) >= 4  # each bad row met in more than one epoch
+    data = json.loads((tmp_path / "out" / "student" / "genrecal.json").read_text())["data"]
+    assert data["skipped_items"] == 2 and data["skipped_by_reason"] == {"image file not found": 2}
+    assert "skipped 2 of 8 items (2 image file not found)" in done.stdout
 
 
 def test_answer_embeddings_from_a_sharded_teacher_equal_the_replicated_ones(tmp_path):

@@ -6,6 +6,9 @@ student exported in its own dtype; losses close to the fp32 run's."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ import torch
 
 from genrecal_cli.engine.checkpoint import load_tensors
 
-from .conftest import run_cli
+ENTRY = Path(__file__).with_name("cli_entry.py")
 
 
 def _run(tmp_path: Path, precision: str) -> Path:
@@ -25,10 +28,21 @@ def _run(tmp_path: Path, precision: str) -> Path:
         f'[data]\nshapes_size = 16\n{stages}[train]\noutput_dir = "{out}"\nlog_every = 1\neval_items = 4\n'
         f'precision = "{precision}"\nsave_every = 1\nkeep_checkpoints = 2\nprobe_items = 4\n'
     )
-    done = run_cli("distill", str(recipe), env={"OMP_NUM_THREADS": "1"}, timeout=600)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "GENRECAL_TEST_SIDE": str(tmp_path / f"{precision}-side")}
+    done = subprocess.run([sys.executable, str(ENTRY), "distill", str(recipe)], cwd=ENTRY.parents[1], env=env,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "accuracy on the validation split" in done.stdout
     return out
+
+
+def _side_computations(tmp_path: Path, precision: str) -> dict[str, set]:
+    """{function: {(autocast on, its dtype)}} over every call of the run's side computations."""
+    seen: dict[str, set] = {}
+    for line in (tmp_path / f"{precision}-side" / "side-0.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        seen.setdefault(r["fn"], set()).add((r["autocast"], r["dtype"]))
+    return seen
 
 
 def _rows(out: Path) -> list[dict]:
@@ -39,10 +53,14 @@ def test_bf16_run_on_cpu_keeps_fp32_masters_and_follows_fp32(tmp_path):
     bf16, fp32 = _run(tmp_path, "bf16"), _run(tmp_path, "fp32")
     rows = _rows(bf16)
     assert [(r["stage"], r["step"]) for r in rows] == [(s, i) for s in ("align", "distill", "finetune") for i in (1, 2)]
-    # the side computations ran in bf16 too: token alignment, top-1 agreement, the probe
+    # the side computations ran in bf16 too (under CPU autocast in bf16): token alignment and
+    # top-1 agreement, the probe, greedy generation for the accuracy table; in fp32 without it
     teacher_rows = [r for r in rows if r["stage"] != "finetune"]
     assert all("top1" in r and "boundary_agreement" in r for r in teacher_rows)
     assert all("rely_first_top1_real" in r for r in teacher_rows if r["step"] == 2)
+    side = ("alignment_stats", "reliance", "generate_answers")
+    assert _side_computations(tmp_path, "bf16") == {fn: {(True, "torch.bfloat16")} for fn in side}
+    assert {fn: {on for on, _ in v} for fn, v in _side_computations(tmp_path, "fp32").items()} == {fn: {False} for fn in side}
 
     # masters and optimizer states in fp32, though the recipe loads both models in bf16
     kept = sorted(p.name for p in (bf16 / "checkpoints").iterdir())

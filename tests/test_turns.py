@@ -180,3 +180,24 @@ def test_student_answers_and_teacher_questions_are_not_used():
     z_s2[STUDENT_SEG % 2 == 1] += 3.0
     z_t2[TEACHER_SEG % 2 == 0] += 3.0
     assert torch.allclose(_run(rec, z_s2, z_t2), base, atol=1e-6)
+
+
+def test_positions_run_over_the_real_tokens_of_every_turn():
+    """New positions 0..n-1 over each item's interleaved sequence, both turns, reach the rotary
+    and every block (break: the positions restart at 0 at each turn)."""
+    rec = _recalibrator()
+    seen = {"rotary": [], "blocks": []}
+    rec.rotary.register_forward_pre_hook(lambda m, args: seen["rotary"].append(args[1].clone()))
+    for layer in rec.rec_body:
+        layer.register_forward_pre_hook(lambda m, args, kw: seen["blocks"].append(kw["position_ids"].clone()),
+                                        with_kwargs=True)
+    g = torch.Generator().manual_seed(3)
+    _run(rec, torch.randn(2, 11, 32, generator=g), torch.randn(2, 12, 48, generator=g))
+    # item 0: question segment 0 (3 student tokens), answer 1 (2 teacher tokens), question 2 (2),
+    # answer 3 (3): ten real tokens; item 1: 2 + 1
+    real = {0: 10, 1: 3}
+    (positions,) = seen["rotary"]
+    assert len(seen["blocks"]) == len(rec.rec_body) >= 2
+    for p in [positions, *seen["blocks"]]:
+        for i, n in real.items():
+            assert p[i, :n].tolist() == list(range(n))

@@ -17,28 +17,55 @@ class SkipItem(Exception):
     """An item that cannot be used (unreadable image, too long); the reason is counted."""
 
 
-def load_split(spec: DataSpec, split: str):
-    """One split of an external data source, layout checked. The built-in data sets are made
-    at the edge (run.py) and checked with `check_split`."""
+def load_split(spec: DataSpec, split: str, held_out: int = 0):
+    """One split of an external data source, layout checked, its first `held_out` rows left out
+    (the accuracy table's, where the source has no validation split). The built-in data sets
+    are made at the edge (run.py) and checked with `check_split`."""
     if spec.source == "shapes":
         raise DataError("data.source 'shapes' is the built-in data set: load it with genrecal_cli.run.load_rows")
-    return check_split(_load_external(spec.source, split), spec, split)
+    return check_split(_load_external(spec.source, split), spec, split, held_out)
 
 
-def load_stream(spec: DataSpec, split: str):
+def has_split(spec: DataSpec, split: str) -> bool:
+    """Whether the source holds `split` apart from its other rows. A single file has no splits
+    (any split name would read all of it); a folder of split files has the ones it names; a
+    `datasets` folder the ones it saved. The built-in data sets and hub ids are taken at their
+    word (a missing split is then the loader's error)."""
+    path = Path(spec.source).expanduser()
+    if spec.source in ("shapes", "chats") or not path.exists():
+        return True
+    if path.is_file():
+        return False
+    if (path / "dataset_dict.json").is_file():
+        import json
+
+        return split in json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+    if (path / "dataset_info.json").is_file():  # one saved Dataset: no splits
+        return False
+    files = [f.name for suffix in _KINDS for f in path.glob(f"*{suffix}")]
+    if not files:  # no data files: a folder with a loading script, taken at its word
+        return True
+    return any(name.startswith((f"{split}.", f"{split}-")) for name in files)
+
+
+def load_stream(spec: DataSpec, split: str, held_out: int = 0):
     """One split of an external source as a streamed `datasets.IterableDataset` (rows read as the
-    loop needs them; nothing downloaded or decoded up front), layout checked on its first row."""
-    return check_stream(_load_external(spec.source, split, streaming=True), spec, split)
+    loop needs them; nothing downloaded or decoded up front), layout checked on its first row,
+    its first `held_out` rows left out."""
+    return check_stream(_load_external(spec.source, split, streaming=True), spec, split, held_out)
 
 
-def check_stream(ds, spec: DataSpec, split: str):
+def check_stream(ds, spec: DataSpec, split: str, held_out: int = 0):
     """A stream with its layout checked on its first row, images left undecoded (they are read
-    in the loader's workers), cut to data.num_train for the training split."""
+    in the loader's workers), its first `held_out` rows left out, then cut to data.num_train for
+    the training split."""
     columns = columns_of(ds)
     if columns is None:
         raise DataError(f"{spec.source}: split '{split}' is empty")
     detect(columns, spec)
     ds = _undecoded(ds)
+    if held_out:
+        ds = ds.skip(held_out)
     if spec.num_train is not None and split == spec.train_split:
         ds = ds.take(spec.num_train)
     return ds
@@ -68,10 +95,17 @@ def _undecoded(ds):
     return ds
 
 
-def check_split(ds, spec: DataSpec, split: str):
-    """`ds` with its layout detected (raises DataError when the columns fit none), cut to
-    data.num_train for the training split."""
+def check_split(ds, spec: DataSpec, split: str, held_out: int = 0):
+    """`ds` with its layout detected (raises DataError when the columns fit none), its first
+    `held_out` rows left out, then cut to data.num_train for the training split."""
     detect(ds.column_names, spec)
+    if held_out:
+        if len(ds) <= held_out:
+            raise DataError(
+                f"{spec.source}: {len(ds)} rows and no '{spec.eval_split}' split: holding out train.eval_items = "
+                f"{held_out} of them for the accuracy table leaves none to train on; lower train.eval_items "
+                f"(0: no table) or give the data a '{spec.eval_split}' split")
+        ds = ds.select(range(held_out, len(ds)))
     if spec.num_train is not None and split == spec.train_split:
         ds = ds.select(range(min(spec.num_train, len(ds))))
     if len(ds) == 0:

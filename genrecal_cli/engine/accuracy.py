@@ -64,28 +64,45 @@ class Accuracy:
         return {**out, "skipped": self.skipped} if self.skipped else out
 
 
-def generate_answers(vlm, prompts: list[Conversation], images: list[list], *, max_new_tokens=48, batch_size=16) -> list[str]:
+def generate_answers(vlm, prompts: list[Conversation], images: list[list], *, max_new_tokens=48, batch_size=16,
+                     synced: bool = False) -> list[str]:
     """Greedy answers of `vlm` (a models.VLM) to each conversation (everything before the answer
-    it should give; images: each one's opened images), with its own chat template."""
+    it should give; images: each one's opened images), with its own chat template.
+
+    `synced` (a model sharded over the processes, whose every forward is collective): every
+    process makes the same number of `generate` calls (one with fewer prompts makes throwaway
+    calls on a one-token text) and each call runs until every process's answers are done."""
     processor, tok = vlm.processor, vlm.tokenizer
     device = next(vlm.model.parameters()).device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    # Rows with images and rows without go in separate calls: processors take images for all or none.
+    calls = [group for s in range(0, len(prompts), batch_size)
+             for group in ([i for i in range(s, min(s + batch_size, len(prompts))) if images[i]],
+                           [i for i in range(s, min(s + batch_size, len(prompts))) if not images[i]]) if group]
+    if synced:
+        import torch.distributed as dist
+
+        most = torch.tensor([len(calls)], device=device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        calls += [None] * (int(most) - len(calls))
     answers: dict[int, str] = {}
     old_side = tok.padding_side
     tok.padding_side = "left"  # generation continues each row from its last token
     try:
-        for s in range(0, len(prompts), batch_size):
-            chunk = range(s, min(s + batch_size, len(prompts)))
-            # Rows with images and rows without go in separate calls: processors take images for all or none.
-            for group in ([i for i in chunk if images[i]], [i for i in chunk if not images[i]]):
-                if not group:
-                    continue
+        for group in calls:
+            if group is None:  # a throwaway call that keeps this process in step with the others
+                inputs = tok(["?"], return_tensors="pt").to(device)
+            else:
                 texts = [processor.apply_chat_template(prompts[i].messages, add_generation_prompt=True, tokenize=False)
                          for i in group]
                 kwargs = {"images": [images[i] for i in group]} if images[group[0]] else {}
                 inputs = processor(text=texts, padding=True, return_tensors="pt", **kwargs).to(device)
-                with torch.inference_mode():
-                    out = vlm.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+            # (a sharded model: no_grad, as inference tensors in FSDP's gathered buffers would be
+            # refused by training's in-place gathers later)
+            with torch.no_grad() if synced else torch.inference_mode():
+                out = vlm.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                                         synced_gpus=synced)
+            if group is not None:
                 new = out[:, inputs["input_ids"].shape[1]:]
                 for i, text in zip(group, tok.batch_decode(new, skip_special_tokens=True)):
                     answers[i] = text.strip()
@@ -117,7 +134,7 @@ def accuracy(vlm, items, *, spec: DataSpec | None = None, accelerator=None, scor
         mine.append(i)
         prompts.append(prompt)
         references.append(reference)
-    predictions = generate_answers(vlm, prompts, images, **generate) if mine else []
+    predictions = generate_answers(vlm, prompts, images, **generate) if mine or generate.get("synced") else []
     results = []
     for i, prompt, reference, pred in zip(mine, prompts, references, predictions):
         ok, groups = score(pred, items[i], reference)

@@ -550,11 +550,12 @@ def size_estimate(answer_tokens: int, question_tokens: int, hidden: int, storage
 # what a cache was computed from
 
 
-def fingerprint(recipe, teacher_path: str) -> dict[str, str]:
+def fingerprint(recipe, teacher_path: str, held_out: int = 0) -> dict[str, str]:
     """What the teacher's features depend on, each part a short digest: the teacher's weights
     (`weights_digest`: its safetensors headers and sampled values of every tensor; a hub
     teacher: its commit), its tokenizer and processor files, the training data (the recipe's
-    data table and the files' sizes and first and last MiB; a hub data set: its commit),
+    data table, the rows held out of it for the accuracy table, and the files' sizes and first
+    and last MiB; a hub data set: its commit),
     max_length, the answer input, the teacher's dtype and the compute precision. Not the
     student: one cache serves every student."""
     import dataclasses
@@ -592,7 +593,8 @@ def fingerprint(recipe, teacher_path: str) -> dict[str, str]:
         "the teacher's tokenizer and processor": digest(p.read_bytes() for _, p in sorted(processor_files(
             teacher_path, recipe.teacher.revision).items())),
         # (the built-in shapes are drawn with train.seed: another seed is other data)
-        "the data": digest([repr(sorted(data.items())).encode(), *(sample(source) if source.exists() else []),
+        "the data": digest([repr(sorted(data.items())).encode(), *([f"held out {held_out}".encode()] if held_out else []),
+                            *(sample(source) if source.exists() else []),
                             *([f"hub:{recipe.data.source}@{hub_commit(recipe.data.source, None, 'dataset')}".encode()]
                               if _is_hub_id(recipe.data.source) and not source.exists() else []),
                             *([str(recipe.train.seed).encode()] if recipe.data.source == "shapes" else [])]),

@@ -38,6 +38,8 @@ class Inputs:
     train: Any  # training rows (datasets.Dataset; an IterableDataset under data.streaming)
     validation: Any | None = None  # rows for the before/after accuracy table; None: no table
     score: Scorer | None = None  # how validation answers are scored; None: exact match
+    held_out: int = 0  # the training data's first rows, left out of train for the table (no validation split)
+    validation_title: str = "the validation split"  # what the table's rows are, as its title says
 
 
 @dataclass
@@ -46,6 +48,7 @@ class RunResult:
     student_dir: Path
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     accuracy: dict[str, Any] = field(default_factory=dict)  # "teacher", "student before", "student after"
+    accuracy_on: str = "the validation split"  # the table's rows (Inputs.validation_title)
     data: dict[str, Any] = field(default_factory=dict)  # items skipped and turns dropped (loader.DataReport)
 
 
@@ -106,7 +109,7 @@ def _run(recipe: Recipe, inputs: Inputs, acc, out: Path, *, resume: bool, report
         teacher = load_head_only(inputs.teacher, revision=recipe.teacher.revision, dtype=recipe.teacher.dtype,
                                  trust_remote_code=recipe.teacher.trust_remote_code)
         # (after the head loads: a hub teacher's commit is then in this machine's hub cache)
-        cache = CacheReader(recipe.teacher.cache, fingerprint(recipe, inputs.teacher))
+        cache = CacheReader(recipe.teacher.cache, fingerprint(recipe, inputs.teacher, inputs.held_out))
         teacher.head.to(acc.device)
         if reporter is not None:
             reporter.note(f"teacher features from the cache {recipe.teacher.cache} (stored as {cache.storage}"
@@ -131,18 +134,13 @@ def _run(recipe: Recipe, inputs: Inputs, acc, out: Path, *, resume: bool, report
     if found is not None and (found.path / "student").is_dir():  # a sharded checkpoint loads in its stage
         _load_state(found.path, student, rec)
 
-    result = RunResult(out, out / "student")
+    result = RunResult(out, out / "student", accuracy_on=inputs.validation_title)
     if inputs.validation is not None:
         if cached:
             if reporter is not None:
                 reporter.note("teacher accuracy skipped: its features come from a cache (teacher.cache)", style="yellow")
-        elif teacher is not None and shard_t:
-            # generate() reaches the vision tower outside the sharded inner model's forward,
-            # where its parameters are not gathered
-            if reporter is not None:
-                reporter.note("teacher accuracy skipped: the teacher is sharded (parallel.teacher = \"shard\")", style="yellow")
-        elif teacher is not None:
-            result.accuracy["teacher"] = _accuracy(teacher, inputs, recipe, acc)
+        elif teacher is not None:  # sharded: every process generates in step (each forward gathers)
+            result.accuracy["teacher"] = _accuracy(teacher, inputs, recipe, acc, synced=shard_t)
         if found is None:  # the student as it came in, before any stage of this run
             result.accuracy["student before"] = _accuracy(student, inputs, recipe, acc)
 
@@ -184,7 +182,7 @@ def _run(recipe: Recipe, inputs: Inputs, acc, out: Path, *, resume: bool, report
         student.model.to(dtype=export_dtype)
         ckpt.export_student(out, student.model, student.exportable_processor,
                             {"recipe": recipe.to_dict(), "stages": result.stages, "accuracy": result.accuracy,
-                             "data": result.data})
+                             "accuracy_on": result.accuracy_on, "data": result.data})
         if reporter is not None:
             reporter.note(f"student exported to {out / 'student'}")
     acc.wait_for_everyone()
@@ -210,12 +208,13 @@ def _whole_student(run: Run, inputs: Inputs, recipe: Recipe, acc):
     return plain
 
 
-def _accuracy(vlm, inputs: Inputs, recipe: Recipe, acc) -> dict:
-    """Greedy accuracy on the validation rows, every process answering its share."""
+def _accuracy(vlm, inputs: Inputs, recipe: Recipe, acc, synced: bool = False) -> dict:
+    """Greedy accuracy on the validation rows, every process answering its share (`synced`: a
+    sharded model, whose processes generate in step)."""
     was_training = vlm.model.training
     vlm.model.eval()
     with acc.autocast():
-        result = accuracy(vlm, inputs.validation, spec=recipe.data, accelerator=acc, score=inputs.score)
+        result = accuracy(vlm, inputs.validation, spec=recipe.data, accelerator=acc, score=inputs.score, synced=synced)
     vlm.model.train(was_training)
     return result.to_dict()
 

@@ -227,10 +227,14 @@ def shard_teacher(teacher, accelerator, mesh) -> None:
     units = shard_units(inner)
     for unit in units:
         fully_shard(unit, mesh=mesh, reshard_after_forward=True)
+    # The vision encoder is a unit of its own (what its blocks leave: patch embeddings, mergers),
+    # gathered whenever it runs, also where generation calls it outside the inner model's
+    # forward. The language model is not: the inner model embeds the tokens outside its forward.
+    encoder = teacher.vision_encoder
+    fully_shard(encoder, mesh=mesh, reshard_after_forward=True)
     fully_shard(inner, mesh=mesh, reshard_after_forward=True)
-    vision = [u for u in units if any(u is m for m in teacher.vision_encoder.modules())]
-    if vision:
-        _gather_vision_everywhere(teacher, vision)
+    vision = [u for u in units if any(u is m for m in encoder.modules())]
+    _gather_vision_everywhere(teacher, [encoder, *vision])
     # Storage for what is still on the meta device; buffers (rotary frequencies and the like)
     # were computed when the model was built and are kept.
     buffers = {name: b.clone() for name, b in model.named_buffers()}
@@ -239,6 +243,11 @@ def shard_teacher(teacher, accelerator, mesh) -> None:
         b.copy_(buffers[name])
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     model.requires_grad_(False)
+    # The root's lazy initialisation (which makes the inner model the root of every unit under
+    # it) now, by a one-token forward on every process: generation calls the vision encoder
+    # before the inner model's forward, and a unit first called on its own becomes a root itself.
+    with torch.no_grad():
+        inner(input_ids=torch.zeros(1, 1, dtype=torch.long, device=accelerator.device))
 
 
 def _gather_vision_everywhere(teacher, vision_units: list) -> None:
@@ -248,7 +257,8 @@ def _gather_vision_everywhere(teacher, vision_units: list) -> None:
     sharded blocks; they would wait forever. So as the teacher's forward starts, the processes
     agree whether any of them has images (one scalar all-reduce per teacher forward), and one
     that has none gathers and releases the vision blocks, in their order, when its language
-    model starts: the point where the others have run the vision tower (in every family)."""
+    model starts: the point where the others have run the vision tower (in every family). The
+    vision encoder's own unit comes first in `vision_units`, its blocks after it, as they gather."""
     import torch.distributed as dist
 
     behind = {"vision": False}
