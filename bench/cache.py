@@ -62,7 +62,7 @@ def recipe(work: Path, out: str, items: int, steps: int, lr: float, cache: Path 
 
 
 def run(work: Path, out: str, items: int, steps: int, lr: float, cache: Path | None = None) -> dict:
-    from genrecal_cli.run import distill
+    from genrecal_cli.commands.distill import distill
 
     rep = Steps()
     t0 = time.perf_counter()
@@ -79,7 +79,7 @@ def main() -> int:
     a = ap.parse_args()
     import torch
 
-    from genrecal_cli.run import teach
+    from genrecal_cli.commands.distill import teach
 
     torch.set_num_threads(a.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -38,7 +38,7 @@ def data_sets(work: Path, n: int):
     """{name: (rows, spec)}: shapes (columns layout) and conversations (messages layout, files)."""
     from genrecal_cli.data.sources import load_split
     from genrecal_cli.recipe import DataSpec
-    from genrecal_cli.run import load_rows
+    from genrecal_cli.commands.distill import load_rows
     from genrecal_cli.world.chats import build_chats
 
     shapes = DataSpec(shapes_size=n, max_length=512)
@@ -95,7 +95,7 @@ def first_step(work: Path, n: int, streaming: bool, shards: int = 1) -> dict:
     """Seconds from distill() to the first training step on n conversations (data already built;
     read whole, which converts the file to Arrow once, or streamed; in one file or `shards`)."""
     from genrecal_cli.recipe import recipe_from_dict
-    from genrecal_cli.run import distill
+    from genrecal_cli.commands.distill import distill
     from genrecal_cli.world.chats import build_chats
 
     copies = max(1, n // 20000)  # beyond 20,000: that many rows again and again (building is slow; reading is not)

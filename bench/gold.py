@@ -124,7 +124,7 @@ def genrecal_update(out: Path, teacher: Path, student: str, data_folder: str, *,
     """Seconds per genrecal distill update (online teacher, as GOLD's), in this process: the
     time between the first and the last logged update of `steps`."""
     from genrecal_cli.recipe import recipe_from_dict
-    from genrecal_cli.run import distill
+    from genrecal_cli.commands.distill import distill
 
     times: list[float] = []
 

@@ -17,7 +17,7 @@ per distill update and peak memory from the cache beside the online run's.
 
 Reported: seconds per distill update and student tokens/s over the timed updates; the peak GPU
 memory of the distill stage (torch.cuda.max_memory_allocated) against the plan's estimate for
-the same recipe (`genrecal_cli.plan.make_plan`, without its margin); and MFU = model FLOPs of
+the same recipe (`genrecal_cli.commands.plan.make_plan`, without its margin); and MFU = model FLOPs of
 one update / its time / the card's dense bf16 peak. Model FLOPs per item (no recomputation):
   teacher forward       2 x teacher body parameters x teacher tokens
   student step          6 x student language-model parameters (without its head) x student tokens
@@ -169,9 +169,9 @@ def main() -> None:
         os.environ["ACCELERATE_USE_CPU"] = "1"
     from genrecal_cli.engine.parallel import make_accelerator
     from genrecal_cli.models import load_vlm
-    from genrecal_cli.plan import make_plan
+    from genrecal_cli.commands.plan import make_plan
     from genrecal_cli.recipe import recipe_from_dict
-    from genrecal_cli.run import distill
+    from genrecal_cli.commands.distill import distill
 
     work = Path(args.work) / ("small" if args.small else "full")
     work.mkdir(parents=True, exist_ok=True)
@@ -198,8 +198,8 @@ def main() -> None:
     result = distill(recipe, overwrite=True, reporter=clock, accelerator=make_accelerator(recipe))
     seconds, timed = clock.per_update("distill", args.warmup)
     teacher, student = load_vlm(str(teacher_dir), empty=True), load_vlm(str(student_dir), empty=True)
-    from genrecal_cli.model_shape import read_shape
-    from genrecal_cli.plan import recalibrator_params
+    from genrecal_cli.commands.model_shape import read_shape
+    from genrecal_cli.commands.plan import recalibrator_params
 
     rec = result.stages["distill"]
     rec_params = recalibrator_params(read_shape(recipe.teacher, "teacher"), read_shape(recipe.student, "student"),
@@ -241,7 +241,7 @@ def cache_run(raw: dict, work: Path, args, online_seconds: float | None, device:
 
     from genrecal_cli.engine.parallel import make_accelerator
     from genrecal_cli.recipe import recipe_from_dict
-    from genrecal_cli.run import distill, teach
+    from genrecal_cli.commands.distill import distill, teach
 
     folder = work / "cache"
     shutil.rmtree(folder, ignore_errors=True)

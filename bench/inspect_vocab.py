@@ -56,7 +56,7 @@ def main() -> None:
     text = corpus(int(args.mb * 1_000_000))
 
     t0 = time.perf_counter()
-    from genrecal_cli.inspect_vocab import inspect_vocab, load_source
+    from genrecal_cli.commands.inspect_vocab import inspect_vocab, load_source
 
     t_import = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""The memory plan (genrecal_cli/plan.py) against the measured peak memory of tiny runs of the
+"""The memory plan (genrecal_cli/commands/plan.py) against the measured peak memory of tiny runs of the
 real engine on CPU: per stage, the plan's estimate (static + the largest phase, no margin)
 against the peak resident memory the run adds.
 
@@ -83,7 +83,7 @@ def child(args) -> None:
 
     from genrecal_cli import run as run_module  # noqa: F401
     from genrecal_cli.engine import distill as engine  # noqa: F401
-    from genrecal_cli.plan import make_plan
+    from genrecal_cli.commands.plan import make_plan
 
     torch.set_num_threads(os.cpu_count() or 1)
     paths = json.loads(args.paths)
@@ -118,7 +118,7 @@ def logits_child(args) -> None:
 
     from genrecal_cli.engine import losses
     from genrecal_cli.engine.teacher import head_fn
-    from genrecal_cli.plan import K_REC, K_SFT
+    from genrecal_cli.commands.plan import K_REC, K_SFT
 
     rows, vocab, d = 1024, 32_000, 256
     out = {}

@@ -235,7 +235,7 @@ def teach_once(work: Path, data: dict, p: Preset, teacher: str, student: str, lo
     with `genrecal teach`'s engine in fp32 (so an arm trains as with the online teacher, to float
     noise); a complete cache is kept, a partial one resumed. Returns the folders and seconds."""
     from genrecal_cli.recipe import recipe_from_dict
-    from genrecal_cli.run import teach
+    from genrecal_cli.commands.distill import teach
 
     folders, seconds = {}, {}
     for cond, answer_input in cached:
@@ -297,10 +297,10 @@ def train(raw: dict, threads: int | None = None) -> dict:
     stopped (a killed benchmark) continues from its last checkpoint. Returns timing."""
     import torch
 
-    from genrecal_cli.display import Reporter
+    from genrecal_cli.commands.display import Reporter
     from genrecal_cli.engine.checkpoint import latest_checkpoint
     from genrecal_cli.recipe import recipe_from_dict
-    from genrecal_cli.run import distill
+    from genrecal_cli.commands.distill import distill
 
     if threads:
         torch.set_num_threads(threads)
@@ -363,7 +363,7 @@ def train_all(runs: list, jobs: int, log) -> dict[str, float]:
 def evaluate(models: dict[str, str], out: Path, p: Preset, log) -> dict[str, dict]:
     """`genrecal eval --bench shapes` in one process on every model that out does not hold yet
     (a rerun with more seeds evaluates only the new ones); label -> {acc, stderr, n}."""
-    from genrecal_cli.evaluate import EvalReport
+    from genrecal_cli.commands.evaluate import EvalReport
 
     report = EvalReport.from_dict(json.loads(out.read_text())) if out.exists() else EvalReport([], {})
     known = {m.path for m in report.models}
@@ -391,7 +391,7 @@ def evaluate(models: dict[str, str], out: Path, p: Preset, log) -> dict[str, dic
 
 def probe_summary(run_dir: Path) -> dict[str, dict[str, float]]:
     """The last reliance probe of each teacher stage in a run's metrics.jsonl."""
-    from genrecal_cli.display import PROBE_KEYS
+    from genrecal_cli.commands.display import PROBE_KEYS
 
     last: dict[str, dict[str, float]] = {}
     path = run_dir / "metrics.jsonl"

@@ -90,9 +90,9 @@ def distill(
             _memory_plan(loaded, gpus, gpu_memory, json_out, console)
         return
     _quiet_libraries()
-    from .display import Reporter
+    from .commands.display import Reporter
     from .engine.parallel import make_accelerator
-    from .run import distill as run_distill
+    from .commands.distill import distill as run_distill
 
     accelerator = make_accelerator(loaded)
     out = Path(loaded.train.output_dir)
@@ -122,7 +122,7 @@ def _remove_if_empty(folder: Path) -> None:
 
 def _draw_report(run_dir: Path, console) -> None:
     """report.png of a finished run; without matplotlib, how to get it (the run is done either way)."""
-    from .report import ReportUnavailable, write_report
+    from .commands.report import ReportUnavailable, write_report
 
     try:
         console.print(f"report: [bold]{write_report(run_dir)}[/]")
@@ -139,7 +139,7 @@ def report(
 ) -> None:
     """Draw a run's picture (loss terms per stage, learning rate, token alignment, reliance probe,
     accuracy before / after) from its metrics.jsonl; also for a run still going."""
-    from .report import write_report
+    from .commands.report import write_report
 
     console = _console()
     console.print(f"report: [bold]{write_report(run_dir, output)}[/]")
@@ -182,7 +182,7 @@ def teach(
 
     from .engine.parallel import make_accelerator
     from .engine.teach import plan_size, teach as run_teach
-    from .run import built_in_data, resolve
+    from .commands.distill import built_in_data, resolve
 
     accelerator = make_accelerator(loaded)
     loaded = built_in_data(loaded, accelerator)
@@ -278,7 +278,7 @@ def inspect_vocab(
     elif data is not None:
         sample, label = _answers(data, data_spec, samples), data
     _quiet_libraries()
-    from .inspect_vocab import inspect_vocab as run_inspect, render
+    from .commands.inspect_vocab import inspect_vocab as run_inspect, render
 
     report = run_inspect(resolve_source(teacher), resolve_source(student), text=sample, text_source=label, samples=samples)
     if json_out == "-":
@@ -300,7 +300,7 @@ def eval_(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="A local copy of MMMU/MMMU (for --bench mmmu offline)."),
 ) -> None:
     """Run benchmarks through lm-eval (hf-multimodal) on teacher and students side by side."""
-    from .evaluate import evaluate, latest_student, parse_benchmarks
+    from .commands.evaluate import evaluate, latest_student, parse_benchmarks
 
     benches = parse_benchmarks(bench)
     console = _console()
@@ -336,14 +336,14 @@ def chat(
 ) -> None:
     """Talk to a model (an exported student or any supported VLM), with images; one turn per line when piped."""
     _quiet_libraries()
-    from .chat import run_chat
+    from .commands.chat import run_chat
 
     run_chat(model, images=[str(p) for p in image or []], system=system, max_new_tokens=max_new_tokens,
              temperature=temperature, device=device, context=context)
 
 
 def _memory_plan(recipe, gpus: int, gpu_memory: float, json_out: Optional[str], console) -> None:
-    from .plan import make_plan, render
+    from .commands.plan import make_plan, render
 
     if any(m is not None and (m.path.startswith("zoo:") or m.recipe) for m in (recipe.teacher, recipe.student)):
         _quiet_libraries()  # a zoo model is built on first use; keep transformers' progress bars out
@@ -364,7 +364,7 @@ def _answers(source: str, spec, samples: int) -> list[str]:
 
     from .data.formats import answers_of, detect, to_conversation
     from .recipe import DataSpec
-    from .run import load_rows
+    from .commands.distill import load_rows
 
     spec = dataclasses.replace(spec or DataSpec(), source=source, num_train=None)
     rows = load_rows(spec, spec.train_split)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from genrecal_cli.chat import (
+from genrecal_cli.commands.chat import (
     COMMANDS,
     ChatSession,
     Command,

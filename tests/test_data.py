@@ -16,7 +16,7 @@ from genrecal_cli.data.sources import SkipItem
 from genrecal_cli.engine.parallel import RankBatches
 from genrecal_cli.errors import DataError
 from genrecal_cli.recipe import DataSpec
-from genrecal_cli.run import load_rows as load_split  # shapes or an external source, as a run loads it
+from genrecal_cli.commands.distill import load_rows as load_split  # shapes or an external source, as a run loads it
 
 IMG, TXT = {"type": "image"}, lambda t: {"type": "text", "text": t}
 RED, BLUE = Image.new("RGB", (64, 64), (220, 30, 30)), Image.new("RGB", (64, 64), (30, 70, 220))
@@ -323,7 +323,7 @@ def _shards(tmp_path, n=24, files=4):
 
 def test_a_stream_is_shared_by_processes_and_workers_and_resumes_mid_epoch(tiny_pair, tmp_path):
     from genrecal_cli.data.stream import StreamBatches, row_key
-    from genrecal_cli.run import load_stream
+    from genrecal_cli.commands.distill import load_stream
 
     _, student = tiny_pair
     folder, rows = _shards(tmp_path)
@@ -381,7 +381,7 @@ def test_streaming_needs_steps_and_no_length_grouping():
 
 def test_a_streamed_run_trains_and_exports(tmp_path, tiny_pair):
     from genrecal_cli.recipe import recipe_from_dict
-    from genrecal_cli.run import distill
+    from genrecal_cli.commands.distill import distill
 
     raw = {"teacher": {"path": "zoo:tiny-teacher"}, "student": {"path": "zoo:tiny-student"},
            "data": {"source": "chats", "shapes_size": 30, "max_length": 256, "streaming": True, "num_workers": 1},
@@ -417,7 +417,7 @@ def test_a_streamed_file_is_read_as_the_loop_needs_it_not_whole(tmp_path):
     """The first rows of a large streamed JSON file come from its first chunk: a file whose tail
     (past 4 MiB) is not JSON at all still gives its first batch, so the time to the first step
     does not grow with the file (datasets' default 10 MiB chunk would parse that tail first)."""
-    from genrecal_cli.run import load_stream
+    from genrecal_cli.commands.distill import load_stream
 
     row = {"question": "what is drawn here, and in which colour? " * 50, "answer": "a red square " * 4}
     line = json.dumps(row) + "\n"
@@ -432,7 +432,7 @@ def test_a_streamed_file_is_read_as_the_loop_needs_it_not_whole(tmp_path):
 
 def test_a_stream_that_turns_unreadable_stops_with_one_line_naming_it(tiny_pair, tmp_path):
     from genrecal_cli.data.stream import StreamBatches
-    from genrecal_cli.run import load_stream
+    from genrecal_cli.commands.distill import load_stream
 
     _, student = tiny_pair
     line = json.dumps({"question": "what is drawn here? " * 100, "answer": "a red square"}) + "\n"

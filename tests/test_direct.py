@@ -125,7 +125,7 @@ def test_two_micro_batches_of_two_reach_the_weights_of_one_batch_of_four(tmp_pat
 
     Every answer has the same tokens, so each micro-batch's mean loss weighs its tokens as the
     batch of four does; the sampler's permutation does not depend on the batch size."""
-    from genrecal_cli.run import distill
+    from genrecal_cli.commands.distill import distill
 
     from .test_train import Recorder, _student_weights
 

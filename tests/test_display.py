@@ -14,7 +14,7 @@ import time
 import pytest
 from rich.console import Console
 
-from genrecal_cli.display import METRICS_FILE, Reporter
+from genrecal_cli.commands.display import METRICS_FILE, Reporter
 
 from .conftest import ROOT
 
@@ -242,7 +242,7 @@ def test_log_every_must_be_positive():
 
 
 def test_display_does_not_import_torch():
-    code = "import sys, genrecal_cli.display\nprint('torch' in sys.modules)"
+    code = "import sys, genrecal_cli.commands.display\nprint('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"

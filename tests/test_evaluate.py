@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from genrecal_cli.errors import GenrecalError
-from genrecal_cli.evaluate import BENCHMARKS, MMMU_COLUMNS, latest_student, parse_benchmarks
+from genrecal_cli.commands.evaluate import BENCHMARKS, MMMU_COLUMNS, latest_student, parse_benchmarks
 
 MMMU_SUBJECTS = (
     "Accounting", "Agriculture", "Architecture_and_Engineering", "Art", "Art_Theory", "Basic_Medical_Science",
@@ -139,7 +139,7 @@ def test_json_protocol(side_by_side, models, mmmu_dir):
 
 def test_metadata_of_an_exported_student(models, tmp_path):
     """A folder with genrecal.json (what `genrecal distill` exports) carries its recipe and stages into the report."""
-    from genrecal_cli.evaluate import evaluate
+    from genrecal_cli.commands.evaluate import evaluate
 
     student = tmp_path / "run" / "student"
     shutil.copytree(models["student"], student)
@@ -163,8 +163,8 @@ def test_metadata_of_an_exported_student(models, tmp_path):
 def test_plain_lm_eval_gives_the_same_answers(which, models, tmp_path):
     """`lm_eval --model hf-multimodal --model_args pretrained=DIR` loads the folder without genrecal's
     model code and answers the first shapes item exactly as `genrecal eval` does."""
-    from genrecal_cli.evaluate import evaluate
-    from genrecal_cli.tasks import TASKS_DIR
+    from genrecal_cli.commands.evaluate import evaluate
+    from genrecal_cli.commands.tasks import TASKS_DIR
 
     lm_eval = Path(sys.executable).with_name("lm_eval")
     proc = subprocess.run(
@@ -294,7 +294,7 @@ def test_the_offline_mmmu_message_names_a_command_the_installed_hub_client_has(t
     import re
 
     from genrecal_cli.errors import DataError
-    from genrecal_cli.evaluate import check_mmmu_data
+    from genrecal_cli.commands.evaluate import check_mmmu_data
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

@@ -16,7 +16,7 @@ import pytest
 
 from genrecal_cli import vocab as V
 from genrecal_cli.errors import GenrecalError
-from genrecal_cli.inspect_vocab import DEFAULT_TEXT, Source, inspect_vocab, load_source, render
+from genrecal_cli.commands.inspect_vocab import DEFAULT_TEXT, Source, inspect_vocab, load_source, render
 
 # ASCII, so that offsets from tiktoken (per byte) and ours (per character) count the same thing
 ENGLISH = (
@@ -404,7 +404,7 @@ def test_hub_id_offline(monkeypatch):
 
 def test_tokenizer_sources_import_no_torch(qwen_path, cl100k_path):
     code = (
-        "import sys; from genrecal_cli.inspect_vocab import inspect_vocab; "
+        "import sys; from genrecal_cli.commands.inspect_vocab import inspect_vocab; "
         f"inspect_vocab({qwen_path!r}, {cl100k_path!r}); print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ}, timeout=120)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from genrecal_cli.recipe import recipe_from_dict
-from genrecal_cli.run import distill
+from genrecal_cli.commands.distill import distill
 
 from .test_train import Recorder, _recipe
 

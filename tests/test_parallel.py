@@ -299,7 +299,7 @@ def test_a_sharded_teacher_holds_half_on_each_rank_and_trains_like_a_replicated_
     from genrecal_cli.engine.accuracy import accuracy as greedy, generate_answers
     from genrecal_cli.models import load_vlm
     from genrecal_cli.recipe import load_recipe
-    from genrecal_cli.run import resolve
+    from genrecal_cli.commands.distill import resolve
 
     sharded = _recipe(tmp_path / "shard.toml", tmp_path / "shard", SHARD_STAGES + '[parallel]\nteacher = "shard"\n',
                       save_every=2)

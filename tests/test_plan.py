@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from genrecal_cli.errors import GenrecalError
-from genrecal_cli.model_shape import Decoder, read_shape, shape_from_config
-from genrecal_cli.plan import GIB, estimate, layer_activations, make_plan
+from genrecal_cli.commands.model_shape import Decoder, read_shape, shape_from_config
+from genrecal_cli.commands.plan import GIB, estimate, layer_activations, make_plan
 from genrecal_cli.recipe import ModelSpec, load_recipe
 
 from .conftest import ROOT, heavy_imports

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from genrecal_cli.report import ReportUnavailable, figure, read_run, write_report
+from genrecal_cli.commands.report import ReportUnavailable, figure, read_run, write_report
 
 from .conftest import run_cli
 

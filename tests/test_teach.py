@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from genrecal_cli.engine.cache import CacheReader
 from genrecal_cli.errors import DataError
 from genrecal_cli.recipe import recipe_from_dict
-from genrecal_cli.run import distill
+from genrecal_cli.commands.distill import distill
 
 from .conftest import run_cli
 

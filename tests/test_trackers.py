@@ -9,10 +9,10 @@ import json
 import pytest
 from rich.console import Console
 
-from genrecal_cli.display import Reporter
+from genrecal_cli.commands.display import Reporter
 from genrecal_cli.errors import GenrecalError, RecipeError
 from genrecal_cli.recipe import recipe_from_dict
-from genrecal_cli.run import distill
+from genrecal_cli.commands.distill import distill
 
 
 def _raw(out, **train):

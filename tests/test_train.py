@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from genrecal_cli.errors import GenrecalError
 from genrecal_cli.recipe import recipe_from_dict
-from genrecal_cli.run import distill
+from genrecal_cli.commands.distill import distill
 
 from .conftest import run_cli
 
@@ -64,7 +64,7 @@ def test_accuracy_is_measured_before_and_after(tmp_path, monkeypatch, tiny_pair)
     """A stub generator whose answers are known: the teacher answers everything right, the
     student wrong before training and right after: 1.0 / 0.0 / 1.0, per group too."""
     from genrecal_cli.engine import accuracy as accuracy_module
-    from genrecal_cli.run import load_rows
+    from genrecal_cli.commands.distill import load_rows
 
     asked = []
     recipe = _recipe(tmp_path, stages=("align", "finetune"), steps=1, eval_items=6)
@@ -418,7 +418,7 @@ def test_distill_stage_leaves_the_teacher_bit_identical(tmp_path, tiny_pair):
     from genrecal_cli.models import load_vlm
     from genrecal_cli.engine.recalibrator import Recalibrator
     from genrecal_cli.engine.stages import Run, run_stage
-    from genrecal_cli.run import load_rows
+    from genrecal_cli.commands.distill import load_rows
     from genrecal_cli.world.zoo import resolve_source
 
     teacher = load_vlm(resolve_source("zoo:tiny-teacher"))
@@ -456,13 +456,13 @@ def test_reliance_probe_is_logged_in_teacher_stages_only(full_run, tiny_pair):
     finetune, and what it logged at align's end is reliance() recomputed from align's checkpoint
     on the same batch (the first probe_items training items)."""
     from genrecal_cli.data.loader import Collator, PairDataset
-    from genrecal_cli.display import PROBE_KEYS
+    from genrecal_cli.commands.display import PROBE_KEYS
     from genrecal_cli.engine.objective import GenRecal
     from genrecal_cli.engine.probe import reliance
     from genrecal_cli.engine.recalibrator import Recalibrator
     from genrecal_cli.engine.teacher import head_fn, teacher_features
     from genrecal_cli.models import load_vlm
-    from genrecal_cli.run import load_rows
+    from genrecal_cli.commands.distill import load_rows
 
     out, _, rec = full_run
     probed = {(stage, step) for stage, step, m in rec.rows if set(PROBE_KEYS) <= set(m)}
@@ -489,7 +489,7 @@ def _probe_setup(tiny_pair, answer_input="hidden"):
     from genrecal_cli.engine.objective import GenRecal
     from genrecal_cli.engine.recalibrator import Recalibrator
     from genrecal_cli.engine.teacher import head_fn, teacher_features
-    from genrecal_cli.run import load_rows
+    from genrecal_cli.commands.distill import load_rows
 
     teacher, student = tiny_pair
     recipe = _recipe("unused", stages=("align",))
@@ -599,24 +599,41 @@ def test_classic_kd_across_tokenizers_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
-def test_the_engine_never_imports_the_tiny_world():
-    """zoo: models and the shapes data are resolved at the edge (run.py) and handed in."""
+def _imports(folder) -> list[tuple[str, list[str]]]:
+    """(file:line, the dotted names an import statement names) for every import in folder's files."""
     import ast
 
+    found = []
+    for path in sorted(folder.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                found.append((f"{path.name}:{node.lineno}", [("." * node.level) + (node.module or "")] + [a.name for a in node.names]))
+            elif isinstance(node, ast.Import):
+                found.append((f"{path.name}:{node.lineno}", [a.name for a in node.names]))
+    return found
+
+
+def test_the_engine_never_imports_the_tiny_world():
+    """zoo: models and the shapes data are resolved at the edge (commands/distill.py) and handed in."""
     from .conftest import ROOT
 
-    offenders = []
-    for path in sorted((ROOT / "genrecal_cli" / "engine").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.ImportFrom):
-                names = [("." * node.level) + (node.module or "")] + [a.name for a in node.names]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            if any(part in ("world", "zoo", "shapes") for n in names for part in n.replace(".", " ").split()):
-                offenders.append(f"{path.name}:{node.lineno}")
+    offenders = [where for where, names in _imports(ROOT / "genrecal_cli" / "engine")
+                 if any(part in ("world", "zoo", "shapes") for n in names for part in n.replace(".", " ").split())]
     assert not offenders
     assert "object.__setattr__" not in "".join(p.read_text() for p in (ROOT / "genrecal_cli" / "engine").glob("*.py"))
+
+
+def test_the_core_never_imports_a_command():
+    """engine/ and data/ feed the commands, never the other way round; the top of the package
+    holds only the CLI, the recipe, the model view and the errors."""
+    from .conftest import ROOT
+
+    pkg = ROOT / "genrecal_cli"
+    for part in ("engine", "data"):
+        offenders = [where for where, names in _imports(pkg / part) if any("commands" in n.split(".") for n in names)]
+        assert not offenders, (part, offenders)
+    assert sorted(p.name for p in pkg.glob("*.py")) == ["__init__.py", "__main__.py", "cli.py", "errors.py", "models.py",
+                                                        "recipe.py"]
 
 
 def test_a_student_from_a_real_checkpoint_keeps_its_own_processor_files(tmp_path, tiny_pair):
@@ -666,7 +683,7 @@ def test_data_without_a_validation_split_holds_out_the_tables_rows_and_says_so(t
     from genrecal_cli.engine import accuracy as accuracy_module
     from genrecal_cli.engine.cache import fingerprint
     from genrecal_cli.errors import DataError
-    from genrecal_cli.run import resolve
+    from genrecal_cli.commands.distill import resolve
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"question": f"What is item {i}?", "answer": f"Item {i}."}) + "\n"

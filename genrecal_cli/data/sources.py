@@ -22,7 +22,7 @@ def load_split(spec: DataSpec, split: str, held_out: int = 0):
     (the accuracy table's, where the source has no validation split). The built-in data sets
     are made at the edge (run.py) and checked with `check_split`."""
     if spec.source == "shapes":
-        raise DataError("data.source 'shapes' is the built-in data set: load it with genrecal_cli.run.load_rows")
+        raise DataError("data.source 'shapes' is the built-in data set: load it with genrecal_cli.commands.distill.load_rows")
     return check_split(_load_external(spec.source, split), spec, split, held_out)
 
 

@@ -3,7 +3,7 @@ accuracy before, run the enabled stages in order (resuming where a checkpoint sa
 each stage's state, measure accuracy after and export the plain student.
 
 Inputs arrive resolved (real folders, loaded rows, a scorer): the engine never builds models or
-data of its own; `genrecal_cli.run` does that at the edge.
+data of its own; `genrecal_cli.commands.distill` does that at the edge.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def alignment_stats(batch: dict, tf: TeacherFeatures, recalibrated: torch.Tensor
     the live display and metrics.jsonl: tokens per item and side (all turns), shared answer-token
     boundaries over every answer turn and, given the Recalibrator's rows, their top-1 agreement
     with the teacher's own rows."""
-    from ..vocab import SplitStats, split_stats
+    from ..data.vocab import SplitStats, split_stats
 
     t, s = batch["teacher"], batch["student"]
 

@@ -11,17 +11,17 @@ import dataclasses
 from contextlib import nullcontext
 from pathlib import Path
 
-from .errors import GenrecalError
-from .recipe import DataSpec, Recipe
+from ..errors import GenrecalError
+from ..recipe import DataSpec, Recipe
 
 
 def load_rows(spec: DataSpec, split: str, *, seed: int = 0, held_out: int = 0):
     """One split of the recipe's data as a `datasets.Dataset`, columns checked, its first
     `held_out` rows left out (an external source's; see `held_out`)."""
-    from .data.sources import check_split, load_split
+    from ..data.sources import check_split, load_split
 
     if spec.source == "shapes":
-        from .world.shapes import make_split
+        from ..world.shapes import make_split
 
         n = spec.shapes_size if split == "train" else max(200, spec.shapes_size // 10)
         return check_split(make_split(split, n, seed=seed), spec, split)
@@ -33,7 +33,7 @@ def load_rows(spec: DataSpec, split: str, *, seed: int = 0, held_out: int = 0):
 def load_stream(spec: DataSpec, split: str, *, seed: int = 0, held_out: int = 0):
     """One split of the recipe's data as a stream (data.streaming); the built-in shapes data is
     made in memory first."""
-    from .data.sources import as_stream, check_stream, load_stream as stream_external
+    from ..data.sources import as_stream, check_stream, load_stream as stream_external
 
     if spec.source == "shapes":
         return check_stream(as_stream(load_rows(spec, split, seed=seed)), spec, split)
@@ -45,8 +45,8 @@ def load_stream(spec: DataSpec, split: str, *, seed: int = 0, held_out: int = 0)
 def resolve_model(spec, role: str, reporter=None, accelerator=None) -> str:
     """The local folder or hub id of a model; a `zoo:` model is built, and a model whose `recipe`
     says how to make it is trained first (resuming where an earlier try stopped)."""
-    from .recipe import load_recipe
-    from .world.zoo import resolve_source
+    from ..recipe import load_recipe
+    from ..world.zoo import resolve_source
 
     # A zoo model is built once per machine: the local main process first, the others reuse it.
     with accelerator.local_main_process_first() if accelerator is not None else nullcontext():
@@ -76,8 +76,8 @@ def built_in_data(recipe: Recipe, accelerator=None) -> Recipe:
 
 def chats_folder(spec: DataSpec, seed: int = 0, accelerator=None) -> Path:
     """The built-in conversations for `spec` (data.shapes_size training items), built if missing."""
-    from .world.chats import build_chats
-    from .world.zoo import cache_dir
+    from ..world.chats import build_chats
+    from ..world.zoo import cache_dir
 
     n = spec.shapes_size
     n_val = max(200, n // 10)
@@ -88,7 +88,7 @@ def chats_folder(spec: DataSpec, seed: int = 0, accelerator=None) -> Path:
 
 def resolve(recipe: Recipe, reporter=None, accelerator=None, needs_teacher: bool | None = None):
     """Everything the engine needs from a recipe, resolved (engine.distill.Inputs)."""
-    from .engine.distill import Inputs
+    from ..engine.distill import Inputs
 
     if needs_teacher is None:
         needs_teacher = any(getattr(recipe.stages, s).enabled for s in ("align", "distill"))
@@ -118,9 +118,9 @@ def resolve(recipe: Recipe, reporter=None, accelerator=None, needs_teacher: bool
             validation = rows.select(range(min(n_eval, len(rows))))
     if validation is not None:
         if data.source == "shapes":
-            from .world.shapes import scorer as score
+            from ..world.shapes import scorer as score
         elif (Path(data.source) / "chats.json").is_file():  # a folder the chats builder wrote
-            from .world.chats import scorer as score
+            from ..world.chats import scorer as score
     return Inputs(student=student, teacher=teacher, train=train, validation=validation, score=score,
                   held_out=held, validation_title=f"{len(validation)} items held out of the training data" if held
                   else f"the {data.eval_split} split")
@@ -130,7 +130,7 @@ def held_out(recipe: Recipe) -> int:
     """How many of the training data's first rows the accuracy table takes: train.eval_items
     when the data has no validation split (data.eval_split) of its own, else none. The same on
     every run and process of a recipe; `genrecal teach` and `distill` hold out the same rows."""
-    from .data.sources import has_split
+    from ..data.sources import has_split
 
     data = recipe.data
     return recipe.train.eval_items if recipe.train.eval_items and not has_split(data, data.eval_split) else 0
@@ -139,8 +139,8 @@ def held_out(recipe: Recipe) -> int:
 def teach(recipe: Recipe, folder, *, accelerator=None, **options):
     """`genrecal teach`'s pass without its display: resolve the recipe's teacher and data, then
     write the teacher-feature cache into `folder` (engine.teach.teach and its options)."""
-    from .engine.parallel import make_accelerator
-    from .engine.teach import teach as run_engine
+    from ..engine.parallel import make_accelerator
+    from ..engine.teach import teach as run_engine
 
     accelerator = accelerator or make_accelerator(recipe)
     recipe = built_in_data(recipe, accelerator)
@@ -150,8 +150,8 @@ def teach(recipe: Recipe, folder, *, accelerator=None, **options):
 
 def distill(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, reporter=None, accelerator=None, prefix: str = ""):
     """`genrecal distill`: resolve the recipe, then run the engine on it."""
-    from .engine.distill import distill as run_engine
-    from .engine.parallel import make_accelerator
+    from ..engine.distill import distill as run_engine
+    from ..engine.parallel import make_accelerator
 
     accelerator = accelerator or make_accelerator(recipe)
     recipe = built_in_data(recipe, accelerator)

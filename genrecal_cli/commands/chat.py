@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, TextIO
 
-from .errors import GenrecalError, ModelLoadError
+from ..errors import GenrecalError, ModelLoadError
 
 # Real checkpoints declare windows of 32k-128k positions; a chat on one device rarely wants to
 # re-read that much every turn, and tiny models may declare far more than they were built for.
@@ -180,7 +180,7 @@ class ChatSession:
         raise TurnError(f"unknown command {cmd.name}\n{help_text()}")
 
     def attach(self, path: str) -> str:
-        from .data.sources import SkipItem, open_image
+        from ..data.sources import SkipItem, open_image
 
         if not path:
             raise TurnError("usage: /image PATH")
@@ -306,8 +306,8 @@ class ChatSession:
 
 def load_chat_model(source: str, device: str | None = None):
     """The VLM for `source` (a folder, hub id or zoo:NAME), checked to have a chat template."""
-    from .models import load_vlm
-    from .world.zoo import resolve_source
+    from ..models import load_vlm
+    from ..world.zoo import resolve_source
 
     if device is None:
         import torch

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import GenrecalError
+from ..errors import GenrecalError
 
 REPORT_FILE = "report.png"
 STAGE_ORDER = ("align", "distill", "finetune")

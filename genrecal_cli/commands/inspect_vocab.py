@@ -18,8 +18,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import vocab as V
-from .errors import GenrecalError, first_line
+from ..data import vocab as V
+from ..errors import GenrecalError, first_line
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
 CONFIG_FILES = ("config.json", "preprocessor_config.json", "processor_config.json", "chat_template.json", "chat_template.jinja")
@@ -632,7 +632,7 @@ def _load_processor(src: Source):
     loader = AutoProcessor
     model_type = (src.config or {}).get("model_type")
     try:
-        from .models import FAMILIES
+        from ..models import FAMILIES
 
         if model_type in FAMILIES and FAMILIES[model_type].processor is not None:
             loader = FAMILIES[model_type].processor

@@ -42,7 +42,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional
 
-from .errors import GenrecalError
+from ..errors import GenrecalError
 from .model_shape import DTYPE_BYTES, Decoder, ModelShape, read_shape
 
 GIB = 2**30

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError, GenrecalError, ModelLoadError, first_line
+from ..errors import DataError, GenrecalError, ModelLoadError, first_line
 
 LM_EVAL_PREFIX = "lm-eval:"
 MMMU_DATASET = "MMMU/MMMU"
@@ -338,7 +338,7 @@ def evaluate(
     import transformers
     from lm_eval.tasks import TaskManager
 
-    from . import __version__
+    from .. import __version__
     from .tasks import TASKS_DIR
 
     device = device or _default_device()
