@@ -138,7 +138,7 @@ def _from_messages(row: Mapping, spec, where: str) -> Conversation:
     if not isinstance(raw, (list, tuple)) or not raw:
         raise DataError(f"{where}: field '{col}' must be a non-empty list of messages, got {_kind(raw)}")
     listed = row.get(spec.images_column)
-    listed = [] if _absent(listed) else (list(listed) if isinstance(listed, (list, tuple)) else [listed])
+    listed = _values(listed)
     messages, images, used = [], [], 0
     for m, msg in enumerate(raw):
         at = f"{where}: {col}[{m}]"
@@ -185,11 +185,8 @@ def _from_messages(row: Mapping, spec, where: str) -> Conversation:
 
 def _from_llava(row: Mapping, spec, where: str) -> Conversation:
     col = spec.conversations_column
-    raw = row.get(col)
-    if not isinstance(raw, (list, tuple)) or not raw:
-        raise DataError(f"{where}: field '{col}' must be a non-empty list of turns, got {_kind(raw)}")
-    value = row.get(spec.image_column)
-    paths = [] if _absent(value) else (list(value) if isinstance(value, (list, tuple)) else [value])
+    raw = _turns(row, col, where)
+    paths = _values(row.get(spec.image_column))
     messages, used = [], 0
     for t, turn in enumerate(raw):
         at = f"{where}: {col}[{t}]"
@@ -221,11 +218,8 @@ def _from_llava(row: Mapping, spec, where: str) -> Conversation:
 
 def _from_cauldron(row: Mapping, spec, where: str) -> Conversation:
     col = spec.texts_column
-    raw = row.get(col)
-    if not isinstance(raw, (list, tuple)) or not raw:
-        raise DataError(f"{where}: field '{col}' must be a non-empty list of turns, got {_kind(raw)}")
-    listed = row.get(spec.images_column)
-    images = [] if _absent(listed) else (list(listed) if isinstance(listed, (list, tuple)) else [listed])
+    raw = _turns(row, col, where)
+    images = _values(row.get(spec.images_column))
     messages: list[dict] = []
     for t, turn in enumerate(raw):
         at = f"{where}: {col}[{t}]"
@@ -264,6 +258,19 @@ def _scalar_text(value: Any) -> Any:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     return value
+
+
+def _turns(row: Mapping, col: str, where: str) -> list:
+    """The row's list of turns in `col` (LLaVA's conversations, The Cauldron's texts)."""
+    raw = row.get(col)
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise DataError(f"{where}: field '{col}' must be a non-empty list of turns, got {_kind(raw)}")
+    return list(raw)
+
+
+def _values(value: Any) -> list:
+    """A column that holds one value or a list of them (images), as a list; [] when absent."""
+    return [] if _absent(value) else (list(value) if isinstance(value, (list, tuple)) else [value])
 
 
 def _absent(value: Any) -> bool:
