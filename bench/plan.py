@@ -81,7 +81,7 @@ def child(args) -> None:
     import torch  # noqa: F401  (imported before the baseline, as the run needs them)
     import transformers  # noqa: F401
 
-    from genrecal_cli import run as run_module  # noqa: F401
+    from genrecal_cli.commands import distill as run_module  # noqa: F401
     from genrecal_cli.engine import distill as engine  # noqa: F401
     from genrecal_cli.commands.plan import make_plan
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from genrecal_cli import vocab as V
+from genrecal_cli.data import vocab as V
 from genrecal_cli.errors import GenrecalError
 from genrecal_cli.commands.inspect_vocab import DEFAULT_TEXT, Source, inspect_vocab, load_source, render
 

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from genrecal_cli import vocab as V
+from genrecal_cli.data import vocab as V
 
 # ---------------------------------------------------------------- surfaces
 
