@@ -75,7 +75,7 @@ def batch(vocab, b, q, a, device, seed):
         labels[r, qlen[r]:n] = ids[r, qlen[r]:n]
     # one turn: segment 0 the question, 1 the answer, -1 padding (data/render.py)
     segment = torch.where(labels != -100, 1, torch.where(att.bool(), 0, -1))
-    out = {"input_ids": ids, "attention_mask": att, "labels": labels, "answer_mask": labels != -100, "segment": segment}
+    out = {"input_ids": ids, "attention_mask": att, "labels": labels, "segment": segment}
     return {k: v.to(device) for k, v in out.items()}
 
 

@@ -275,7 +275,7 @@ def teacher_beyond_labels(cache: str, items: int) -> dict:
         batch = reader.batch(list(range(start, min(items, start + 256))))
         with torch.no_grad():
             p = head(batch["rows"].float()).softmax(-1)
-        counts = (batch["answer.turn"] >= 0).sum(1)
+        counts = (batch["answer.segment"] >= 0).sum(1)
         first = torch.cumsum(counts, 0) - counts
         top, arg = p.max(-1)
         entropy = -(p * p.clamp_min(1e-12).log()).sum(-1)

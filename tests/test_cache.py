@@ -42,7 +42,7 @@ def _features(seed=0, batch=5, d=8) -> TeacherFeatures:
 def _same(a: TeacherFeatures, b: TeacherFeatures, tol=0.0):
     for name in ("question", "answer"):
         x, y = getattr(a, name), getattr(b, name)
-        assert torch.equal(x.turn, y.turn) and torch.equal(x.pos[x.mask], y.pos[y.mask])
+        assert torch.equal(x.segment, y.segment) and torch.equal(x.pos[x.mask], y.pos[y.mask])
         err = (x.x[x.mask] - y.x[y.mask]).norm(dim=-1) / x.x[x.mask].norm(dim=-1)
         assert err.max() <= tol, (name, err.max())
     assert torch.equal(a.targets, b.targets)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from genrecal_cli.data.formats import Conversation, to_conversation
 from genrecal_cli.data.loader import Batches, Collator, Item, PairDataset, Skipped, model_inputs
-from genrecal_cli.data.render import encode, encode_pair, segment_texts
+from genrecal_cli.data.render import encode, encode_pair, is_answer, segment_texts
 from genrecal_cli.data.sources import SkipItem
 from genrecal_cli.engine.parallel import RankBatches
 from genrecal_cli.errors import DataError
@@ -63,7 +63,7 @@ def test_every_answer_turn_is_masked_token_by_token_on_both_sides(tiny_pair):
         labels = b["labels"][0]
         answer = torch.tensor([s % 2 == 1 for s in seg])
         assert torch.equal(labels[answer], ids[answer]) and (labels[~answer] == -100).all()
-        assert torch.equal(b["answer_mask"][0], answer)
+        assert torch.equal(is_answer(b["segment"][0][: len(seg)]), answer) and "answer_mask" not in b
         # both images, each in the question segment that shows it, none elsewhere
         img = ids == vlm.image_token_id
         per_segment = [int(img[torch.tensor(seg) == s].sum()) for s in range(6)]

@@ -80,7 +80,7 @@ def test_the_recalibrator_reads_every_question_turn_of_the_student(tiny_pair, tw
         assert set(seg[i, where].tolist()) == {0, 2}
         n = len(where)
         assert int(question.mask[i].sum()) == n
-        assert question.turn[i, :n].tolist() == seg[i, where].tolist()
+        assert question.segment[i, :n].tolist() == seg[i, where].tolist()
         assert question.pos[i, :n].tolist() == where.tolist()
         assert torch.allclose(question.x[i, :n], z_s[i, where], atol=1e-6)
 
@@ -113,9 +113,9 @@ def test_the_probes_other_item_is_the_neighbour(tiny_pair, two_turn_batch):
     tf = teacher_features(teacher, two_turn_batch["teacher"], "hidden")
     out = reliance(module, two_turn_batch["student"], tf, head_fn(teacher.head))
     real, other, zero = (c["question"] for c in calls)
-    assert torch.equal(other.x, real.x.roll(1, 0)) and torch.equal(other.turn, real.turn.roll(1, 0))
+    assert torch.equal(other.x, real.x.roll(1, 0)) and torch.equal(other.segment, real.segment.roll(1, 0))
     assert not torch.equal(other.x, real.x)  # another item: other features
-    assert torch.equal(zero.x, torch.zeros_like(real.x)) and torch.equal(zero.turn, real.turn)
+    assert torch.equal(zero.x, torch.zeros_like(real.x)) and torch.equal(zero.segment, real.segment)
     assert all(c["answer"] is tf.answer for c in calls)  # the teacher's answers stay the item's own
     assert out["rely_first_ar_real"] != out["rely_first_ar_other"]
 

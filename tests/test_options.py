@@ -96,7 +96,7 @@ def _spy_align(tmp_path, monkeypatch, **recalibrator):
 def _copy(tokens):
     from genrecal_cli.engine.turns import Tokens
 
-    return Tokens(tokens.x.detach().clone(), tokens.turn.clone(), tokens.pos.clone())
+    return Tokens(tokens.x.detach().clone(), tokens.segment.clone(), tokens.pos.clone())
 
 
 @pytest.mark.parametrize("answer_input", ["hidden", "embeddings"])
@@ -110,7 +110,7 @@ def test_answer_input_chooses_what_stands_for_the_teacher_answer(tmp_path, monke
     t_seg = seen["teacher_segment"]
     assert answer.mask.sum(1).tolist() == ((t_seg >= 0) & (t_seg % 2 == 1)).sum(1).tolist()
     ids = seen["teacher_ids"].gather(1, answer.pos)[answer.mask]
-    assert torch.equal(t_seg.gather(1, answer.pos)[answer.mask], answer.turn[answer.mask])
+    assert torch.equal(t_seg.gather(1, answer.pos)[answer.mask], answer.segment[answer.mask])
     # the answer tokens are the embedding rows the input equals (embeddings) or not (hidden)
     table = teacher.input_embeddings.weight.detach()
     given = answer.x[answer.mask]

@@ -30,10 +30,10 @@ SEGMENT = torch.tensor([
 def _check_selected(tok: Tokens, x, want_turn, want_pos):
     """tok holds exactly the listed tokens per item (turn, pos, x = the source row), then padding."""
     width = max(len(t) for t in want_turn)
-    assert tok.x.shape == (2, width, x.shape[-1]) and tok.turn.shape == tok.pos.shape == (2, width)
+    assert tok.x.shape == (2, width, x.shape[-1]) and tok.segment.shape == tok.pos.shape == (2, width)
     for i, (turns, poss) in enumerate(zip(want_turn, want_pos)):
         n = len(turns)
-        assert tok.turn[i].tolist() == turns + [-1] * (width - n)
+        assert tok.segment[i].tolist() == turns + [-1] * (width - n)
         assert tok.mask[i].tolist() == [True] * n + [False] * (width - n)
         assert tok.pos[i, :n].tolist() == poss
         assert torch.equal(tok.x[i, :n], x[i, poss])
@@ -201,3 +201,16 @@ def test_positions_run_over_the_real_tokens_of_every_turn():
     for p in [positions, *seen["blocks"]]:
         for i, n in real.items():
             assert p[i, :n].tolist() == list(range(n))
+
+
+def test_one_reading_of_the_segment_convention():
+    """data/render.py's is_answer / is_question: 2k+1 answer k, 2k the question before it, -1
+    padding neither; for a tensor and for one segment (Python's -1 % 2 is 1: padding must not
+    pass for an answer)."""
+    from genrecal_cli.data.render import is_answer, is_question
+
+    seg = torch.tensor([0, 0, 1, 2, 3, 3, -1])
+    assert is_answer(seg).tolist() == [False, False, True, False, True, True, False]
+    assert is_question(seg).tolist() == [True, True, False, True, False, False, False]
+    assert [bool(is_answer(s)) for s in (0, 1, 2, 3, -1)] == [False, True, False, True, False]
+    assert not is_question(-1)

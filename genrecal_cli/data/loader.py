@@ -13,8 +13,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 from ..errors import DataError, GenrecalError
 from ..recipe import DataSpec
 from .formats import detect, to_conversation
-from .render import Encoded, encode_pair
-from .render import pad_to_common
+from .render import Encoded, encode_pair, is_answer, pad_to_common
 from .sources import SkipItem, columns_of, image_root, open_image
 
 IGNORE_INDEX = -100
@@ -178,7 +177,7 @@ def _reasons(counter: Counter) -> str:
 
 def collate_side(items: Sequence[Encoded], pad_id: int) -> dict[str, Any]:
     """Right-padded batch for one side: input_ids, attention_mask, labels (every answer token,
-    -100 elsewhere), answer_mask, segment (-1 on padding), per-token extras, image tensors joined
+    -100 elsewhere), segment (-1 on padding), per-token extras, image tensors joined
     along dim 0, and each item's answers (texts, offsets, spans) for alignment statistics.
     `model_inputs(batch)` picks what the model takes."""
     import torch
@@ -190,12 +189,11 @@ def collate_side(items: Sequence[Encoded], pad_id: int) -> dict[str, Any]:
     for r, e in enumerate(items):
         input_ids[r, : len(e.input_ids)] = torch.tensor(e.input_ids, dtype=torch.long)
         segment[r, : len(e.segment)] = torch.tensor(e.segment, dtype=torch.long)
-    answer = (segment >= 0) & (segment % 2 == 1)
+    answer = is_answer(segment)
     batch: dict[str, Any] = {
         "input_ids": input_ids,
         "attention_mask": (segment >= 0).long(),
         "labels": torch.where(answer, input_ids, torch.full_like(input_ids, IGNORE_INDEX)),
-        "answer_mask": answer,
         "segment": segment,
         "answers": [e.answers for e in items],
     }
@@ -251,7 +249,7 @@ class Collator:
         return batch
 
 
-_NOT_MODEL_INPUTS = ("labels", "answer_mask", "segment", "answers")
+_NOT_MODEL_INPUTS = ("labels", "segment", "answers")
 
 
 def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:

@@ -31,6 +31,18 @@ class Answer:
     span: tuple[int, int]
 
 
+def is_answer(segment):
+    """Where a token belongs to an answer (segment 2k+1), for a tensor of segments or one segment;
+    the one place that reads the segment convention."""
+    return (segment >= 0) & (segment % 2 == 1)
+
+
+def is_question(segment):
+    """Where a token is system/user text or an image before an answer (segment 2k); padding (-1)
+    is neither."""
+    return (segment >= 0) & (segment % 2 == 0)
+
+
 @dataclass
 class Encoded:
     """One item as one side sees it. segment[t] = 2k for question tokens before answer k, 2k+1
@@ -45,7 +57,7 @@ class Encoded:
 
     @property
     def num_answer_tokens(self) -> int:
-        return sum(s % 2 for s in self.segment)
+        return sum(bool(is_answer(s)) for s in self.segment)
 
 
 @dataclass

@@ -47,6 +47,7 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
+from ..data.render import is_answer
 from ..errors import DataError
 from .teacher import TeacherFeatures
 from .turns import Tokens
@@ -84,11 +85,11 @@ def split_items(tf: TeacherFeatures, with_question: bool) -> list[ItemFeatures]:
     for b, n in enumerate(counts):
         a, q = tf.answer.mask[b], tf.question.mask[b]
         items.append(ItemFeatures(
-            answer=tf.answer.x[b][a].detach().cpu(), answer_turn=tf.answer.turn[b][a].cpu(),
+            answer=tf.answer.x[b][a].detach().cpu(), answer_turn=tf.answer.segment[b][a].cpu(),
             answer_pos=tf.answer.pos[b][a].cpu(),
             rows=tf.rows[start:start + n].detach().cpu(), targets=tf.targets[start:start + n].cpu(),
             question=tf.question.x[b][q].detach().cpu() if with_question else None,
-            question_turn=tf.question.turn[b][q].cpu() if with_question else None,
+            question_turn=tf.question.segment[b][q].cpu() if with_question else None,
             question_pos=tf.question.pos[b][q].cpu() if with_question else None,
         ))
         start += n
@@ -127,13 +128,13 @@ def features_dict(tf: TeacherFeatures) -> dict[str, torch.Tensor]:
     out = {"rows": tf.rows, "targets": tf.targets}
     for side in ("question", "answer"):
         tokens = getattr(tf, side)
-        out.update({f"{side}.x": tokens.x, f"{side}.turn": tokens.turn, f"{side}.pos": tokens.pos})
+        out.update({f"{side}.x": tokens.x, f"{side}.segment": tokens.segment, f"{side}.pos": tokens.pos})
     return out
 
 
 def features_from_dict(d: Mapping[str, torch.Tensor]) -> TeacherFeatures:
     def tokens(side: str) -> Tokens:
-        return Tokens(d[f"{side}.x"], d[f"{side}.turn"], d[f"{side}.pos"])
+        return Tokens(d[f"{side}.x"], d[f"{side}.segment"], d[f"{side}.pos"])
 
     return TeacherFeatures(tokens("question"), tokens("answer"), d["rows"], d["targets"])
 
@@ -660,7 +661,7 @@ def check_answers(cached: TeacherFeatures, teacher_batch: dict, keys: Sequence[i
     """The cached answer tokens of each item are the answer ids of the teacher side rendered now
     (with another student, max_length may keep other turns: then the cache does not fit that
     item; another tokenizer or template would give other ids)."""
-    answer = (teacher_batch["segment"] >= 0) & (teacher_batch["segment"] % 2 == 1)
+    answer = is_answer(teacher_batch["segment"])
     counts = cached.answer.mask.sum(1).tolist()
     stored = cached.targets.detach().cpu().split(counts)
     for b, (key, then) in enumerate(zip(keys, stored)):

@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from ..data.loader import model_inputs
+from ..data.render import is_answer, is_question
 from . import losses
 from .objective import GenRecal, student_question
 from .teacher import TeacherFeatures
@@ -50,7 +51,7 @@ def alignment_stats(batch: dict, tf: TeacherFeatures, recalibrated: torch.Tensor
 
     def mean_count(side: dict, answer: bool) -> float:
         seg = side["segment"]
-        return float(((seg >= 0) & ((seg % 2 == 1) == answer)).sum(1).float().mean())
+        return float((is_answer(seg) if answer else is_question(seg)).sum(1).float().mean())
 
     stats = {
         "teacher_q_tokens": mean_count(t, False),

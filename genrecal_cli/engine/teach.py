@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..data.loader import PairDataset, default_workers
+from ..data.render import is_answer, is_question
 from ..errors import GenrecalError
 from ..recipe import Recipe
 from .cache import CacheWriter, complete, fingerprint, merge_index, split_items
@@ -158,8 +159,8 @@ def plan_size(recipe: Recipe, inputs, *, storage: str = "bf16", sample: int = 64
     if not met:
         raise GenrecalError(f"{recipe.data.source}: the first {sample} items were all skipped; nothing to cache")
     segments = [m.sides["teacher"].segment for m in met]
-    answer = sum(sum(1 for t in s if t >= 0 and t % 2 == 1) for s in segments) / len(met)
-    question = sum(sum(1 for t in s if t >= 0 and t % 2 == 0) for s in segments) / len(met)
+    answer = sum(sum(bool(is_answer(t)) for t in s) for s in segments) / len(met)
+    question = sum(sum(bool(is_question(t)) for t in s) for s in segments) / len(met)
     items = len(dataset)
     size = size_estimate(round(answer * items), round(question * items), teacher.hidden_size, storage)
     return {"items": items, "answer_tokens_per_item": answer, "question_tokens_per_item": question,

@@ -19,40 +19,42 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data.render import is_answer, is_question
+
 
 @dataclass
 class Tokens:
     """Some of a side's tokens, compacted to the front of each row in reading order.
 
-    x [B, K, d]: their features; turn [B, K]: their segment (-1 on padding); pos [B, K]: their
+    x [B, K, d]: their features; segment [B, K]: their segment (-1 on padding); pos [B, K]: their
     position in the side's own sequence."""
 
     x: torch.Tensor
-    turn: torch.Tensor
+    segment: torch.Tensor
     pos: torch.Tensor
 
     @property
     def mask(self) -> torch.Tensor:
         """[B, K] True on real tokens."""
-        return self.turn >= 0
+        return self.segment >= 0
 
     def roll(self, shifts: int) -> "Tokens":
         """Every item takes another item's tokens (for the reliance probe)."""
-        return Tokens(self.x.roll(shifts, 0), self.turn.roll(shifts, 0), self.pos.roll(shifts, 0))
+        return Tokens(self.x.roll(shifts, 0), self.segment.roll(shifts, 0), self.pos.roll(shifts, 0))
 
     def with_x(self, x: torch.Tensor) -> "Tokens":
-        return Tokens(x, self.turn, self.pos)
+        return Tokens(x, self.segment, self.pos)
 
 
 def select(x: torch.Tensor, segment: torch.Tensor, answer: bool) -> Tokens:
     """The question (answer=False) or answer tokens of x [B, L, d] given segment [B, L]."""
-    keep = (segment >= 0) & ((segment % 2 == 1) == answer)
+    keep = is_answer(segment) if answer else is_question(segment)
     k = max(int(keep.sum(1).max()), 1)
     # A stable sort brings the kept positions to the front in their order.
     order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :k]
     kept = keep.gather(1, order)
-    turn = torch.where(kept, segment.gather(1, order), torch.full_like(order, -1))
-    return Tokens(x.gather(1, order[..., None].expand(-1, -1, x.shape[-1])), turn, order)
+    kept_segment = torch.where(kept, segment.gather(1, order), torch.full_like(order, -1))
+    return Tokens(x.gather(1, order[..., None].expand(-1, -1, x.shape[-1])), kept_segment, order)
 
 
 def interleave(question: Tokens, answer: Tokens) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -62,13 +64,13 @@ def interleave(question: Tokens, answer: Tokens) -> tuple[torch.Tensor, torch.Te
     padding), valid [B, N], is_answer [B, N], and source_pos [B, N]: each token's position in its
     own side's sequence (for the no-new-positions ablation)."""
     x = torch.cat([question.x, answer.x], dim=1)
-    turn = torch.cat([question.turn, answer.turn], dim=1)
+    segment = torch.cat([question.segment, answer.segment], dim=1)
     pos = torch.cat([question.pos, answer.pos], dim=1)
     kq, width = question.x.shape[1], x.shape[1]
-    valid_in = turn >= 0
+    valid_in = segment >= 0
     # Segment first, then the order within the segment (both halves are in reading order).
-    key = torch.where(valid_in, turn * width + torch.arange(width, device=x.device)[None, :],
-                      torch.full_like(turn, torch.iinfo(torch.long).max))
+    key = torch.where(valid_in, segment * width + torch.arange(width, device=x.device)[None, :],
+                      torch.full_like(segment, torch.iinfo(torch.long).max))
     order = key.argsort(dim=1, stable=True)
     n = int(valid_in.sum(1).max())
     order = order[:, :n]
@@ -86,5 +88,5 @@ def predictive_rows(h: torch.Tensor, is_answer: torch.Tensor) -> torch.Tensor:
 def first_of_turn(answer: Tokens) -> torch.Tensor:
     """[N_answer] bool over the answer tokens in reading order: True for each turn's first token
     (the one predicted from the student's own features)."""
-    prev = torch.cat([torch.full_like(answer.turn[:, :1], -2), answer.turn[:, :-1]], dim=1)
-    return (answer.turn != prev)[answer.mask]
+    prev = torch.cat([torch.full_like(answer.segment[:, :1], -2), answer.segment[:, :-1]], dim=1)
+    return (answer.segment != prev)[answer.mask]
