@@ -50,7 +50,7 @@ def throughput(rows, spec, procs, workers: int, batches: int, batch_size: int = 
     """Items/s of Batches (encode + collate, both sides) over `batches` micro-batches after the
     first (which pays for starting the workers)."""
     from genrecal_cli.data.loader import Batches, PairDataset
-    from genrecal_cli.engine.parallel import RankBatches
+    from genrecal_cli.data.sampler import RankBatches
 
     ds = PairDataset(rows, spec, procs)
     it = Batches(ds, RankBatches(len(ds), batch_size, 1, 0, seed=0), procs, workers=workers, pin_memory=False)
@@ -68,8 +68,8 @@ def throughput(rows, spec, procs, workers: int, batches: int, batch_size: int = 
 def padding(rows, spec, procs, vlms, batch_size: int = 16) -> dict:
     """Padding share over one epoch of batches (both sides), with and without length grouping,
     from each item's real token counts (each item encoded once)."""
-    from genrecal_cli.data.loader import Item, PairDataset, length_estimates
-    from genrecal_cli.engine.parallel import RankBatches
+    from genrecal_cli.data.loader import Item, PairDataset
+    from genrecal_cli.data.sampler import RankBatches, length_estimates
 
     ds = PairDataset(rows, spec, procs)
     lengths = {}

@@ -10,7 +10,7 @@ import torch
 
 from genrecal_cli.engine.cache import (CacheReader, CacheWriter, complete, join_items, size_estimate, split_items,
                                       verify)
-from genrecal_cli.engine.teacher import TeacherFeatures, gather_rows
+from genrecal_cli.engine.teacher import TeacherFeatures, take_rows
 from genrecal_cli.engine.turns import select
 from genrecal_cli.errors import DataError
 
@@ -35,7 +35,7 @@ def _features(seed=0, batch=5, d=8) -> TeacherFeatures:
     z = torch.randn(batch, length, d, generator=g) * torch.logspace(-3, 3, length)[None, :, None]
     ids = torch.randint(0, 50, (batch, length), generator=g)
     question, answer = select(z, segment, answer=False), select(z, segment, answer=True)
-    rows = gather_rows(z, (answer.pos - 1).clamp(min=0))[answer.mask]
+    rows = take_rows(z, (answer.pos - 1).clamp(min=0))[answer.mask]
     return TeacherFeatures(question, answer, rows, ids.gather(1, answer.pos)[answer.mask])
 
 

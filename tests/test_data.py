@@ -13,7 +13,7 @@ from genrecal_cli.data.formats import Conversation, to_conversation
 from genrecal_cli.data.loader import Batches, Collator, Item, PairDataset, Skipped, model_inputs
 from genrecal_cli.data.render import encode, encode_pair, is_answer, segment_texts
 from genrecal_cli.data.sources import SkipItem
-from genrecal_cli.engine.parallel import RankBatches
+from genrecal_cli.data.sampler import RankBatches
 from genrecal_cli.errors import DataError
 from genrecal_cli.recipe import DataSpec
 from genrecal_cli.commands.distill import load_rows as load_split  # shapes or an external source, as a run loads it
@@ -273,7 +273,7 @@ def _chats(tmp_path, n=120):
 
 
 def test_length_grouping_keeps_every_item_once_and_batches_similar_lengths(tmp_path):
-    from genrecal_cli.data.loader import length_estimates
+    from genrecal_cli.data.sampler import length_estimates
 
     rows, spec = _chats(tmp_path)
     lengths = length_estimates(rows, spec, image_tokens=64)
@@ -299,7 +299,7 @@ def test_length_grouping_keeps_every_item_once_and_batches_similar_lengths(tmp_p
 
 
 def test_length_estimates_follow_the_real_token_counts(tiny_pair, tmp_path):
-    from genrecal_cli.data.loader import length_estimates
+    from genrecal_cli.data.sampler import length_estimates
 
     rows, spec = _chats(tmp_path, n=40)
     teacher, student = tiny_pair

@@ -227,7 +227,7 @@ def test_rank_batches_deal_every_item_once_per_epoch(n, batch, procs):
     """Pure check of the dealing: each epoch's items appear once across the ranks (all of them,
     but for fewer than `procs` left over), ranks have the same number of micro-batches, and
     another epoch is another order."""
-    from genrecal_cli.engine.parallel import RankBatches
+    from genrecal_cli.data.sampler import RankBatches
 
     ranks = [RankBatches(n, batch, procs, r, seed=3) for r in range(procs)]
     assert len({len(r) for r in ranks}) == 1
@@ -242,7 +242,7 @@ def test_rank_batches_deal_every_item_once_per_epoch(n, batch, procs):
 
 
 def test_too_few_items_for_the_processes_is_a_clear_error():
-    from genrecal_cli.engine.parallel import RankBatches
+    from genrecal_cli.data.sampler import RankBatches
     from genrecal_cli.errors import DataError
 
     with pytest.raises(DataError, match="3 usable training item.s. cannot give each of 4 processes one"):

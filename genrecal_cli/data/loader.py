@@ -100,40 +100,6 @@ class PairDataset:
                             f"({_reasons(reasons)}); check data.max_length and the images")
 
 
-def length_estimates(rows, spec: DataSpec, image_tokens: int) -> Callable[[list[int]], list[float]]:
-    """Rough token counts of rows by index, for length-grouped batching: characters of the text
-    columns / 4 + `image_tokens` per image, read through Arrow without decoding any image."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    fmt = detect(rows.column_names, spec)
-    text = {"columns": [spec.question_column, spec.answer_column], "messages": [spec.messages_column],
-            "conversations": [spec.conversations_column], "cauldron": [spec.texts_column]}[fmt]
-    image = spec.images_column if fmt in ("messages", "cauldron") else spec.image_column
-    table_view = rows.select_columns([c for c in (*text, image) if c in rows.column_names]).with_format("arrow")
-
-    def lengths(indices: list[int]) -> list[float]:
-        table = table_view[indices]
-        chars = [0.0] * len(indices)
-        for name in text:
-            col = table.column(name)
-            if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-                sizes = pc.fill_null(pc.utf8_length(col), 0).to_pylist()
-            else:  # nested (messages, conversations): the size of its text form
-                sizes = [len(str(v)) for v in col.to_pylist()]
-            chars = [c + n for c, n in zip(chars, sizes)]
-        n_images = [0] * len(indices)
-        if image in table.column_names:
-            col = table.column(image)
-            if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
-                n_images = pc.fill_null(pc.list_value_length(col), 0).to_pylist()
-            else:
-                n_images = [int(v) for v in pc.is_valid(col).to_pylist()]
-        return [c / 4 + image_tokens * k for c, k in zip(chars, n_images)]
-
-    return lengths
-
-
 # ---------------------------------------------------------------------------------------------
 # what was skipped or cut
 

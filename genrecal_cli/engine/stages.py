@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.loader import (Batches, Collator, DataReport, Item, PairDataset, default_workers, length_estimates,
-                           raise_carried)
+from ..data.loader import Batches, Collator, DataReport, Item, PairDataset, default_workers, raise_carried
+from ..data.sampler import RankBatches, length_estimates
 from ..data.stream import StreamBatches
 from ..errors import GenrecalError, PeerStopped
 from ..recipe import Recipe, StageSpec
@@ -30,8 +30,8 @@ from . import checkpoint as ckpt
 from .cache import check_answers, features_from_dict
 from .faults import Interrupted, StopRequests, signal_name
 from .objective import TEACHER_STAGES, GenRecal
-from .parallel import (RankBatches, after_trainable_changed, gather_objects, gather_rows, gathered, is_sharded,
-                       stop_together, total_updates)
+from .parallel import (after_trainable_changed, gather_objects, gather_rows, gathered, is_sharded, stop_together,
+                       total_updates)
 from .probe import alignment_stats, reliance
 from .recalibrator import Recalibrator
 from .teacher import TeacherFeatures, head_fn, teacher_features
@@ -128,7 +128,7 @@ def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: 
     out_dir = Path(recipe.train.output_dir)
     peak = PeakMemory()
 
-    # data: every process deals its own slice of each global micro-batch (parallel.RankBatches),
+    # data: every process deals its own slice of each global micro-batch (data/sampler.py),
     # encoded in loader workers; unusable items are skipped where they are met
     sides = {"student": run.student.processor}
     if teacher is not None:

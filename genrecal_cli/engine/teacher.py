@@ -44,7 +44,7 @@ def teacher_features(teacher, batch: dict, answer_input: str) -> TeacherFeatures
     question = select(z, segment, answer=False)
     answer = select(emb.to(torch.float32, copy=True) if emb is not None else z, segment, answer=True)
     mask = answer.mask
-    rows = gather_rows(z, (answer.pos - 1).clamp(min=0))[mask]  # the next-token shift
+    rows = take_rows(z, (answer.pos - 1).clamp(min=0))[mask]  # the next-token shift
     targets = batch["input_ids"].gather(1, answer.pos)[mask]
     return TeacherFeatures(question, answer, rows, targets)
 
@@ -56,7 +56,7 @@ def _input_embeddings(teacher, ids: torch.Tensor) -> torch.Tensor:
         return teacher.input_embeddings(ids)
 
 
-def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x [B, L, d] at positions idx [B, K] -> [B, K, d]."""
     return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
 
