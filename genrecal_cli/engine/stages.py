@@ -116,180 +116,288 @@ def lr_lambda(st: StageSpec, total: int):
 # the loop
 
 
+@dataclass
+class Stage:
+    """One stage in progress: what its updates read and change, set up by `_start`."""
+
+    run: Run
+    name: str  # align, distill or finetune
+    label: str  # as the display names it ("teacher/distill" for a prerequisite run)
+    spec: StageSpec
+    teacher: Any | None
+    recalibrator: Recalibrator | None
+    sides: dict  # side -> processor
+    batches: Any  # Batches or StreamBatches: this process's micro-batches from its data position
+    module: nn.Module  # what trains (GenRecal), wrapped for DDP or sharded
+    sharded: bool
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    layout: dict  # data_layout: what a resume must match
+    total: int  # updates
+    step: int  # updates done
+    head: Any | None  # the teacher's head as the losses call it
+    use_reg: bool
+    probe: dict | None  # the reliance probe's fixed batch
+    stop: StopRequests
+    peak: "PeakMemory"
+    counts: "Counts"
+
+
+@dataclass
+class Counts:
+    """What the stage has seen so far, over every process, since this sitting started."""
+
+    start: float
+    items: int = 0
+    tokens: int = 0
+    real: int = 0  # real tokens, every side
+    slots: int = 0  # token slots, padding included
+
+
+@dataclass
+class Update:
+    """One update's record: each loss term's mean over its micro-batches and the processes, what
+    the processes had skipped or cut so far, and the last micro-batch (for alignment statistics)."""
+
+    terms: dict[str, float]
+    lr: float
+    skipped: int
+    truncated: int
+    batch: dict
+    features: TeacherFeatures | None
+    out: Any  # objective.Output of the last micro-batch
+
+
 def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: str | None = None) -> dict:
     """Train one stage to its end (or to a stop request); returns its summary."""
-    from accelerate.utils import send_to_device
+    s = _start(run, stage, resume, label or stage)
+    metrics: dict = {}
+    terms: tuple[str, ...] = ()
+    while s.step < s.total:
+        update = _update(s)
+        terms = tuple(update.terms)
+        s.step += 1
+        # A signal on any process (even one that arrived inside this update) stops all of them
+        # after this update: the signal's number, agreed, 0 when none.
+        stop_asked = int(gather_rows(run.accelerator, torch.tensor([float(s.stop.requested or 0)])).max())
+        metrics = _log(s, update)
+        if stop_asked:
+            _save_progress(s, metrics)
+            raise Interrupted(
+                f"{s.label}: stopped by {signal_name(stop_asked)} at step {s.step}/{s.total}; checkpoint saved in "
+                f"{ckpt.checkpoint_dir(run.recipe.train.output_dir, stage, s.step)}; run again with --resume to continue",
+                stop_asked)
+        if run.recipe.train.save_every and s.step % run.recipe.train.save_every == 0 and s.step < s.total:
+            _save_progress(s, metrics)
+    return _finish(s, metrics, terms)
 
-    recipe, acc, reporter = run.recipe, run.accelerator, run.reporter
-    st: StageSpec = getattr(recipe.stages, stage)
-    label = label or stage
+
+def _start(run: Run, stage: str, resume: ckpt.Found | None, label: str) -> Stage:
+    """The stage's data, what trains and its optimizer and schedule, from a checkpoint if given."""
+    recipe, acc = run.recipe, run.accelerator
+    spec: StageSpec = getattr(recipe.stages, stage)
     teacher = run.teacher if stage in TEACHER_STAGES else None
     rec = run.recalibrator if stage in TEACHER_STAGES else None
-    out_dir = Path(recipe.train.output_dir)
     peak = PeakMemory()
-
     # data: every process deals its own slice of each global micro-batch (data/sampler.py),
     # encoded in loader workers; unusable items are skipped where they are met
     sides = {"student": run.student.processor}
     if teacher is not None:
         sides = {"teacher": teacher.processor, **sides}
-    streaming = recipe.data.streaming
     dataset = PairDataset(run.train_rows, recipe.data, sides)
     dataset.check_start()
     seed = recipe.train.seed + ckpt.STAGES.index(stage)
-    sampler = None
-    if not streaming:
-        lengths = None
-        if recipe.data.group_by_length:
-            image_tokens = max(vlm.image_tokens_per_image() for vlm in (run.student, teacher) if vlm is not None)
-            lengths = length_estimates(run.train_rows, recipe.data, image_tokens)
-        sampler = RankBatches(len(dataset), st.batch_size, acc.num_processes, acc.process_index, seed, lengths=lengths)
-    total = st.steps if streaming else total_updates(st, len(sampler))  # a stream's stages count steps (recipe check)
+    sampler = None if recipe.data.streaming else _sampler(run, dataset, spec, seed, teacher)
+    total = spec.steps if sampler is None else total_updates(spec, len(sampler))  # a stream counts steps
     workers = recipe.data.num_workers
     if workers is None:
         workers = default_workers(acc.num_processes, on_gpu=acc.device.type == "cuda")
-    layout = data_layout(recipe, st, seed, acc.num_processes, workers)
+    layout = data_layout(recipe, spec, seed, acc.num_processes, workers)
 
     # what trains, with which optimizer and schedule
-    params = set_trainable(stage, run.student, rec, st)
+    params = set_trainable(stage, run.student, rec, spec)
     module = run.module if run.module is not None else GenRecal(run.student.model, rec, recipe.loss)
     sharded = is_sharded(module)  # FSDP2 (parallel.student = "shard"); else DDP through accelerate
     if sharded:
         after_trainable_changed(module)
-    optimizer = torch.optim.AdamW(params, lr=st.lr, weight_decay=st.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(st, total))
+    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total))
     step, data_state = 0, {}
     if resume is not None:
         _check_layout(resume, layout, sharded, label, stage)
-        if sharded:
-            ckpt.load_sharded_state(resume.path, module, optimizer)
-        else:
-            optimizer.load_state_dict(ckpt.load_tensors(resume.path / "optimizer.pt"))
-        scheduler.load_state_dict(ckpt.load_tensors(resume.path / "scheduler.pt"))
-        saved = ckpt.load_tensors(resume.path / "rng" / f"rank-{acc.process_index}.pt")
-        ckpt.set_rng_state(saved)
-        step, data_state = resume.step, saved.get("data", {})
-    pin = acc.device.type == "cuda"
-    if streaming:
-        batches = StreamBatches(dataset, run.train_rows, sides, batch_size=st.batch_size, processes=acc.num_processes,
-                                rank=acc.process_index, seed=seed, workers=workers, pin_memory=pin,
-                                state=data_state.get("position"))
-    else:  # checkpoints from before the data position was saved: every micro-batch had its items
-        batches = Batches(dataset, sampler, sides, workers=workers, pin_memory=pin,
-                          state=data_state.get("position", step * st.grad_accum),
-                          extra=run.cached_features(stage))
-    batches.report = DataReport(**data_state.get("report", {}))
-    head = head_fn(teacher.head) if teacher is not None else None
+        step, data_state = _resume(resume, acc, module, optimizer, scheduler, sharded)
+    batches = _batches(run, stage, dataset, sampler, sides, spec, seed, workers, data_state, step)
     # L_reg: always in align, in distill unless stages.distill.reg = false; never without the
     # teacher's question features (a cache written without them)
-    use_reg = (stage == "align" or st.reg) and (run.cache is None or run.cache.with_question)
+    use_reg = (stage == "align" or spec.reg) and (run.cache is None or run.cache.with_question)
     probe = _probe_batch(dataset, sides, recipe, acc, run.cached_features(stage)) if rec is not None else None
     if not sharded:
         module, optimizer = acc.prepare(module, optimizer)
     module.train()
+    s = Stage(run, stage, label, spec, teacher, rec, sides, batches, module, sharded, optimizer, scheduler, layout,
+              total, step, head_fn(teacher.head) if teacher is not None else None, use_reg, probe,
+              run.stop or StopRequests(), peak, Counts(time.perf_counter()))
+    _announce(s, sampler)
+    return s
 
-    if reporter is not None:
-        reporter.stage_start(label, total, step)
-        if step == 0:
-            reporter.note(
-                f"{label}: {total:,} updates of {layout['global_batch']:,} items (batch_size {st.batch_size} x "
-                f"grad_accum {st.grad_accum} x {acc.num_processes} process{'es' if acc.num_processes > 1 else ''}); "
-                + ("streamed" if streaming else f"one epoch = {len(sampler) / st.grad_accum:,.1f} updates")
-            )
-    t0, seen_items, seen_tokens, metrics, names = time.perf_counter(), 0, 0, {}, ()
-    real, slots = 0, 0  # tokens and padded token slots over every side, for the padding share
-    stop = run.stop or StopRequests()
-    while step < total:
-        sums = 0.0
-        for i in range(st.grad_accum):
-            # What can fail on one process alone (a loader worker's error carried out, a whole
-            # epoch skipped, a damaged cache item) fails here, before any collective of this
-            # micro-batch: every process then agrees to stop (parallel.stop_together).
-            failure, batch, tf = None, None, None
-            try:
-                batch = send_to_device(next(batches), acc.device)
-                if teacher is not None and run.cache is not None:
-                    tf = run.teacher_features(teacher, batch)  # read and checked, no teacher forward
-            except Exception as exc:
-                failure = exc
-            stop_together(acc, failure, label)
-            last = i == st.grad_accum - 1
-            if teacher is not None and tf is None:
-                with acc.autocast():  # collective when the teacher is sharded
-                    tf = run.teacher_features(teacher, batch)
-            with _grad_sync(acc, module, sharded, last):
-                with acc.autocast():
-                    out = module(batch["student"], tf, head, stage=stage, reg=use_reg)
-                # One small collective per micro-batch, before backward: every process's loss
-                # terms, tokens and items. All processes see a bad loss and stop together.
-                names = ("loss", *out.terms)  # the same on every process: the same code path
-                mine = torch.stack([out.loss.detach().float(), *(v.detach().float() for v in out.terms.values())])
-                counts = [float(batch["student"]["attention_mask"].sum()), float(batch["items"]),
-                          *_padding(batch, sides), len(batches.report.skipped), len(batches.report.truncated)]
-                everyone = gather_rows(acc, torch.cat([mine.cpu(), torch.tensor(counts)])).cpu()
-                k = len(names)
-                bad = ~torch.isfinite(everyone[:, :k]).all(1)
-                if bad.any():
-                    rank = int(bad.nonzero()[0])
-                    terms = {n: round(float(v), 4) for n, v in zip(names, everyone[rank, :k])}
-                    if rank != acc.process_index:  # that process prints it
-                        raise PeerStopped(f"{label}: process {rank} met a non-finite loss")
-                    raise GenrecalError(
-                        f"{label}: loss became non-finite at step {step + 1} on process {rank} ({terms}); the last "
-                        f"good checkpoint is kept in {out_dir}; lower stages.{stage}.lr or check the data")
-                acc.backward(out.loss / st.grad_accum)
-            sums += everyone[:, :k].mean(0)
-            seen_tokens += int(everyone[:, k].sum())
-            seen_items += int(everyone[:, k + 1].sum())
-            real, slots = real + int(everyone[:, k + 2].sum()), slots + int(everyone[:, k + 3].sum())
-        if st.max_grad_norm > 0:
-            acc.clip_grad_norm_(module.parameters(), st.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]  # the rate this update uses
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        # A signal on any process (even one that arrived inside this update) stops all of them
-        # after this update: the signal's number, agreed, 0 when none.
-        stop_asked = int(gather_rows(acc, torch.tensor([float(stop.requested or 0)])).max())
 
-        probe_now = probe is not None and (step % recipe.train.probe_every == 0 or step == total)
-        metrics = {n: float(v) / st.grad_accum for n, v in zip(names, sums)}
-        dt = time.perf_counter() - t0
-        metrics.update(lr=lr, items_per_s=seen_items / dt, tokens_per_s=seen_tokens / dt, pad_share=1 - real / max(slots, 1),
-                       skipped_items=int(everyone[:, k + 4].sum()), truncated_items=int(everyone[:, k + 5].sum()), **layout)
-        if probe_now:  # every process runs it: a sharded teacher's forward is collective
-            metrics.update(_run_probe(acc, module, probe, teacher, head, run))
-        if reporter is not None and acc.is_main_process:
-            if tf is not None and (step % recipe.train.log_every == 0 or step == total or probe_now):
-                with acc.autocast():
-                    metrics.update(alignment_stats(batch, tf, out.recalibrated, head))
-            reporter.step(label, step, metrics)
+def _sampler(run: Run, dataset, spec: StageSpec, seed: int, teacher) -> RankBatches:
+    recipe, acc = run.recipe, run.accelerator
+    lengths = None
+    if recipe.data.group_by_length:
+        image_tokens = max(vlm.image_tokens_per_image() for vlm in (run.student, teacher) if vlm is not None)
+        lengths = length_estimates(run.train_rows, recipe.data, image_tokens)
+    return RankBatches(len(dataset), spec.batch_size, acc.num_processes, acc.process_index, seed, lengths=lengths)
 
-        if stop_asked:
-            _save_progress(run, stage, step, total, acc, module, optimizer, scheduler, metrics, layout, batches)
-            raise Interrupted(
-                f"{label}: stopped by {signal_name(stop_asked)} at step {step}/{total}; checkpoint saved in "
-                f"{ckpt.checkpoint_dir(out_dir, stage, step)}; run again with --resume to continue", stop_asked)
-        if recipe.train.save_every and step % recipe.train.save_every == 0 and step < total:
-            _save_progress(run, stage, step, total, acc, module, optimizer, scheduler, metrics, layout, batches)
 
+def _resume(found: ckpt.Found, acc, module, optimizer, scheduler, sharded: bool) -> tuple[int, dict]:
+    """Optimizer, schedule and this process's RNG from a mid-stage checkpoint; (its step, its data state)."""
+    if sharded:
+        ckpt.load_sharded_state(found.path, module, optimizer)
+    else:
+        optimizer.load_state_dict(ckpt.load_tensors(found.path / "optimizer.pt"))
+    scheduler.load_state_dict(ckpt.load_tensors(found.path / "scheduler.pt"))
+    saved = ckpt.load_tensors(found.path / "rng" / f"rank-{acc.process_index}.pt")
+    ckpt.set_rng_state(saved)
+    return found.step, saved.get("data", {})
+
+
+def _batches(run: Run, stage: str, dataset, sampler, sides, spec: StageSpec, seed: int, workers: int, data_state: dict,
+             step: int):
+    acc = run.accelerator
+    pin = acc.device.type == "cuda"
+    if sampler is None:
+        batches = StreamBatches(dataset, run.train_rows, sides, batch_size=spec.batch_size, processes=acc.num_processes,
+                                rank=acc.process_index, seed=seed, workers=workers, pin_memory=pin,
+                                state=data_state.get("position"))
+    else:  # checkpoints from before the data position was saved: every micro-batch had its items
+        batches = Batches(dataset, sampler, sides, workers=workers, pin_memory=pin,
+                          state=data_state.get("position", step * spec.grad_accum),
+                          extra=run.cached_features(stage))
+    batches.report = DataReport(**data_state.get("report", {}))
+    return batches
+
+
+def _announce(s: Stage, sampler) -> None:
+    reporter, acc = s.run.reporter, s.run.accelerator
+    if reporter is None:
+        return
+    reporter.stage_start(s.label, s.total, s.step)
+    if s.step == 0:
+        n = acc.num_processes
+        reporter.note(
+            f"{s.label}: {s.total:,} updates of {s.layout['global_batch']:,} items (batch_size {s.spec.batch_size} x "
+            f"grad_accum {s.spec.grad_accum} x {n} process{'es' if n > 1 else ''}); "
+            + ("streamed" if sampler is None else f"one epoch = {len(sampler) / s.spec.grad_accum:,.1f} updates"))
+
+
+def _update(s: Stage) -> Update:
+    """One optimizer update: grad_accum micro-batches (each: its batch and teacher features, the
+    forward, one collective of its loss terms and counts, backward), then clip and step."""
+    from accelerate.utils import send_to_device
+
+    acc, spec = s.run.accelerator, s.spec
+    sums: dict[str, float] = {}
+    for i in range(spec.grad_accum):
+        # What can fail on one process alone (a loader worker's error carried out, a whole
+        # epoch skipped, a damaged cache item) fails here, before any collective of this
+        # micro-batch: every process then agrees to stop (parallel.stop_together).
+        failure, batch, features = None, None, None
+        try:
+            batch = send_to_device(next(s.batches), acc.device)
+            if s.teacher is not None and s.run.cache is not None:
+                features = s.run.teacher_features(s.teacher, batch)  # read and checked, no teacher forward
+        except Exception as exc:
+            failure = exc
+        stop_together(acc, failure, s.label)
+        if s.teacher is not None and features is None:
+            with acc.autocast():  # collective when the teacher is sharded
+                features = s.run.teacher_features(s.teacher, batch)
+        with _grad_sync(acc, s.module, s.sharded, i == spec.grad_accum - 1):
+            with acc.autocast():
+                out = s.module(batch["student"], features, s.head, stage=s.name, reg=s.use_reg)
+            shared = _shared(s, batch, out)  # every process's, before backward: all see a bad loss
+            acc.backward(out.loss / spec.grad_accum)
+        for name in ("loss", *out.terms):
+            sums[name] = sums.get(name, 0.0) + float(shared[name].mean())
+        c = s.counts
+        c.tokens, c.items = c.tokens + int(shared["tokens"].sum()), c.items + int(shared["items"].sum())
+        c.real, c.slots = c.real + int(shared["real"].sum()), c.slots + int(shared["slots"].sum())
+    if spec.max_grad_norm > 0:
+        acc.clip_grad_norm_(s.module.parameters(), spec.max_grad_norm)
+    lr = s.scheduler.get_last_lr()[0]  # the rate this update uses
+    s.optimizer.step()
+    s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    return Update({n: v / spec.grad_accum for n, v in sums.items()}, lr, int(shared["skipped"].sum()),
+                  int(shared["truncated"].sum()), batch, features, out)
+
+
+def _shared(s: Stage, batch: dict, out) -> dict[str, torch.Tensor]:
+    """One micro-batch's loss terms and counts from every process (one collective): name ->
+    [processes]. A non-finite loss on any process stops them all, the one it was met on says so."""
+    acc = s.run.accelerator
+    real, slots = _padding(batch, s.sides)
+    mine = {"loss": out.loss, **out.terms, "tokens": batch["student"]["attention_mask"].sum(), "items": batch["items"],
+            "real": real, "slots": slots, "skipped": len(s.batches.report.skipped),
+            "truncated": len(s.batches.report.truncated)}
+    names = list(mine)
+    rows = gather_rows(acc, torch.tensor([float(v) for v in mine.values()])).cpu()
+    shared = {n: rows[:, k] for k, n in enumerate(names)}
+    losses = torch.stack([shared[n] for n in ("loss", *out.terms)], 1)
+    bad = ~torch.isfinite(losses).all(1)
+    if bad.any():
+        rank = int(bad.nonzero()[0])
+        terms = {n: round(float(shared[n][rank]), 4) for n in ("loss", *out.terms)}
+        if rank != acc.process_index:  # that process prints it
+            raise PeerStopped(f"{s.label}: process {rank} met a non-finite loss")
+        raise GenrecalError(
+            f"{s.label}: loss became non-finite at step {s.step + 1} on process {rank} ({terms}); the last good "
+            f"checkpoint is kept in {s.run.recipe.train.output_dir}; lower stages.{s.name}.lr or check the data")
+    return shared
+
+
+def _log(s: Stage, update: Update) -> dict:
+    """The update's metrics (with the probe and alignment statistics when due), to the reporter."""
+    run, acc = s.run, s.run.accelerator
+    c = s.counts
+    dt = time.perf_counter() - c.start
+    probe_now = s.probe is not None and (s.step % run.recipe.train.probe_every == 0 or s.step == s.total)
+    metrics = {**update.terms, "lr": update.lr, "items_per_s": c.items / dt,
+               "tokens_per_s": c.tokens / dt, "pad_share": 1 - c.real / max(c.slots, 1),
+               "skipped_items": update.skipped, "truncated_items": update.truncated, **s.layout}
+    if probe_now:  # every process runs it: a sharded teacher's forward is collective
+        metrics.update(_run_probe(acc, s.module, s.probe, s.teacher, s.head, run))
+    if run.reporter is not None and acc.is_main_process:
+        due = s.step % run.recipe.train.log_every == 0 or s.step == s.total or probe_now
+        if update.features is not None and due:
+            with acc.autocast():
+                metrics.update(alignment_stats(update.batch, update.features, update.out.recalibrated, s.head))
+        run.reporter.step(s.label, s.step, metrics)
+    return metrics
+
+
+def _finish(s: Stage, metrics: dict, terms: tuple[str, ...]) -> dict:
+    """What every process skipped, the stage's summary, and the finished stage saved."""
+    run, acc = s.run, s.run.accelerator
     report = DataReport()
-    for part in gather_objects(acc, [batches.report]):  # every process's, each row once
+    for part in gather_objects(acc, [s.batches.report]):  # every process's, each row once
         report.add(part)
     if run.data_report is not None:
         run.data_report.add(report)
-    summary = {"steps": step, "metrics": metrics, **layout, "data": report.to_dict(), "peak_rss_mb": peak.rss_mb(),
-               **peak.device()}
+    summary = {"steps": s.step, "metrics": metrics, **s.layout, "data": report.to_dict(),
+               "peak_rss_mb": s.peak.rss_mb(), **s.peak.device()}
     acc.wait_for_everyone()
-    states = ckpt.gathered_states(acc.unwrap_model(module), with_recalibrator=rec is not None) if sharded else {}
+    module = acc.unwrap_model(s.module)
+    states = ckpt.gathered_states(module, with_recalibrator=s.recalibrator is not None) if s.sharded else {}
     if acc.is_main_process:
-        ckpt.save_stage(out_dir, stage, student=acc.unwrap_model(module).student, processor=run.student.exportable_processor,
-                        recalibrator=rec, recipe=recipe.to_dict(),
-                        meta={"step": step, "total_steps": total, "finished": True, **summary}, **states)
+        ckpt.save_stage(Path(run.recipe.train.output_dir), s.name, student=module.student,
+                        processor=run.student.exportable_processor, recalibrator=s.recalibrator,
+                        recipe=run.recipe.to_dict(),
+                        meta={"step": s.step, "total_steps": s.total, "finished": True, **summary}, **states)
     acc.wait_for_everyone()
-    if reporter is not None:
-        reporter.stage_end(label, {k: v for k, v in metrics.items() if k in names})
+    if run.reporter is not None:
+        run.reporter.stage_end(s.label, {k: v for k, v in metrics.items() if k in terms})
     return summary
 
 
@@ -342,21 +450,21 @@ def _check_layout(resume: ckpt.Found, layout: dict, sharded: bool, label: str, s
             "Resume with the checkpoint's settings, or start over with --overwrite")
 
 
-def _save_progress(run, stage, step, total, acc, module, optimizer, scheduler, metrics, layout, batches) -> None:
-    recipe = run.recipe
-    report = batches.report
+def _save_progress(s: Stage, metrics: dict) -> None:
+    run, acc = s.run, s.run.accelerator
+    recipe, report = run.recipe, s.batches.report
+    module = acc.unwrap_model(s.module)
     ckpt.save_checkpoint(
-        acc, Path(recipe.train.output_dir), stage, step, module=acc.unwrap_model(module),
-        student=acc.unwrap_model(module).student, processor=run.student.exportable_processor,
-        recalibrator=run.recalibrator if stage in TEACHER_STAGES else None,
-        optimizer=optimizer, scheduler=scheduler, recipe=recipe.to_dict(),
-        meta={"step": step, "total_steps": total, "finished": False, "metrics": metrics, **layout},
+        acc, Path(recipe.train.output_dir), s.name, s.step, module=module, student=module.student,
+        processor=run.student.exportable_processor, recalibrator=s.recalibrator,
+        optimizer=s.optimizer, scheduler=s.scheduler, recipe=recipe.to_dict(),
+        meta={"step": s.step, "total_steps": s.total, "finished": False, "metrics": metrics, **s.layout},
         keep=recipe.train.keep_checkpoints,
         # this process's data position and what it skipped so far, saved with its RNG state
-        data={"position": batches.state(), "report": {"skipped": report.skipped, "truncated": report.truncated}},
+        data={"position": s.batches.state(), "report": {"skipped": report.skipped, "truncated": report.truncated}},
     )
     if run.reporter is not None:
-        run.reporter.note(f"checkpoint saved: {ckpt.checkpoint_dir(recipe.train.output_dir, stage, step)}", style="dim")
+        run.reporter.note(f"checkpoint saved: {ckpt.checkpoint_dir(recipe.train.output_dir, s.name, s.step)}", style="dim")
 
 
 def _probe_batch(dataset, sides, recipe: Recipe, acc, extra=None) -> dict | None:
