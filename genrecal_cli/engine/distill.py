@@ -80,57 +80,19 @@ def distill(
 def _run(recipe: Recipe, inputs: Inputs, acc, out: Path, *, resume: bool, reporter, prefix: str) -> RunResult:
     from accelerate.utils import set_seed
 
-    from ..models import load_head_only, load_vlm
-
-    # What is left to do: every enabled stage, or (--resume) what follows the last checkpoint.
-    remaining = recipe.stages.enabled()
-    found = ckpt.latest_checkpoint(out) if resume else None
-    if found is not None:
-        later = [s for s in remaining if ckpt.STAGES.index(s) > ckpt.STAGES.index(found.stage)]
-        remaining = later if found.finished else [found.stage, *later]
-        if reporter is not None:
-            reporter.note(f"resuming after {found.stage} step {found.step}/{found.meta.get('total_steps')} ({found.path})")
-
+    remaining, found = _what_is_left(recipe, out, resume, reporter)
     if recipe.loss.kd and "distill" in remaining:  # before any weights load: a 78B teacher takes minutes
         check_kd_pair(recipe, inputs)
-    # The student trains in fp32 (master weights) whatever it was stored in; it is exported back
-    # in that dtype. The frozen teacher stays in its recipe dtype.
-    student = load_vlm(inputs.student, revision=recipe.student.revision, dtype=recipe.student.dtype,
-                       trust_remote_code=recipe.student.trust_remote_code)
-    export_dtype = student.model.dtype
-    student.model.to(device=acc.device, dtype=MASTER_DTYPE)
-    if recipe.train.gradient_checkpointing:
-        _checkpoint_activations(student.model)
-    cached = any(s in TEACHER_STAGES for s in remaining) and recipe.teacher.cache is not None
+    student, export_dtype = _load_student(recipe, inputs, acc)
+    needs_teacher = any(s in TEACHER_STAGES for s in remaining)
+    cached = needs_teacher and recipe.teacher.cache is not None
     shard_t, shard_s = teacher_sharded(recipe, acc) and not cached, student_sharded(recipe, acc)
     mesh = device_mesh(acc, recipe.parallel.shard_group) if shard_t or shard_s else None
-    teacher = rec = cache = None
-    if cached:  # the teacher's features come from its cache: only its head is read
-        teacher = load_head_only(inputs.teacher, revision=recipe.teacher.revision, dtype=recipe.teacher.dtype,
-                                 trust_remote_code=recipe.teacher.trust_remote_code)
-        # (after the head loads: a hub teacher's commit is then in this machine's hub cache)
-        cache = CacheReader(recipe.teacher.cache, fingerprint(recipe, inputs.teacher, inputs.held_out))
-        teacher.head.to(acc.device)
-        if reporter is not None:
-            reporter.note(f"teacher features from the cache {recipe.teacher.cache} (stored as {cache.storage}"
-                          + ("" if cache.with_question else "; without question features: L_reg is off") + ")")
-    elif any(s in TEACHER_STAGES for s in remaining):
-        # Sharded: only the main process reads the weights, the others receive their shards.
-        teacher = load_vlm(inputs.teacher, revision=recipe.teacher.revision, dtype=recipe.teacher.dtype,
-                           trust_remote_code=recipe.teacher.trust_remote_code, empty=shard_t and not acc.is_main_process)
-    if teacher is not None:
-        teacher.model.requires_grad_(False)
-        _warn_if_swapped(teacher, student, reporter)
-        if shard_t:
-            shard_teacher(teacher, acc, mesh)
-        elif not cached:
-            teacher.model.to(acc.device)
+    teacher, cache, rec = None, None, None
+    if needs_teacher:
+        teacher, cache = _load_teacher(recipe, inputs, acc, student, cached, shard_t, mesh, reporter)
         set_seed(recipe.train.seed)
-        if recipe.uses_recalibrator:
-            rec = Recalibrator(teacher.hidden_size, student.text_config, student.decoder_layer_class,
-                               num_blocks=recipe.recalibrator.num_blocks, new_positions=recipe.recalibrator.new_positions,
-                               answer_dropout=recipe.recalibrator.answer_dropout)
-            rec.to(device=acc.device, dtype=MASTER_DTYPE)
+        rec = _recalibrator(recipe, teacher, student, acc) if recipe.uses_recalibrator else None
     if found is not None and (found.path / "student").is_dir():  # a sharded checkpoint loads in its stage
         _load_state(found.path, student, rec)
 
@@ -152,20 +114,7 @@ def _run(recipe: Recipe, inputs: Inputs, acc, out: Path, *, resume: bool, report
         run = Run(recipe, acc, student, teacher, rec, inputs.train, module=module, reporter=reporter, stop=stop,
                   data_report=DataReport(), cache=cache)
         teacher = rec = module = None  # the run owns them now, and drops them when no later stage needs them
-        for stage in remaining:
-            set_seed(recipe.train.seed + ckpt.STAGES.index(stage))
-            from_ckpt = found if (found is not None and not found.finished and found.stage == stage) else None
-            result.stages[stage] = run_stage(run, stage, resume=from_ckpt, label=prefix + stage)
-            # Release what the finished stage held: its optimizer, wrappers and (when no later
-            # stage needs them) the teacher and the Recalibrator.
-            acc.free_memory()
-            if not any(s in TEACHER_STAGES for s in remaining[remaining.index(stage) + 1 :]):
-                run.teacher = run.recalibrator = None
-                if not shard_s:  # a sharded Recalibrator stays registered with the sharded root
-                    run.module.recalibrator = None
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        _train_stages(run, remaining, found, result, prefix, shard_s)
     result.data = run.data_report.to_dict()
     note = run.data_report.summary(len(inputs.train) if hasattr(inputs.train, "__len__") else None,
                                    recipe.data.max_length)
@@ -176,7 +125,95 @@ def _run(recipe: Recipe, inputs: Inputs, acc, out: Path, *, resume: bool, report
     run = None
     if inputs.validation is not None:
         result.accuracy["student after"] = _accuracy(student, inputs, recipe, acc)
+    _export(result, student, export_dtype, recipe, acc, reporter)
+    return result
 
+
+def _what_is_left(recipe: Recipe, out: Path, resume: bool, reporter) -> tuple[list[str], ckpt.Found | None]:
+    """Every enabled stage, or (resume) what follows the last checkpoint; and that checkpoint."""
+    remaining = recipe.stages.enabled()
+    found = ckpt.latest_checkpoint(out) if resume else None
+    if found is not None:
+        later = [s for s in remaining if ckpt.STAGES.index(s) > ckpt.STAGES.index(found.stage)]
+        remaining = later if found.finished else [found.stage, *later]
+        if reporter is not None:
+            reporter.note(f"resuming after {found.stage} step {found.step}/{found.meta.get('total_steps')} ({found.path})")
+    return remaining, found
+
+
+def _load_student(recipe: Recipe, inputs: Inputs, acc):
+    """The student in fp32 (master weights) whatever it was stored in, and the dtype it is
+    exported back in."""
+    from ..models import load_vlm
+
+    student = load_vlm(inputs.student, revision=recipe.student.revision, dtype=recipe.student.dtype,
+                       trust_remote_code=recipe.student.trust_remote_code)
+    export_dtype = student.model.dtype
+    student.model.to(device=acc.device, dtype=MASTER_DTYPE)
+    if recipe.train.gradient_checkpointing:
+        _checkpoint_activations(student.model)
+    return student, export_dtype
+
+
+def _load_teacher(recipe: Recipe, inputs: Inputs, acc, student, cached: bool, shard: bool, mesh, reporter):
+    """The frozen teacher in its recipe dtype (only its head where its features come from the
+    cache, then with the cache), replicated or sharded: (teacher, cache or None)."""
+    from ..models import load_head_only, load_vlm
+
+    spec, cache = recipe.teacher, None
+    if cached:
+        teacher = load_head_only(inputs.teacher, revision=spec.revision, dtype=spec.dtype,
+                                 trust_remote_code=spec.trust_remote_code)
+        # (after the head loads: a hub teacher's commit is then in this machine's hub cache)
+        cache = CacheReader(spec.cache, fingerprint(recipe, inputs.teacher, inputs.held_out))
+        teacher.head.to(acc.device)
+        if reporter is not None:
+            reporter.note(f"teacher features from the cache {spec.cache} (stored as {cache.storage}"
+                          + ("" if cache.with_question else "; without question features: L_reg is off") + ")")
+    else:  # sharded: only the main process reads the weights, the others receive their shards
+        teacher = load_vlm(inputs.teacher, revision=spec.revision, dtype=spec.dtype,
+                           trust_remote_code=spec.trust_remote_code, empty=shard and not acc.is_main_process)
+    teacher.model.requires_grad_(False)
+    _warn_if_swapped(teacher, student, reporter)
+    if shard:
+        shard_teacher(teacher, acc, mesh)
+    elif not cached:
+        teacher.model.to(acc.device)
+    return teacher, cache
+
+
+def _recalibrator(recipe: Recipe, teacher, student, acc) -> Recalibrator:
+    rec = Recalibrator(teacher.hidden_size, student.text_config, student.decoder_layer_class,
+                       num_blocks=recipe.recalibrator.num_blocks, new_positions=recipe.recalibrator.new_positions,
+                       answer_dropout=recipe.recalibrator.answer_dropout)
+    return rec.to(device=acc.device, dtype=MASTER_DTYPE)
+
+
+def _train_stages(run: Run, remaining: list[str], found, result: RunResult, prefix: str, shard_s: bool) -> None:
+    """Each remaining stage in order (the first from its checkpoint, when resuming mid-stage),
+    releasing what a finished stage held."""
+    from accelerate.utils import set_seed
+
+    recipe, acc = run.recipe, run.accelerator
+    for stage in remaining:
+        set_seed(recipe.train.seed + ckpt.STAGES.index(stage))
+        from_ckpt = found if (found is not None and not found.finished and found.stage == stage) else None
+        result.stages[stage] = run_stage(run, stage, resume=from_ckpt, label=prefix + stage)
+        # Release what the finished stage held: its optimizer, wrappers and (when no later
+        # stage needs them) the teacher and the Recalibrator.
+        acc.free_memory()
+        if not any(s in TEACHER_STAGES for s in remaining[remaining.index(stage) + 1 :]):
+            run.teacher = run.recalibrator = None
+            if not shard_s:  # a sharded Recalibrator stays registered with the sharded root
+                run.module.recalibrator = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _export(result: RunResult, student, export_dtype, recipe: Recipe, acc, reporter) -> None:
+    """The trained student, in the dtype it came in, as a plain folder with the run's record."""
+    out = result.output_dir
     acc.wait_for_everyone()
     if acc.is_main_process:
         student.model.to(dtype=export_dtype)
@@ -186,7 +223,6 @@ def _run(recipe: Recipe, inputs: Inputs, acc, out: Path, *, resume: bool, report
         if reporter is not None:
             reporter.note(f"student exported to {out / 'student'}")
     acc.wait_for_everyone()
-    return result
 
 
 def student_sharded(recipe: Recipe, acc) -> bool:
