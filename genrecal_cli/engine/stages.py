@@ -342,7 +342,7 @@ def _shared(s: Stage, batch: dict, out) -> dict[str, torch.Tensor]:
             "real": real, "slots": slots, "skipped": len(s.batches.report.skipped),
             "truncated": len(s.batches.report.truncated)}
     names = list(mine)
-    rows = gather_rows(acc, torch.tensor([float(v) for v in mine.values()])).cpu()
+    rows = gather_rows(acc, torch.tensor([float(v.detach() if torch.is_tensor(v) else v) for v in mine.values()])).cpu()
     shared = {n: rows[:, k] for k, n in enumerate(names)}
     losses = torch.stack([shared[n] for n in ("loss", *out.terms)], 1)
     bad = ~torch.isfinite(losses).all(1)
