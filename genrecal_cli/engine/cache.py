@@ -143,7 +143,7 @@ def features_from_dict(d: Mapping[str, torch.Tensor]) -> TeacherFeatures:
 # storage dtypes
 
 
-def encode(x: torch.Tensor, storage: str) -> dict[str, torch.Tensor]:
+def to_storage(x: torch.Tensor, storage: str) -> dict[str, torch.Tensor]:
     """x [n, d] float as stored: cast, or fp8 e4m3 with a float32 scale per row (amax / 448)."""
     if storage != "fp8":
         return {"": x.to(STORAGE[storage]).contiguous()}
@@ -151,7 +151,8 @@ def encode(x: torch.Tensor, storage: str) -> dict[str, torch.Tensor]:
     return {"": (x.float() / scale).to(torch.float8_e4m3fn).contiguous(), ".scale": scale.squeeze(-1).contiguous()}
 
 
-def decode(stored: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+def from_storage(stored: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """A stored tensor back as float32 (fp8: times its scale per row)."""
     x = stored.float()
     return x * scale[:, None] if scale is not None else x
 
@@ -239,7 +240,7 @@ class CacheWriter:
             joined = torch.cat(parts)
             if name in _FEATURES:
                 self.hidden_size = self.hidden_size or int(joined.shape[-1])
-                for suffix, t in encode(joined, self.storage).items():
+                for suffix, t in to_storage(joined, self.storage).items():
                     tensors[name + suffix] = t
             else:
                 tensors[name] = joined.to(torch.int32 if name.endswith(("turn", "pos")) else torch.long).contiguous()
@@ -532,7 +533,7 @@ class _Shard:
         fields = {}
         for name in self.offsets:
             if name in _FEATURES:
-                fields[name] = decode(stored[name], stored.get(f"{name}.scale"))
+                fields[name] = from_storage(stored[name], stored.get(f"{name}.scale"))
             else:
                 fields[name] = stored[name].long()
         return ItemFeatures(**fields)

@@ -59,7 +59,7 @@ class GenRecal(nn.Module):
         stage: str,
         reg: bool = True,
     ) -> Output:
-        w = self.weights
+        weights = self.weights
         touch = None
         with torch.set_grad_enabled(torch.is_grad_enabled() and stage != "align"):  # align: student frozen
             if self.blank_images is not None and "pixel_values" not in sbatch:  # first, as images go first
@@ -71,26 +71,26 @@ class GenRecal(nn.Module):
             tf = teacher  # the method's name for them: teacher features
             rec = self.recalibrator(student_question(z_s, sbatch), tf.answer)
             terms["ar"], terms["kl"] = losses.recalibration_terms(
-                teacher_head, rec, tf.rows, tf.targets, temperature=w.temperature
+                teacher_head, rec, tf.rows, tf.targets, temperature=weights.temperature
             )
             if reg:  # align, and distill unless stages.distill.reg = false; not without question features
                 reg_rec = self.recalibrator(tf.question, tf.answer, question_from_teacher=True)
-                ar, kl = losses.recalibration_terms(teacher_head, reg_rec, tf.rows, tf.targets, temperature=w.temperature)
+                ar, kl = losses.recalibration_terms(teacher_head, reg_rec, tf.rows, tf.targets, temperature=weights.temperature)
                 terms["reg"] = ar + kl
             recalibrated = rec.detach()
         if stage in ("distill", "finetune"):
             rows, targets = losses.answer_rows(z_s, sbatch["labels"])
             head = self.student.get_output_embeddings()
             terms["sft"] = losses.sft(head, rows, targets)
-            if stage == "distill" and w.uld:
+            if stage == "distill" and weights.uld:
                 terms["uld"] = losses.uld(
                     head, rows, (sbatch["labels"][:, 1:] != -100).sum(1),
-                    teacher_head, teacher.rows, teacher.answer.mask.sum(1), temperature=w.temperature,
+                    teacher_head, teacher.rows, teacher.answer.mask.sum(1), temperature=weights.temperature,
                 )
-            if stage == "distill" and w.kd:
+            if stage == "distill" and weights.kd:
                 same_answers(targets, teacher.targets)
-                terms["kd"] = losses.kd(head, rows, teacher_head, teacher.rows, temperature=w.temperature)
-        weight = {"ar": w.ar, "kl": w.kl, "reg": w.reg, "sft": w.sft, "uld": w.uld, "kd": w.kd}
+                terms["kd"] = losses.kd(head, rows, teacher_head, teacher.rows, temperature=weights.temperature)
+        weight = {name: getattr(weights, name) for name in ("ar", "kl", "reg", "sft", "uld", "kd")}
         loss = sum(weight[k] * v for k, v in terms.items())
         if touch is not None and touch.requires_grad:
             loss = loss + touch

@@ -338,11 +338,11 @@ def _shared(s: Stage, batch: dict, out) -> dict[str, torch.Tensor]:
     [processes]. A non-finite loss on any process stops them all, the one it was met on says so."""
     acc = s.run.accelerator
     real, slots = _padding(batch, s.sides)
-    mine = {"loss": out.loss, **out.terms, "tokens": batch["student"]["attention_mask"].sum(), "items": batch["items"],
+    this_process = {"loss": out.loss, **out.terms, "tokens": batch["student"]["attention_mask"].sum(), "items": batch["items"],
             "real": real, "slots": slots, "skipped": len(s.batches.report.skipped),
             "truncated": len(s.batches.report.truncated)}
-    names = list(mine)
-    rows = gather_rows(acc, torch.tensor([float(v.detach() if torch.is_tensor(v) else v) for v in mine.values()])).cpu()
+    names = list(this_process)
+    rows = gather_rows(acc, torch.tensor([float(v.detach() if torch.is_tensor(v) else v) for v in this_process.values()])).cpu()
     shared = {n: rows[:, k] for k, n in enumerate(names)}
     losses = torch.stack([shared[n] for n in ("loss", *out.terms)], 1)
     bad = ~torch.isfinite(losses).all(1)
@@ -474,7 +474,7 @@ def _probe_batch(dataset, sides, recipe: Recipe, acc, extra=None) -> dict | None
 
     if recipe.train.probe_every == 0:
         return None
-    usable = (met for met in dataset.first() if isinstance(met, Item))  # the same on every process
+    usable = (item for item in dataset.first() if isinstance(item, Item))  # the same on every process
     items = list(itertools.islice(usable, recipe.train.probe_items))
     if len(items) < 2:
         return None

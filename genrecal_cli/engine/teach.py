@@ -155,13 +155,13 @@ def plan_size(recipe: Recipe, inputs, *, storage: str = "bf16", sample: int = 64
     student = load_vlm(inputs.student, revision=recipe.student.revision,
                        trust_remote_code=recipe.student.trust_remote_code, empty=True)
     dataset = PairDataset(inputs.train, recipe.data, {"teacher": teacher.processor, "student": student.processor})
-    met = [m for m in itertools.islice(dataset.first(), sample) if isinstance(m, Item)]
-    if not met:
+    usable = [m for m in itertools.islice(dataset.first(), sample) if isinstance(m, Item)]
+    if not usable:
         raise GenrecalError(f"{recipe.data.source}: the first {sample} items were all skipped; nothing to cache")
-    segments = [m.sides["teacher"].segment for m in met]
-    answer = sum(sum(bool(is_answer(t)) for t in s) for s in segments) / len(met)
-    question = sum(sum(bool(is_question(t)) for t in s) for s in segments) / len(met)
+    segments = [m.sides["teacher"].segment for m in usable]
+    answer = sum(sum(bool(is_answer(t)) for t in s) for s in segments) / len(usable)
+    question = sum(sum(bool(is_question(t)) for t in s) for s in segments) / len(usable)
     items = len(dataset)
     size = size_estimate(round(answer * items), round(question * items), teacher.hidden_size, storage)
     return {"items": items, "answer_tokens_per_item": answer, "question_tokens_per_item": question,
-            "hidden_size": teacher.hidden_size, "storage": storage, "bytes": size, "sampled": len(met)}
+            "hidden_size": teacher.hidden_size, "storage": storage, "bytes": size, "sampled": len(usable)}
