@@ -127,9 +127,7 @@ def _draw_report(run_dir: Path, console) -> None:
     try:
         console.print(f"report: [bold]{write_report(run_dir)}[/]")
     except ReportUnavailable as exc:
-        from rich.markup import escape
-
-        console.print(f"[dim]report: {escape(str(exc))}; then `genrecal report {escape(str(run_dir))}` draws it[/]")
+        console.print(f"[dim]report: {_escape(str(exc))}; then `genrecal report {_escape(str(run_dir))}` draws it[/]")
 
 
 @app.command()
@@ -221,7 +219,6 @@ def _command_line() -> str:
 
 def _verify_cache(folder: Path) -> None:
     """`genrecal teach --verify DIR`: every item of every shard checked; the damaged shards named."""
-    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from .engine.cache import verify
@@ -233,10 +230,10 @@ def _verify_cache(folder: Path) -> None:
         found = verify(folder, progress=lambda done, total: bar.update(task, completed=done, total=total))
     state = ("complete: {items:,} items, {cached:,} cached, {skipped:,} skipped".format(**found["complete"])
              if found["complete"] else "UNFINISHED" + (f" (finish it with `{found['command']}`)" if found["command"] else ""))
-    console.print(escape(f"{folder}: {found['shards']:,} shards, {found['items']:,} items, "
+    console.print(_escape(f"{folder}: {found['shards']:,} shards, {found['items']:,} items, "
                          f"{found['bytes'] / 1e9:,.3f} GB; {state}"))
     for line in found["damaged"]:
-        console.print(f"[red]damaged[/] {escape(line)}")
+        console.print(f"[red]damaged[/] {_escape(line)}")
     if found["damaged"]:
         raise GenrecalError(f"{folder}: {len(found['damaged'])} damaged shard(s); run the `genrecal teach` that "
                             "wrote the cache again: it rewrites them")
@@ -408,11 +405,10 @@ def _plan_table(recipe):
 
 
 def _accuracy_table(accuracy: dict, rows: str):
-    from rich.markup import escape
     from rich.table import Table
 
     groups = sorted({g for a in accuracy.values() for g in a["groups"] if g.startswith("form:")})
-    table = Table(title=f"accuracy on {escape(rows)} (greedy answers)", header_style="bold")
+    table = Table(title=f"accuracy on {_escape(rows)} (greedy answers)", header_style="bold")
     for col in ("model", "accuracy", "n", *[g.split(":", 1)[1] for g in groups]):
         table.add_column(col, justify="left" if col == "model" else "right")
     for name, a in accuracy.items():
@@ -484,11 +480,13 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise
         code = getattr(exc, "exit_code", 1)
         rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-        # Every process meets these alike (a recipe problem; a stop agreed by all): process 0 prints it.
-        if (isinstance(exc, RecipeError) or code in (130, 143)) and rank != 0:
+        # Every process meets these alike (a recipe problem; a stop agreed by all): process 0 prints
+        # it; any other error is one process's own, named where there are several.
+        alike = isinstance(exc, RecipeError) or code in (130, 143)
+        if alike and rank != 0:
             sys.exit(code)
         label = "[yellow]stopped:[/yellow]" if code in (130, 143) else "[red]error:[/red]"  # a signal, after saving
-        where = f"process {rank}: " if world > 1 and not isinstance(exc, RecipeError) and code not in (130, 143) else ""
+        where = f"process {rank}: " if world > 1 and not alike else ""
         _console(stderr=True).print(f"{label} {where}{_escape(str(exc))}", markup=True, soft_wrap=True)
         sys.exit(code)
     except Exception as exc:  # a bug, not a user mistake: still one line unless asked

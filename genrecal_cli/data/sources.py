@@ -20,7 +20,7 @@ class SkipItem(Exception):
 def load_split(spec: DataSpec, split: str, held_out: int = 0):
     """One split of an external data source, layout checked, its first `held_out` rows left out
     (the accuracy table's, where the source has no validation split). The built-in data sets
-    are made at the edge (run.py) and checked with `check_split`."""
+    are made at the edge (commands/distill.py) and checked with `check_split`."""
     if spec.source == "shapes":
         raise DataError("data.source 'shapes' is the built-in data set: load it with genrecal_cli.commands.distill.load_rows")
     return check_split(_load_external(spec.source, split), spec, split, held_out)
@@ -42,10 +42,9 @@ def has_split(spec: DataSpec, split: str) -> bool:
         return split in json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
     if (path / "dataset_info.json").is_file():  # one saved Dataset: no splits
         return False
-    files = [f.name for suffix in _KINDS for f in path.glob(f"*{suffix}")]
-    if not files:  # no data files: a folder with a loading script, taken at its word
+    if not any(any(path.glob(f"*{suffix}")) for suffix in _KINDS):  # a folder with a loading script
         return True
-    return any(name.startswith((f"{split}.", f"{split}-")) for name in files)
+    return any(_split_files(path, split, suffix) for suffix in _KINDS)
 
 
 def load_stream(spec: DataSpec, split: str, held_out: int = 0):
@@ -120,6 +119,11 @@ _KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv
 STREAM_JSON_CHUNK = 1 << 20
 
 
+def _split_files(folder: Path, split: str, suffix: str) -> list[Path]:
+    """A folder's files of one split and kind: SPLIT.jsonl, or SPLIT-00000.jsonl, ..."""
+    return sorted(folder.glob(f"{split}{suffix}")) + sorted(folder.glob(f"{split}-*{suffix}"))
+
+
 def _reader_options(kind: str, streaming: bool) -> dict:
     return {"chunksize": STREAM_JSON_CHUNK} if streaming and kind == "json" else {}
 
@@ -131,7 +135,7 @@ def _load_external(source: str, split: str, streaming: bool = False):
     try:
         if path.is_dir():  # a folder of split files: train.jsonl, validation-00001.parquet, ...
             for suffix, kind in _KINDS.items():
-                files = sorted(path.glob(f"{split}{suffix}")) + sorted(path.glob(f"{split}-*{suffix}"))
+                files = _split_files(path, split, suffix)
                 if files:
                     return datasets.load_dataset(kind, data_files={split: [str(f) for f in files]}, split=split,
                                                  streaming=streaming, **_reader_options(kind, streaming))

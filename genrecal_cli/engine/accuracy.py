@@ -76,9 +76,10 @@ def generate_answers(vlm, prompts: list[Conversation], images: list[list], *, ma
     device = next(vlm.model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     # Rows with images and rows without go in separate calls: processors take images for all or none.
-    calls = [group for s in range(0, len(prompts), batch_size)
-             for group in ([i for i in range(s, min(s + batch_size, len(prompts))) if images[i]],
-                           [i for i in range(s, min(s + batch_size, len(prompts))) if not images[i]]) if group]
+    calls = []
+    for s in range(0, len(prompts), batch_size):
+        chunk = range(s, min(s + batch_size, len(prompts)))
+        calls += [group for group in ([i for i in chunk if images[i]], [i for i in chunk if not images[i]]) if group]
     if synced:
         import torch.distributed as dist
 

@@ -244,7 +244,7 @@ class CacheWriter:
                     tensors[name + suffix] = t
             else:
                 tensors[name] = joined.to(torch.int32 if name.endswith(("turn", "pos")) else torch.long).contiguous()
-        offsets = {k[len("offsets."):]: v.tolist() for k, v in tensors.items() if k.startswith("offsets.")}
+        offsets = _offsets(tensors)
         tensors["checksum"] = torch.tensor(
             [_checksum(key, {name: t[offsets[_base(name)][k]:offsets[_base(name)][k + 1]]
                              for name, t in tensors.items() if _is_data(name)}) for k, key in enumerate(indices)],
@@ -265,6 +265,16 @@ class CacheWriter:
                  "with_question": self.with_question, "hidden_size": self.hidden_size, "command": self.command,
                  "shards": self.shards}
         _write_json(self.folder / self.index_name, index)  # no completion record: `complete` writes it
+
+
+def _offsets(tensors: Mapping[str, torch.Tensor]) -> dict[str, list[int]]:
+    """A shard's row offsets by tensor ("offsets.answer" -> "answer": where each item's rows start)."""
+    return {k[len("offsets."):]: v.tolist() for k, v in tensors.items() if k.startswith("offsets.")}
+
+
+def _cached(shards: Iterable[Mapping]) -> int:
+    """How many items the listed shards hold."""
+    return len({i for s in shards for i in s["items"]})
 
 
 def _base(name: str) -> str:
@@ -294,7 +304,7 @@ def complete(folder: str | Path, items: int) -> dict:
     the cache reads as finished. Returns the record."""
     folder = Path(folder)
     index = _read_json(folder / INDEX)
-    cached = len({i for s in index["shards"] for i in s["items"]})
+    cached = _cached(index["shards"])
     index["complete"] = {"items": items, "cached": cached, "skipped": items - cached}
     _write_json(folder / INDEX, index)
     return index["complete"]
@@ -347,25 +357,25 @@ def read_index(folder: Path) -> dict:
     folder = Path(folder)
     if any(folder.glob(PARTIAL)):
         raise DataError(f"{folder}: an unfinished cache (its writers stopped before merging their indices); "
-                        f"run {_command(folder)} again to finish it")
+                        f"run {_finish_with(_indices(folder))} again to finish it")
     path = folder / INDEX
     if not path.is_file():
         raise DataError(f"{folder}: not a teacher-feature cache (no {INDEX}); write one with `genrecal teach`")
     index = _read_json(path)
     if "complete" not in index:
-        cached = len({i for s in index["shards"] for i in s["items"]})
-        finish = f"`{index['command']}`" if index.get("command") else "the same `genrecal teach`"
-        raise DataError(f"{folder}: an unfinished cache ({cached:,} items written, then its writer stopped); "
-                        f"run {finish} again to finish it")
+        raise DataError(f"{folder}: an unfinished cache ({_cached(index['shards']):,} items written, then its writer "
+                        f"stopped); run {_finish_with([index])} again to finish it")
     return index
 
 
-def _command(folder: Path) -> str:
-    """The command that writes the cache in `folder`, as its indices record it."""
-    for index in _indices(folder):
-        if index.get("command"):
-            return f"`{index['command']}`"
-    return "the same `genrecal teach`"
+def _recorded_command(indices: list[dict]) -> str | None:
+    """The command that writes the cache, as its indices record it."""
+    return next((index["command"] for index in indices if index.get("command")), None)
+
+
+def _finish_with(indices: list[dict]) -> str:
+    command = _recorded_command(indices)
+    return f"`{command}`" if command else "the same `genrecal teach`"
 
 
 def _read_json(path: Path) -> dict:
@@ -467,14 +477,7 @@ def check_shard(folder: Path, record: Mapping) -> str:
     shard = open_shard(folder, record)
     if isinstance(shard, str):
         return shard
-    bad = []
-    for i in record["items"]:
-        try:
-            ok = shard.item(i) is not None
-        except Exception:  # a corrupt offset reads outside a tensor
-            ok = False
-        if not ok:
-            bad.append(i)
+    bad = [i for i in record["items"] if shard.item(i) is None]  # (a damaged offset reads as None too)
     if bad:
         return f"{len(bad)} of {len(record['items'])} items fail their checksum (first: item {bad[0]})"
     return ""
@@ -498,10 +501,10 @@ def verify(folder: str | Path, progress=None) -> dict:
         if progress is not None:
             progress(k + 1, len(shards))
     main = indices[0] if (folder / INDEX).is_file() else {}
-    return {"shards": len(shards), "items": len({i for s in shards for i in s["items"]}),
+    return {"shards": len(shards), "items": _cached(shards),
             "bytes": sum(s.get("bytes", 0) for s in shards), "damaged": damaged,
             "complete": main.get("complete"), "partial": len(indices) - (1 if main else 0),
-            "command": next((i["command"] for i in indices if i.get("command")), None)}
+            "command": _recorded_command(indices)}
 
 
 class _Shard:
@@ -510,7 +513,7 @@ class _Shard:
 
     def __init__(self, handle, small: dict[str, torch.Tensor]):
         self.handle = handle
-        self.offsets = {k[len("offsets."):]: v.tolist() for k, v in small.items() if k.startswith("offsets.")}
+        self.offsets = _offsets(small)
         self.position = {int(i): k for k, i in enumerate(small["index"].tolist())}
         self.checksums = small["checksum"].tolist()
         self.names = sorted(n for n in handle.keys() if _is_data(n))

@@ -75,10 +75,7 @@ def stop_together(accelerator, failure: BaseException | None, label: str) -> Non
     met it raises its own error (its one line), the others PeerStopped, which the CLI does not
     print: the message appears once, from the process that met it, and no process is left
     waiting in a collective. One all-reduce of one number per call."""
-    if accelerator.num_processes > 1:
-        flags = gather_rows(accelerator, torch.tensor([0.0 if failure is None else 1.0]))[:, 0]
-    else:
-        flags = torch.tensor([0.0 if failure is None else 1.0])
+    flags = gather_rows(accelerator, torch.tensor([0.0 if failure is None else 1.0]))[:, 0]
     if failure is not None:
         raise failure
     if flags.any():

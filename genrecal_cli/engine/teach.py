@@ -60,7 +60,8 @@ def teach(recipe: Recipe, inputs, accelerator, *, folder: str | Path, storage: s
     sides = {"teacher": teacher.processor, "student": student.processor}
     dataset = PairDataset(inputs.train, recipe.data, sides)
     dataset.check_start()
-    writer = CacheWriter(folder, fingerprint(recipe, inputs.teacher, inputs.held_out), storage=storage, with_question=with_question,
+    writer = CacheWriter(folder, fingerprint(recipe, inputs.teacher, inputs.held_out), storage=storage,
+                         with_question=with_question,
                          items_per_shard=items_per_shard, hidden_size=teacher.hidden_size,
                          part=acc.process_index, parts=acc.num_processes, command=command)
     # What an earlier run wrote is checked (each process a share of the shards) before anyone
