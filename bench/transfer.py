@@ -264,7 +264,7 @@ def teacher_beyond_labels(cache: str, items: int) -> dict:
     answer (the content word of a short answer)."""
     import torch
 
-    from genrecal_cli.engine.cache import CacheReader
+    from genrecal_cli.engine.teacher.cache import CacheReader
     from genrecal_cli.models import load_head_only
 
     head = load_head_only(str(TEACHER)).head.float()

@@ -179,7 +179,7 @@ def teach(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from .engine.parallel import make_accelerator
-    from .engine.teach import plan_size, teach as run_teach
+    from .engine.teacher.teach import plan_size, teach as run_teach
     from .commands.distill import built_in_data, resolve
 
     accelerator = make_accelerator(loaded)
@@ -221,7 +221,7 @@ def _verify_cache(folder: Path) -> None:
     """`genrecal teach --verify DIR`: every item of every shard checked; the damaged shards named."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from .engine.cache import verify
+    from .engine.teacher.cache import verify
 
     console = _console()
     with Progress("[bold]verify[/]", BarColumn(bar_width=24), MofNCompleteColumn(), TimeRemainingColumn(),

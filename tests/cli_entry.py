@@ -57,7 +57,7 @@ def main() -> None:
             (out / f"teacher-{state.process_index}.json").write_text(json.dumps(shares))
 
         engine_distill.shard_teacher = shard_and_record
-        from genrecal_cli.engine import teach as engine_teach
+        from genrecal_cli.engine.teacher import teach as engine_teach
 
         engine_teach.shard_teacher = shard_and_record
         real_trainable = engine_distill.shard_trainable

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from genrecal_cli.engine.cache import (CacheReader, CacheWriter, complete, join_items, size_estimate, split_items,
+from genrecal_cli.engine.teacher.cache import (CacheReader, CacheWriter, complete, join_items, size_estimate, split_items,
                                       verify)
 from genrecal_cli.engine.teacher import TeacherFeatures, take_rows
 from genrecal_cli.engine.turns import select
@@ -222,7 +222,7 @@ def test_the_weights_digest_sees_a_retrained_tensor_not_a_copy(tmp_path):
 
     from safetensors.torch import save_file
 
-    from genrecal_cli.engine.cache import SAMPLE, weights_digest
+    from genrecal_cli.engine.teacher.cache.fingerprint import SAMPLE, weights_digest
 
     a = tmp_path / "a"
     a.mkdir()
@@ -243,7 +243,7 @@ def test_the_weights_digest_sees_a_retrained_tensor_not_a_copy(tmp_path):
 def test_hub_sources_are_fingerprinted_by_their_commit(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    from genrecal_cli.engine.cache import hub_commit
+    from genrecal_cli.engine.teacher.cache import hub_commit
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     refs = tmp_path / "models--org--teacher" / "refs"
@@ -268,7 +268,7 @@ def test_size_arithmetic():
 def test_cached_answer_ids_are_compared_with_the_rendered_ones():
     """The cache stores each answer's token ids: a changed id (another tokenizer or template,
     the same count) is refused naming the item and the token, not only a changed count."""
-    from genrecal_cli.engine.cache import check_answers
+    from genrecal_cli.engine.teacher.cache import check_answers
 
     segment = torch.tensor([[0, 0, 1, 1, -1], [0, 1, 1, 1, -1]])
     ids = torch.tensor([[5, 6, 7, 8, 0], [5, 9, 10, 11, 0]])

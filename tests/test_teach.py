@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from genrecal_cli.engine.cache import CacheReader
+from genrecal_cli.engine.teacher.cache import CacheReader
 from genrecal_cli.errors import DataError
 from genrecal_cli.recipe import recipe_from_dict
 from genrecal_cli.commands.distill import distill
@@ -206,7 +206,7 @@ def test_writers_of_several_processes_merge_and_an_unfinished_cache_is_refused(t
     """Two writers (processes 0 and 1 of 2) each write their own shards and partial index; until
     the main process merges them the cache is refused as unfinished; a later writer on one
     process counts both parts as done and its merge leaves one index."""
-    from genrecal_cli.engine.cache import CacheWriter, ItemFeatures, complete, merge_index
+    from genrecal_cli.engine.teacher.cache import CacheWriter, ItemFeatures, complete, merge_index
 
     def item(i):
         return ItemFeatures(answer=torch.full((2, 4), float(i)), answer_turn=torch.ones(2, dtype=torch.long),

@@ -681,7 +681,7 @@ def test_data_without_a_validation_split_holds_out_the_tables_rows_and_says_so(t
     """A single file is no validation split: the table scores its first train.eval_items rows,
     which are never trained on (also streamed, and before data.num_train's cut), and says so."""
     from genrecal_cli.engine import accuracy as accuracy_module
-    from genrecal_cli.engine.cache import fingerprint
+    from genrecal_cli.engine.teacher.cache import fingerprint
     from genrecal_cli.errors import DataError
     from genrecal_cli.commands.distill import resolve
 

@@ -138,9 +138,9 @@ def held_out(recipe: Recipe) -> int:
 
 def teach(recipe: Recipe, folder, *, accelerator=None, **options):
     """`genrecal teach`'s pass without its display: resolve the recipe's teacher and data, then
-    write the teacher-feature cache into `folder` (engine.teach.teach and its options)."""
+    write the teacher-feature cache into `folder` (engine.teacher.teach.teach and its options)."""
     from ..engine.parallel import make_accelerator
-    from ..engine.teach import teach as run_engine
+    from ..engine.teacher.teach import teach as run_engine
 
     accelerator = accelerator or make_accelerator(recipe)
     recipe = built_in_data(recipe, accelerator)

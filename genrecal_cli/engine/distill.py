@@ -19,7 +19,7 @@ from ..data.loader import DataReport
 from ..recipe import Recipe
 from . import checkpoint as ckpt
 from .accuracy import Scorer, accuracy
-from .cache import CacheReader, fingerprint
+from .teacher.cache import CacheReader, fingerprint
 from .faults import StopRequests
 from .objective import TEACHER_STAGES, GenRecal
 from .parallel import (MASTER_DTYPE, compute_dtype, device_mesh, full_state, make_accelerator, shard_teacher,

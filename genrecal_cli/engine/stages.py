@@ -27,7 +27,8 @@ from ..data.stream import StreamBatches
 from ..errors import GenrecalError, PeerStopped
 from ..recipe import Recipe, StageSpec
 from . import checkpoint as ckpt
-from .cache import check_answers, features_from_dict
+from .teacher.cache.format import features_from_dict
+from .teacher.cache.reader import check_answers
 from .faults import Interrupted, StopRequests, signal_name
 from .objective import TEACHER_STAGES, GenRecal
 from .parallel import (after_trainable_changed, gather_objects, gather_rows, gathered, is_sharded, stop_together,

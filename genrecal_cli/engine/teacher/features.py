@@ -8,9 +8,9 @@ from typing import Callable
 
 import torch
 
-from ..data.loader import model_inputs
-from .parallel import gathered
-from .turns import Tokens, select
+from ...data.loader import model_inputs
+from ..parallel import gathered
+from ..turns import Tokens, select
 
 
 @dataclass

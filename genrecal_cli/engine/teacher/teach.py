@@ -1,5 +1,5 @@
 """`genrecal teach`: run the teacher once over a recipe's training data and write what align and
-distill need from it into a feature cache (engine/cache.py), so that any number of students,
+distill need from it into a feature cache (cache/), so that any number of students,
 seeds and ablations read it instead of running the teacher again.
 
 The items are rendered as in training (both sides: max_length drops the same trailing turns on
@@ -22,13 +22,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from ..data.loader import PairDataset, default_workers
-from ..data.render import is_answer, is_question
-from ..errors import GenrecalError
-from ..recipe import Recipe
+from ...data.loader import PairDataset, default_workers
+from ...data.render import is_answer, is_question
+from ...errors import GenrecalError
+from ...recipe import Recipe
 from .cache import CacheWriter, complete, fingerprint, merge_index, split_items
-from .parallel import device_mesh, shard_teacher, teacher_sharded
-from .teacher import teacher_features
+from ..parallel import device_mesh, shard_teacher, teacher_sharded
+from .features import teacher_features
 
 
 def teach(recipe: Recipe, inputs, accelerator, *, folder: str | Path, storage: str = "bf16",
@@ -41,8 +41,8 @@ def teach(recipe: Recipe, inputs, accelerator, *, folder: str | Path, storage: s
     recorded in the index for the message that refuses it while unfinished."""
     from accelerate.utils import send_to_device
 
-    from ..data.loader import pair_loader, raise_carried
-    from ..models import load_vlm
+    from ...data.loader import pair_loader, raise_carried
+    from ...models import load_vlm
 
     acc = accelerator
     if not hasattr(inputs.train, "__len__"):
@@ -132,7 +132,7 @@ def _anyone(acc, mine: bool) -> bool:
 
 def _stand_in(dataset: PairDataset, sides) -> dict:
     """A one-item batch (the data's first usable item) for a forward whose result is dropped."""
-    from ..data.loader import Collator, Item
+    from ...data.loader import Collator, Item
 
     item = next((m for m in dataset.first() if isinstance(m, Item)), None)
     if item is None:
@@ -147,8 +147,8 @@ def plan_size(recipe: Recipe, inputs, *, storage: str = "bf16", sample: int = 64
     (cache.size_estimate)."""
     import itertools
 
-    from ..data.loader import Item
-    from ..models import load_vlm
+    from ...data.loader import Item
+    from ...models import load_vlm
     from .cache import size_estimate
 
     teacher = load_vlm(inputs.teacher, revision=recipe.teacher.revision,
