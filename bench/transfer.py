@@ -264,7 +264,7 @@ def teacher_beyond_labels(cache: str, items: int) -> dict:
     answer (the content word of a short answer)."""
     import torch
 
-    from genrecal_cli.engine.teacher.cache import CacheReader
+    from genrecal_cli.engine.teacher.cache import CacheReader, join_items
     from genrecal_cli.models import load_head_only
 
     head = load_head_only(str(TEACHER)).head.float()
@@ -272,14 +272,14 @@ def teacher_beyond_labels(cache: str, items: int) -> dict:
     out: dict[str, dict] = {"all": {}, "first": {}}
     sums = {k: {"n": 0, "top1": 0.0, "entropy": 0.0, "differs": 0.0} for k in out}
     for start in range(0, items, 256):
-        batch = reader.batch(list(range(start, min(items, start + 256))))
+        features = join_items(reader.items(list(range(start, min(items, start + 256)))))
         with torch.no_grad():
-            p = head(batch["rows"].float()).softmax(-1)
-        counts = (batch["answer.segment"] >= 0).sum(1)
+            p = head(features.rows.float()).softmax(-1)
+        counts = features.answer.mask.sum(1)
         first = torch.cumsum(counts, 0) - counts
         top, arg = p.max(-1)
         entropy = -(p * p.clamp_min(1e-12).log()).sum(-1)
-        differs = (arg != batch["targets"]).float()
+        differs = (arg != features.targets).float()
         for key, idx in (("all", slice(None)), ("first", first)):
             sums[key]["n"] += int(top[idx].numel())
             for name, values in (("top1", top), ("entropy", entropy), ("differs", differs)):

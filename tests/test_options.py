@@ -58,12 +58,13 @@ def test_epochs_count_passes_and_max_steps_caps_them(tmp_path):
 def _spy_align(tmp_path, monkeypatch, **recalibrator):
     """One align step; what the Recalibrator and its rotary were given on their first call, and
     the `segment` of the student and teacher batches behind it."""
-    from genrecal_cli.engine import objective, stages
+    from genrecal_cli.engine import objective
     from genrecal_cli.engine.recalibrator import Recalibrator, Rotary1D
+    from genrecal_cli.engine.teacher import source
 
     seen = {}
     real_forward, real_rotary = Recalibrator.forward, Rotary1D.forward
-    real_teacher, real_question = stages.teacher_features, objective.student_question
+    real_teacher, real_question = source.teacher_features, objective.student_question
 
     def forward(self, question, answer, **kw):
         seen.setdefault("call", dict(question=_copy(question), answer=_copy(answer), **kw))
@@ -84,7 +85,7 @@ def _spy_align(tmp_path, monkeypatch, **recalibrator):
 
     monkeypatch.setattr(Recalibrator, "forward", forward)
     monkeypatch.setattr(Rotary1D, "forward", rotary)
-    monkeypatch.setattr(stages, "teacher_features", teacher_features)
+    monkeypatch.setattr(source, "teacher_features", teacher_features)
     monkeypatch.setattr(objective, "student_question", student_question)
     raw = _recipe(tmp_path, stages=("align",), steps=1).to_dict()
     raw["recalibrator"] = recalibrator

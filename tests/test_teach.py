@@ -270,22 +270,22 @@ def test_two_ranks_write_the_cache_one_process_writes(written, tmp_path, placeme
 
 
 def test_loader_workers_read_the_cache_and_carry_its_errors(written, monkeypatch):
-    """Training batches arrive with their cached features read by the loader worker that
-    collated them (the loop never reads the cache itself, except for the probe's fixed batch);
+    """Training batches arrive with their cached features read and checked by the loader worker
+    that collated them (the loop never reads the cache itself, except for the probe's fixed batch);
     a shard that went missing stops the run with the cache's one line, not a worker traceback."""
     import os
     import shutil
 
     tmp, _ = written
     readers = tmp / "readers.txt"  # the process of every cache read (the workers are forked: patched too)
-    real = CacheReader.batch
+    real = CacheReader.items
 
     def recorded(self, indices):
         with open(readers, "a") as f:
             f.write(f"{os.getpid()}\n")
         return real(self, indices)
 
-    monkeypatch.setattr(CacheReader, "batch", recorded)
+    monkeypatch.setattr(CacheReader, "items", recorded)
     raw = _raw(tmp, out="workers", cache=tmp / "cache")
     raw["data"]["num_workers"] = 1
     raw["train"]["probe_every"] = 0

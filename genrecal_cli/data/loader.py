@@ -186,11 +186,12 @@ def _cat0(parts: list):
 class Collator:
     """Collate a list of Item / Skipped into {side: batch dict, "data": DataReport of this batch,
     "items": usable items, "keys": their row keys}; pad ids come from each side's tokenizer.
-    With `extra` (row keys -> dict of tensors, e.g. the teacher's cached features), the batch
-    also holds extra(keys) as "extra", computed where the batch is collated (a loader worker)."""
+    With `attach` (the collated batch -> more entries of it, e.g. the teacher's cached features),
+    those join the batch where it is collated (a loader worker); an error it raises is carried
+    out as an unreadable row's is."""
 
-    def __init__(self, processors: Mapping[str, Any], extra: Callable[[list[int]], dict] | None = None):
-        self.extra = extra
+    def __init__(self, processors: Mapping[str, Any], attach: Callable[[dict], dict] | None = None):
+        self.attach = attach
         self.pad_ids = {}
         for side, proc in processors.items():
             tok = getattr(proc, "tokenizer", proc)
@@ -207,9 +208,9 @@ class Collator:
         batch: dict[str, Any] = {"data": report, "items": len(items), "keys": [it.index for it in items]}
         if items:
             batch.update({side: collate_side([it.sides[side] for it in items], pad) for side, pad in self.pad_ids.items()})
-            if self.extra is not None:
+            if self.attach is not None:
                 try:
-                    batch["extra"] = self.extra(batch["keys"])
+                    batch.update(self.attach(batch))
                 except GenrecalError as exc:  # carried out of the worker (raise_carried)
                     return {"error": exc}
         return batch
@@ -254,12 +255,12 @@ class _Carrying:
 
 
 def pair_loader(dataset: PairDataset, batch_sampler, sides: Mapping[str, Any], workers: int, pin_memory: bool,
-                extra: Callable[[list[int]], dict] | None = None):
+                attach: Callable[[dict], dict] | None = None):
     """A DataLoader of collated micro-batches of `dataset` (index lists from `batch_sampler`),
-    encoded in `workers` processes (with `extra`: see Collator); a row that stops the run comes
+    encoded in `workers` processes (with `attach`: see Collator); a row that stops the run comes
     back as the batch's "error" (`raise_carried`)."""
     return data_loader(_Carrying(dataset), workers, pin_memory, batch_sampler=batch_sampler,
-                       collate_fn=Collator(sides, extra))
+                       collate_fn=Collator(sides, attach))
 
 
 def data_loader(dataset, workers: int, pin_memory: bool, **kwargs):
@@ -279,11 +280,11 @@ class Batches:
     `report` collects what was skipped; `state()` is what a checkpoint keeps."""
 
     def __init__(self, dataset: PairDataset, sampler, sides: Mapping[str, Any], *, workers: int, pin_memory: bool,
-                 state: dict | int | None = None, extra: Callable[[list[int]], dict] | None = None):
+                 state: dict | int | None = None, attach: Callable[[dict], dict] | None = None):
         self.dataset, self.sampler = dataset, sampler
         self.position = state if isinstance(state, int) else (state or {}).get("position", 0)
         self.report = DataReport()
-        self.loader = pair_loader(dataset, sampler, sides, workers, pin_memory, extra)
+        self.loader = pair_loader(dataset, sampler, sides, workers, pin_memory, attach)
         self._it: Iterator | None = None
 
     def state(self) -> dict:

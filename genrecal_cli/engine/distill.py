@@ -20,6 +20,7 @@ from ..recipe import Recipe
 from . import checkpoint as ckpt
 from .accuracy import Scorer, accuracy
 from .teacher.cache import CacheReader, fingerprint
+from .teacher.source import CachedTeacher, OnlineTeacher
 from .faults import StopRequests
 from .objective import TEACHER_STAGES, GenRecal
 from .parallel import (MASTER_DTYPE, compute_dtype, device_mesh, full_state, make_accelerator, shard_teacher,
@@ -88,9 +89,9 @@ def _run(recipe: Recipe, inputs: Inputs, acc, out: Path, *, resume: bool, report
     cached = needs_teacher and recipe.teacher.cache is not None
     shard_t, shard_s = teacher_sharded(recipe, acc) and not cached, student_sharded(recipe, acc)
     mesh = device_mesh(acc, recipe.parallel.shard_group) if shard_t or shard_s else None
-    teacher, cache, rec = None, None, None
+    teacher, source, rec = None, None, None
     if needs_teacher:
-        teacher, cache = _load_teacher(recipe, inputs, acc, student, cached, shard_t, mesh, reporter)
+        teacher, source = _load_teacher(recipe, inputs, acc, student, cached, shard_t, mesh, reporter)
         set_seed(recipe.train.seed)
         rec = _recalibrator(recipe, teacher, student, acc) if recipe.uses_recalibrator else None
     if found is not None and (found.path / "student").is_dir():  # a sharded checkpoint loads in its stage
@@ -112,7 +113,7 @@ def _run(recipe: Recipe, inputs: Inputs, acc, out: Path, *, resume: bool, report
         shard_trainable(module, mesh, compute_dtype(recipe))
     with StopRequests() as stop:
         run = Run(recipe, acc, student, teacher, rec, inputs.train, module=module, reporter=reporter, stop=stop,
-                  data_report=DataReport(), cache=cache)
+                  data_report=DataReport(), source=source)
         teacher = rec = module = None  # the run owns them now, and drops them when no later stage needs them
         _train_stages(run, remaining, found, result, prefix, shard_s)
     result.data = run.data_report.to_dict()
@@ -157,15 +158,16 @@ def _load_student(recipe: Recipe, inputs: Inputs, acc):
 
 def _load_teacher(recipe: Recipe, inputs: Inputs, acc, student, cached: bool, shard: bool, mesh, reporter):
     """The frozen teacher in its recipe dtype (only its head where its features come from the
-    cache, then with the cache), replicated or sharded: (teacher, cache or None)."""
+    cache), replicated or sharded, and where its features come from: (teacher, source)."""
     from ..models import load_head_only, load_vlm
 
-    spec, cache = recipe.teacher, None
+    spec = recipe.teacher
     if cached:
         teacher = load_head_only(inputs.teacher, revision=spec.revision, dtype=spec.dtype,
                                  trust_remote_code=spec.trust_remote_code)
         # (after the head loads: a hub teacher's commit is then in this machine's hub cache)
         cache = CacheReader(spec.cache, fingerprint(recipe, inputs.teacher, inputs.held_out))
+        source = CachedTeacher(cache)
         teacher.head.to(acc.device)
         if reporter is not None:
             reporter.note(f"teacher features from the cache {spec.cache} (stored as {cache.storage}"
@@ -173,13 +175,14 @@ def _load_teacher(recipe: Recipe, inputs: Inputs, acc, student, cached: bool, sh
     else:  # sharded: only the main process reads the weights, the others receive their shards
         teacher = load_vlm(inputs.teacher, revision=spec.revision, dtype=spec.dtype,
                            trust_remote_code=spec.trust_remote_code, empty=shard and not acc.is_main_process)
+        source = OnlineTeacher(teacher, recipe.recalibrator.answer_input)
     teacher.model.requires_grad_(False)
     _warn_if_swapped(teacher, student, reporter)
     if shard:
         shard_teacher(teacher, acc, mesh)
     elif not cached:
         teacher.model.to(acc.device)
-    return teacher, cache
+    return teacher, source
 
 
 def _recalibrator(recipe: Recipe, teacher, student, acc) -> Recalibrator:
@@ -203,7 +206,7 @@ def _train_stages(run: Run, remaining: list[str], found, result: RunResult, pref
         # stage needs them) the teacher and the Recalibrator.
         acc.free_memory()
         if not any(s in TEACHER_STAGES for s in remaining[remaining.index(stage) + 1 :]):
-            run.teacher = run.recalibrator = None
+            run.teacher = run.source = run.recalibrator = None
             if not shard_s:  # a sharded Recalibrator stays registered with the sharded root
                 run.module.recalibrator = None
         gc.collect()

@@ -27,15 +27,14 @@ from ..data.stream import StreamBatches
 from ..errors import GenrecalError, PeerStopped
 from ..recipe import Recipe, StageSpec
 from . import checkpoint as ckpt
-from .teacher.cache.format import features_from_dict
-from .teacher.cache.reader import check_answers
 from .faults import Interrupted, StopRequests, signal_name
 from .objective import TEACHER_STAGES, GenRecal
 from .parallel import (after_trainable_changed, gather_objects, gather_rows, gathered, is_sharded, stop_together,
                        total_updates)
 from .probe import alignment_stats, reliance
 from .recalibrator import Recalibrator
-from .teacher import TeacherFeatures, head_fn, teacher_features
+from .teacher import TeacherFeatures, head_fn
+from .teacher.source import TeacherSource
 
 
 @dataclass
@@ -52,22 +51,7 @@ class Run:
     reporter: Any | None = None
     stop: StopRequests | None = None
     data_report: DataReport | None = None  # what the stages skipped or cut, every process's, once per row
-    cache: Any | None = None  # cache.CacheReader: the teacher's features read instead of computed (teacher.cache)
-
-    def teacher_features(self, teacher, batch: dict) -> TeacherFeatures:
-        """One batch's teacher features: computed by the teacher, or read from its cache by
-        whoever collated the batch (`cached_features`), checked against the teacher side
-        rendered now."""
-        if self.cache is None:
-            return teacher_features(teacher, batch["teacher"], self.recipe.recalibrator.answer_input)
-        tf = features_from_dict(batch["extra"])
-        check_answers(tf, batch["teacher"], batch["keys"], self.cache.folder)
-        return tf
-
-    def cached_features(self, stage: str):
-        """What a collator adds to a batch of `stage` (Collator `extra`): the items' cached
-        teacher features, where the run reads a cache and the stage uses the teacher."""
-        return self.cache.batch if self.cache is not None and stage in TEACHER_STAGES else None
+    source: TeacherSource | None = None  # where the teacher's features come from (teacher/source.py)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +109,8 @@ class Stage:
     name: str  # align, distill or finetune
     label: str  # as the display names it ("teacher/distill" for a prerequisite run)
     spec: StageSpec
-    teacher: Any | None
+    teacher: Any | None  # the teacher (its head, its processor) where the stage uses it
+    source: TeacherSource | None  # and its features
     recalibrator: Recalibrator | None
     sides: dict  # side -> processor
     batches: Any  # Batches or StreamBatches: this process's micro-batches from its data position
@@ -198,6 +183,7 @@ def _start(run: Run, stage: str, resume: ckpt.Found | None, label: str) -> Stage
     recipe, acc = run.recipe, run.accelerator
     spec: StageSpec = getattr(recipe.stages, stage)
     teacher = run.teacher if stage in TEACHER_STAGES else None
+    source = run.source if teacher is not None else None
     rec = run.recalibrator if stage in TEACHER_STAGES else None
     peak = PeakMemory()
     # data: every process deals its own slice of each global micro-batch (data/sampler.py),
@@ -227,15 +213,16 @@ def _start(run: Run, stage: str, resume: ckpt.Found | None, label: str) -> Stage
     if resume is not None:
         _check_layout(resume, layout, sharded, label, stage)
         step, data_state = _resume(resume, acc, module, optimizer, scheduler, sharded)
-    batches = _batches(run, stage, dataset, sampler, sides, spec, seed, workers, data_state, step)
+    attach = source.collate if source is not None else None
+    batches = _batches(run, dataset, sampler, sides, spec, seed, workers, data_state, step, attach)
     # L_reg: always in align, in distill unless stages.distill.reg = false; never without the
     # teacher's question features (a cache written without them)
-    use_reg = (stage == "align" or spec.reg) and (run.cache is None or run.cache.with_question)
-    probe = _probe_batch(dataset, sides, recipe, acc, run.cached_features(stage)) if rec is not None else None
+    use_reg = (stage == "align" or spec.reg) and (source is None or source.with_question)
+    probe = _probe_batch(dataset, sides, recipe, acc, attach) if rec is not None else None
     if not sharded:
         module, optimizer = acc.prepare(module, optimizer)
     module.train()
-    s = Stage(run, stage, label, spec, teacher, rec, sides, batches, module, sharded, optimizer, scheduler, layout,
+    s = Stage(run, stage, label, spec, teacher, source, rec, sides, batches, module, sharded, optimizer, scheduler, layout,
               total, step, head_fn(teacher.head) if teacher is not None else None, use_reg, probe,
               run.stop or StopRequests(), peak, Counts(time.perf_counter()))
     _announce(s, sampler)
@@ -263,8 +250,8 @@ def _resume(found: ckpt.Found, acc, module, optimizer, scheduler, sharded: bool)
     return found.step, saved.get("data", {})
 
 
-def _batches(run: Run, stage: str, dataset, sampler, sides, spec: StageSpec, seed: int, workers: int, data_state: dict,
-             step: int):
+def _batches(run: Run, dataset, sampler, sides, spec: StageSpec, seed: int, workers: int, data_state: dict,
+             step: int, attach):
     acc = run.accelerator
     pin = acc.device.type == "cuda"
     if sampler is None:
@@ -274,7 +261,7 @@ def _batches(run: Run, stage: str, dataset, sampler, sides, spec: StageSpec, see
     else:  # checkpoints from before the data position was saved: every micro-batch had its items
         batches = Batches(dataset, sampler, sides, workers=workers, pin_memory=pin,
                           state=data_state.get("position", step * spec.grad_accum),
-                          extra=run.cached_features(stage))
+                          attach=attach)
     batches.report = DataReport(**data_state.get("report", {}))
     return batches
 
@@ -306,14 +293,12 @@ def _update(s: Stage) -> Update:
         failure, batch, features = None, None, None
         try:
             batch = send_to_device(next(s.batches), acc.device)
-            if s.teacher is not None and s.run.cache is not None:
-                features = s.run.teacher_features(s.teacher, batch)  # read and checked, no teacher forward
         except Exception as exc:
             failure = exc
         stop_together(acc, failure, s.label)
-        if s.teacher is not None and features is None:
+        if s.source is not None:
             with acc.autocast():  # collective when the teacher is sharded
-                features = s.run.teacher_features(s.teacher, batch)
+                features = s.source.features(batch)
         with _grad_sync(acc, s.module, s.sharded, i == spec.grad_accum - 1):
             with acc.autocast():
                 out = s.module(batch["student"], features, s.head, stage=s.name, reg=s.use_reg)
@@ -368,7 +353,7 @@ def _log(s: Stage, update: Update) -> dict:
                "tokens_per_s": c.tokens / dt, "pad_share": 1 - c.real / max(c.slots, 1),
                "skipped_items": update.skipped, "truncated_items": update.truncated, **s.layout}
     if probe_now:  # every process runs it: a sharded teacher's forward is collective
-        metrics.update(_run_probe(acc, s.module, s.probe, s.teacher, s.head, run))
+        metrics.update(_run_probe(acc, s.module, s.probe, s.source, s.head))
     if run.reporter is not None and acc.is_main_process:
         due = s.step % run.recipe.train.log_every == 0 or s.step == s.total or probe_now
         if update.features is not None and due:
@@ -468,7 +453,7 @@ def _save_progress(s: Stage, metrics: dict) -> None:
         run.reporter.note(f"checkpoint saved: {ckpt.checkpoint_dir(recipe.train.output_dir, s.name, s.step)}", style="dim")
 
 
-def _probe_batch(dataset, sides, recipe: Recipe, acc, extra=None) -> dict | None:
+def _probe_batch(dataset, sides, recipe: Recipe, acc, attach=None) -> dict | None:
     """The reliance probe's fixed batch: the first train.probe_items usable training items (the
     same on every process)."""
     from accelerate.utils import send_to_device
@@ -479,18 +464,18 @@ def _probe_batch(dataset, sides, recipe: Recipe, acc, extra=None) -> dict | None
     items = list(itertools.islice(usable, recipe.train.probe_items))
     if len(items) < 2:
         return None
-    batch = Collator(sides, extra)(items)
+    batch = Collator(sides, attach)(items)
     raise_carried(batch)
     return send_to_device(batch, acc.device)
 
 
-def _run_probe(acc, module, probe: dict, teacher, head, run: Run) -> dict[str, float]:
+def _run_probe(acc, module, probe: dict, source: TeacherSource, head) -> dict[str, float]:
     module = acc.unwrap_model(module)
     was_training = module.training
     module.eval()
     try:
         with acc.autocast():  # the same precision as the training forward
-            tf = run.teacher_features(teacher, probe)
+            tf = source.features(probe)
             with gathered(module):  # the probe calls the parts directly, outside the root's forward
                 return reliance(module, probe["student"], tf, head)
     finally:

@@ -28,6 +28,20 @@ class TeacherFeatures:
     rows: torch.Tensor
     targets: torch.Tensor
 
+    def to(self, device, non_blocking: bool = False) -> "TeacherFeatures":
+        """On `device` (what accelerate's send_to_device calls on a batch's cached features)."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "TeacherFeatures":
+        """In pinned memory (what a DataLoader with pin_memory calls)."""
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, f: Callable[[torch.Tensor], torch.Tensor]) -> "TeacherFeatures":
+        def tokens(t: Tokens) -> Tokens:
+            return Tokens(f(t.x), f(t.segment), f(t.pos))
+
+        return TeacherFeatures(tokens(self.question), tokens(self.answer), f(self.rows), f(self.targets))
+
 
 def teacher_features(teacher, batch: dict, answer_input: str) -> TeacherFeatures:
     """Run the teacher body on one collated side (`batch["teacher"]`) and cut out its features.

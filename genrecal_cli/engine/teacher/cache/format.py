@@ -106,22 +106,6 @@ def join_items(items: Sequence[ItemFeatures], device=None) -> TeacherFeatures:
     return TeacherFeatures(question, answer, rows, targets)
 
 
-def features_dict(tf: TeacherFeatures) -> dict[str, torch.Tensor]:
-    """TeacherFeatures as a flat dict of tensors (what a DataLoader pins and accelerate moves)."""
-    out = {"rows": tf.rows, "targets": tf.targets}
-    for side in ("question", "answer"):
-        tokens = getattr(tf, side)
-        out.update({f"{side}.x": tokens.x, f"{side}.segment": tokens.segment, f"{side}.pos": tokens.pos})
-    return out
-
-
-def features_from_dict(d: Mapping[str, torch.Tensor]) -> TeacherFeatures:
-    def tokens(side: str) -> Tokens:
-        return Tokens(d[f"{side}.x"], d[f"{side}.segment"], d[f"{side}.pos"])
-
-    return TeacherFeatures(tokens("question"), tokens("answer"), d["rows"], d["targets"])
-
-
 # ---------------------------------------------------------------------------------------------
 # storage dtypes
 

@@ -19,8 +19,8 @@ from ....data.render import is_answer
 from ....errors import DataError
 from ..features import TeacherFeatures
 from .fingerprint import fingerprint_changes
-from .format import (FEATURES, INDEX, PARTIAL, ItemFeatures, base_name, count_items, features_dict, finish_with,
-                     from_storage, is_data, item_checksum, join_items, read_indices, read_json, recorded_command,
+from .format import (FEATURES, INDEX, PARTIAL, ItemFeatures, base_name, count_items, finish_with,
+                     from_storage, is_data, item_checksum, read_indices, read_json, recorded_command,
                      shard_offsets, union_shards)
 
 
@@ -59,11 +59,6 @@ class CacheReader:
 
     def __getstate__(self) -> dict:  # for loader workers: open shards are not carried over
         return {**self.__dict__, "_open": {}}
-
-    def batch(self, indices: Sequence[int]) -> dict:
-        """Items' features joined as one batch's (join_items), as plain tensors (features_dict):
-        what a loader worker adds to the batch it collates."""
-        return features_dict(join_items(self.items(indices)))
 
     def _shard(self, file: str) -> "_Shard":
         if file not in self._open:
