@@ -633,7 +633,7 @@ def test_the_core_never_imports_a_command():
         offenders = [where for where, names in _imports(pkg / part) if any("commands" in n.split(".") for n in names)]
         assert not offenders, (part, offenders)
     top = sorted(p.name for p in pkg.iterdir() if p.suffix == ".py" or (p / "__init__.py").is_file())
-    assert top == ["__init__.py", "__main__.py", "cli.py", "commands", "data", "engine", "errors.py", "models.py",
+    assert top == ["__init__.py", "__main__.py", "cli.py", "commands", "data", "engine", "errors.py", "models",
                    "recipe", "world"]
 
 
