@@ -59,7 +59,7 @@ WORDS = "the red circle is left of a blue square and above the green triangle ne
 
 
 def build_pair(work: Path, small: bool, teacher_layers: int) -> tuple[Path, Path]:
-    from genrecal_cli.world.zoo import build_tiny_vlm
+    from genrecal_cli.world.tiny_vlm import build_tiny_vlm
 
     t_text = dict(SMALL_TEACHER if small else TEACHER_TEXT, num_hidden_layers=teacher_layers)
     s_text = SMALL_STUDENT if small else STUDENT_TEXT

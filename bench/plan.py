@@ -10,7 +10,7 @@ every large block and unmaps it when freed: its default threshold grows after th
 and then keeps freed tensors in the heap, where resident memory no longer follows live tensors
 (--default-malloc runs without it too, for scale).
 
-The pair is built from configs with zoo.build_tiny_vlm (no pretraining): a Qwen2-VL-style
+The pair is built from configs with tiny_vlm.build_tiny_vlm (no pretraining): a Qwen2-VL-style
 teacher (hidden 768, 4 layers) and a LLaVA-style student (hidden 512, 6 layers), weights, AdamW
 states and activations of hundreds of MB. The data are shapes images with answers long enough
 that every item fills data.max_length on both sides, as the plan assumes; the reliance probe
@@ -48,7 +48,7 @@ def rss_mb() -> float:
 def build_world(folder: Path, teacher: tuple[int, int], student: tuple[int, int], items: int) -> dict:
     """The pair and the data set (shapes images, answers long enough to fill max_length)."""
     from genrecal_cli.world.shapes import make_split
-    from genrecal_cli.world.zoo import build_tiny_vlm
+    from genrecal_cli.world.tiny_vlm import build_tiny_vlm
 
     paths = {"teacher": folder / "teacher", "student": folder / "student", "data": folder / "data",
              "warm_teacher": folder / "warm-teacher", "warm_student": folder / "warm-student"}

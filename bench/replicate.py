@@ -46,7 +46,7 @@ class Preset:
     teacher: tuple[str, int, int]  # family, hidden, layers
     student: tuple[str, int, int]
     image_size: int  # what the models' processors see; 48 = one Qwen token per grid cell
-    pretrain_steps: int  # vision pretraining of each fresh model (zoo.pretrain_vision)
+    pretrain_steps: int  # vision pretraining of each fresh model (world/pretrain.py)
     train_items: int  # shapes training items (one fixed draw, shared by every arm and seed)
     teacher_steps: int
     baseline_steps: int  # the student's brief training: its "baseline"
@@ -180,8 +180,8 @@ def build_data(work: Path, p: Preset, log) -> dict[str, str]:
 
 def build_once(folder: Path, family: str, hidden: int, layers: int, log, **options) -> str:
     """A fresh zoo model in folder unless one is there (built aside, then renamed into place);
-    options go to zoo.build_tiny_vlm (image_size, pretrain_steps, cell_positions)."""
-    from genrecal_cli.world.zoo import build_tiny_vlm
+    options go to tiny_vlm.build_tiny_vlm (image_size, pretrain_steps, cell_positions)."""
+    from genrecal_cli.world.tiny_vlm import build_tiny_vlm
 
     if not (folder / "config.json").exists():
         t = time.perf_counter()

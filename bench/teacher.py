@@ -38,7 +38,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--image-size", type=int, default=48, help="48: one Qwen image token per grid cell")
-    ap.add_argument("--pretrain-steps", type=int, default=900, help="vision pretraining (zoo.pretrain_vision)")
+    ap.add_argument("--pretrain-steps", type=int, default=900, help="vision pretraining (world/pretrain.py)")
     ap.add_argument("--positions", action="store_true", help="vision pretraining also teaches each token its cell")
     ap.add_argument("--init", default=None, help="start from this checkpoint instead of building a model")
     ap.add_argument("--kinds", default=",".join(KINDS))

@@ -60,6 +60,7 @@ def distill(
     json_out: Optional[str] = typer.Option(None, "--json", metavar="PATH|-", help="With --gpus: also write the memory plan as JSON ('-' = stdout only)."),
 ) -> None:
     """Run the recipe's stages (align -> distill -> finetune) and export the student."""
+    from .commands.tables import accuracy_table, plan_table
     from .recipe import load_recipe
 
     import os
@@ -78,7 +79,7 @@ def distill(
     # Under torchrun / accelerate launch every process runs this; the plan is printed once.
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if os.environ.get("RANK", "0") == "0" and json_out != "-":
-        console.print(_plan_table(loaded))
+        console.print(plan_table(loaded))
         teacher = loaded.teacher.path if loaded.teacher else "-"
         console.print(f"teacher [bold]{teacher}[/]\nstudent [bold]{loaded.student.path}[/]\ndata    {loaded.data.source}\noutput  {loaded.train.output_dir}")
         if not dry_run:
@@ -107,7 +108,7 @@ def distill(
         raise
     if accelerator.is_main_process:
         if result.accuracy:
-            console.print(_accuracy_table(result.accuracy, result.accuracy_on))
+            console.print(accuracy_table(result.accuracy, result.accuracy_on))
         console.print(f"[bold green]done[/]: student exported to [bold]{result.student_dir}[/]")
         _draw_report(out, console)
 
@@ -160,7 +161,9 @@ def teach(
     from .recipe import load_recipe
 
     if verify is not None:
-        return _verify_cache(verify)
+        from .commands.teach import verify_cache
+
+        return verify_cache(verify, _console())
     if recipe is None:
         raise GenrecalError("genrecal teach: give a RECIPE (or --verify DIR to check a cache)")
 
@@ -176,70 +179,10 @@ def teach(
         raise GenrecalError("--batch-size and --shard-items must be at least 1")
     console = _console()
     _quiet_libraries()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+    from .commands.teach import write_cache
 
-    from .engine.parallel import make_accelerator
-    from .engine.teacher.teach import plan_size, teach as run_teach
-    from .commands.distill import built_in_data, resolve
-
-    accelerator = make_accelerator(loaded)
-    loaded = built_in_data(loaded, accelerator)
-    inputs = resolve(loaded, accelerator=accelerator, needs_teacher=True)
-    main = accelerator.is_main_process
-    if main:
-        size = plan_size(loaded, inputs, storage=storage)
-        answer_gb, question_gb = size["bytes"]["answer"] / 1e9, size["bytes"]["question"] / 1e9
-        console.print(f"cache {folder}: {size['items']:,} items x ({size['answer_tokens_per_item']:.1f} answer + "
-                      f"{size['question_tokens_per_item']:.1f} question tokens, from the first {size['sampled']}) x hidden "
-                      f"{size['hidden_size']:,} in {storage}: answers {answer_gb:,.3f} GB"
-                      + (f", question features {question_gb:,.3f} GB (leave them out with --no-question)"
-                         if not no_question else " (question features left out: L_reg off)"))
-    if dry_run:
-        return
-    n = accelerator.num_processes
-    with Progress("[bold]teach[/]" + (f" (process 1 of {n}'s share)" if n > 1 else ""), BarColumn(bar_width=24),
-                  MofNCompleteColumn(), TimeRemainingColumn(), console=console, disable=not main) as bar:
-        task = bar.add_task("teach", total=None)
-        out = run_teach(loaded, inputs, accelerator, folder=folder, storage=storage, with_question=not no_question,
-                        batch_size=batch_size, items_per_shard=shard_items, command=_command_line(),
-                        note=bar.console.print if main else None,
-                        progress=lambda done, total: bar.update(task, completed=done, total=total))
-    if main:
-        console.print(f"[bold green]done[/]: teacher features in [bold]{out}[/]"
-                      + (f" (written by {n} processes)" if n > 1 else "")
-                      + f"; recipes read them with \\[teacher] cache = \"{out}\"")
-
-
-def _command_line() -> str:
-    """This command as a user would type it again (recorded in a cache's index)."""
-    import shlex
-
-    return " ".join(["genrecal", *(shlex.quote(a) for a in sys.argv[1:])])
-
-
-def _verify_cache(folder: Path) -> None:
-    """`genrecal teach --verify DIR`: every item of every shard checked; the damaged shards named."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    from .engine.teacher.cache import verify
-
-    console = _console()
-    with Progress("[bold]verify[/]", BarColumn(bar_width=24), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, transient=True) as bar:
-        task = bar.add_task("verify", total=None)
-        found = verify(folder, progress=lambda done, total: bar.update(task, completed=done, total=total))
-    state = ("complete: {items:,} items, {cached:,} cached, {skipped:,} skipped".format(**found["complete"])
-             if found["complete"] else "UNFINISHED" + (f" (finish it with `{found['command']}`)" if found["command"] else ""))
-    console.print(_escape(f"{folder}: {found['shards']:,} shards, {found['items']:,} items, "
-                         f"{found['bytes'] / 1e9:,.3f} GB; {state}"))
-    for line in found["damaged"]:
-        console.print(f"[red]damaged[/] {_escape(line)}")
-    if found["damaged"]:
-        raise GenrecalError(f"{folder}: {len(found['damaged'])} damaged shard(s); run the `genrecal teach` that "
-                            "wrote the cache again: it rewrites them")
-    if not found["complete"]:
-        raise GenrecalError(f"{folder}: every shard is intact, but the cache is unfinished")
-    console.print("[bold green]intact[/]: every item passed its checksum")
+    write_cache(loaded, folder, console, storage=storage, no_question=no_question, batch_size=batch_size,
+                shard_items=shard_items, dry_run=dry_run)
 
 
 @app.command("inspect-vocab")
@@ -298,6 +241,7 @@ def eval_(
 ) -> None:
     """Run benchmarks through lm-eval (hf-multimodal) on teacher and students side by side."""
     from .commands.evaluate import evaluate, latest_student, parse_benchmarks
+    from .commands.tables import comparison_table, results_table
 
     benches = parse_benchmarks(bench)
     console = _console()
@@ -313,9 +257,9 @@ def eval_(
         labels=[m.rstrip("/") for m in models], on_model=lambda label: console.print(f"evaluating [bold]{label}[/] on {', '.join(benches)}"),
     )
     for model in report.models:
-        console.print(_results_table(model))
+        console.print(results_table(model))
     if len(report.models) > 1:
-        console.print(_comparison_table(report))
+        console.print(comparison_table(report))
     if output is not None:
         output.write_text(report.to_json(), encoding="utf-8")
         console.print(f"results and protocol written to [bold]{output}[/]")
@@ -389,62 +333,6 @@ def _console(stderr: bool = False):
     from rich.console import Console
 
     return Console(stderr=stderr, highlight=False)
-
-
-def _plan_table(recipe):
-    from rich.table import Table
-
-    table = Table(title=f"recipe {recipe.origin}", show_header=True, header_style="bold")
-    for col in ("stage", "steps", "lr", "batch per process", "accum"):
-        table.add_column(col)
-    for name in recipe.stages.enabled():
-        st = getattr(recipe.stages, name)
-        length = f"{st.steps}" if st.steps is not None else f"{st.epochs:g} epochs"
-        table.add_row(name, length, f"{st.lr:g} -> {st.lr_end:g} ({st.schedule})", str(st.batch_size), str(st.grad_accum))
-    return table
-
-
-def _accuracy_table(accuracy: dict, rows: str):
-    from rich.table import Table
-
-    groups = sorted({g for a in accuracy.values() for g in a["groups"] if g.startswith("form:")})
-    table = Table(title=f"accuracy on {_escape(rows)} (greedy answers)", header_style="bold")
-    for col in ("model", "accuracy", "n", *[g.split(":", 1)[1] for g in groups]):
-        table.add_column(col, justify="left" if col == "model" else "right")
-    for name, a in accuracy.items():
-        table.add_row(name, f"{a['accuracy']:.1%}", str(a["n"]), *[f"{a['groups'].get(g, float('nan')):.0%}" for g in groups])
-    return table
-
-
-def _results_table(model):
-    from rich.table import Table
-
-    table = Table(title=f"{model.label} ({model.seconds:.0f} s)", header_style="bold")
-    for col in ("benchmark", "metric", "value", "stderr", "n"):
-        table.add_column(col, justify="left" if col in ("benchmark", "metric") else "right")
-    for r in model.rows:
-        stderr = "-" if r["stderr"] is None else f"{r['stderr']:.4f}"
-        table.add_row(r["benchmark"], r["metric"], f"{r['value']:.4f}", stderr, str(r["n"]))
-    return table
-
-
-def _comparison_table(report):
-    from rich.table import Table
-
-    first = report.models[0].label
-    table = Table(title=f"side by side (difference to {first})", header_style="bold")
-    for col in ("benchmark", "metric", *(m.label for m in report.models)):
-        table.add_column(col, justify="left" if col in ("benchmark", "metric") else "right")
-    for row in report.comparison():
-        cells = []
-        for m in report.models:
-            value, delta = row["values"][m.label], row["delta"].get(m.label)
-            text = "-" if value is None else f"{value:.4f}"
-            if delta is not None:
-                text += f" ({delta:+.4f})"
-            cells.append(text)
-        table.add_row(row["benchmark"], row["metric"], *cells)
-    return table
 
 
 def _escape(text: str) -> str:

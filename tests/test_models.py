@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlamaConfig, ProcessorMixin
 
-from genrecal_cli.world import zoo
+from genrecal_cli.world.tiny_vlm import build_tiny_vlm
 from genrecal_cli.errors import ModelLoadError
 from genrecal_cli.models import FAMILIES, Qwen2VLImageOnlyProcessor, load_vlm
 
@@ -31,7 +31,7 @@ QUESTION = "What colour is the circle?"
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("tiny")
-    return {f: zoo.build_tiny_vlm(f, root / f) for f in FAMILIES}
+    return {f: build_tiny_vlm(f, root / f) for f in FAMILIES}
 
 
 @pytest.fixture(scope="module")

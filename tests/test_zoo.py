@@ -10,6 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from genrecal_cli.world import zoo
+from genrecal_cli.world.pretrain import cell_labels, image_features, pretrain_vision
+from genrecal_cli.world.tiny_vlm import build_tiny_vlm
+from genrecal_cli.world.tokenizer import build_tokenizer
 from genrecal_cli.models import FAMILIES, load_vlm
 
 SENTENCE = "How many purple triangles are in the top left?"
@@ -17,22 +20,22 @@ SENTENCE = "How many purple triangles are in the top left?"
 
 @pytest.fixture(scope="module")
 def qwen():
-    return zoo.build_tokenizer("qwen2_vl")
+    return build_tokenizer("qwen2_vl")
 
 
 @pytest.fixture(scope="module")
 def llama():
-    return zoo.build_tokenizer("llava")
+    return build_tokenizer("llava")
 
 
 @pytest.fixture(scope="module")
 def smol():
-    return zoo.build_tokenizer("idefics3")
+    return build_tokenizer("idefics3")
 
 
 def test_tokenizers_are_deterministic(qwen, llama):
     for family, tok in (("qwen2_vl", qwen), ("llava", llama)):
-        again = zoo.build_tokenizer(family)
+        again = build_tokenizer(family)
         assert again.get_vocab() == tok.get_vocab()
         assert again(SENTENCE)["input_ids"] == tok(SENTENCE)["input_ids"]
 
@@ -62,7 +65,7 @@ def test_special_tokens_stay_whole(qwen, llama, smol):
 
 
 def test_internvl_tokens_and_named_attributes():
-    tok = zoo.build_tokenizer("internvl")
+    tok = build_tokenizer("internvl")
     assert (tok.start_image_token, tok.context_image_token, tok.end_image_token) == ("<img>", "<IMG_CONTEXT>", "</img>")
     assert tok.context_image_token_id == tok.convert_tokens_to_ids("<IMG_CONTEXT>")
 
@@ -88,22 +91,22 @@ def test_chat_templates(qwen, llama, smol):
 
 
 def test_style_can_be_chosen_per_family():
-    tok = zoo.build_tokenizer("qwen2_vl", "llama", corpus=["a red circle", "a blue square"] * 20)
+    tok = build_tokenizer("qwen2_vl", "llama", corpus=["a red circle", "a blue square"] * 20)
     assert _chat(tok).startswith("USER: <|vision_start|><|image_pad|><|vision_end|>What")
     assert tok.image_token == "<|image_pad|>"
 
 
 def test_unknown_names_are_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown family 'gpt2'"):
-        zoo.build_tiny_vlm("gpt2", tmp_path)
+        build_tiny_vlm("gpt2", tmp_path)
     with pytest.raises(ValueError, match="unknown tokenizer style 'bert'"):
-        zoo.build_tokenizer("llava", "bert")
+        build_tokenizer("llava", "bert")
 
 
 def test_build_writes_a_checkpoint_and_is_seeded(tmp_path, llama):
-    a = zoo.build_tiny_vlm("llava", tmp_path / "a", tokenizer=llama, seed=1)
-    b = zoo.build_tiny_vlm("llava", tmp_path / "b", tokenizer=llama, seed=1)
-    c = zoo.build_tiny_vlm("llava", tmp_path / "c", tokenizer=llama, seed=2)
+    a = build_tiny_vlm("llava", tmp_path / "a", tokenizer=llama, seed=1)
+    b = build_tiny_vlm("llava", tmp_path / "b", tokenizer=llama, seed=1)
+    c = build_tiny_vlm("llava", tmp_path / "c", tokenizer=llama, seed=2)
     assert {p.name for p in a.iterdir()} == {
         "config.json",
         "generation_config.json",
@@ -119,14 +122,15 @@ def test_build_writes_a_checkpoint_and_is_seeded(tmp_path, llama):
 
 
 def test_build_sizes(tmp_path):
-    vlm = load_vlm(str(zoo.build_tiny_vlm("qwen2_vl", tmp_path, hidden_size=128, num_layers=3)))
+    vlm = load_vlm(str(build_tiny_vlm("qwen2_vl", tmp_path, hidden_size=128, num_layers=3)))
     assert (vlm.hidden_size, len(vlm.language_model.layers)) == (128, 3)
     with pytest.raises(ValueError, match="multiple of 16"):
-        zoo.build_tiny_vlm("qwen2_vl", tmp_path / "odd", image_size=60)
+        build_tiny_vlm("qwen2_vl", tmp_path / "odd", image_size=60)
 
 
 def test_importing_zoo_stays_light():
-    code = "import sys, genrecal_cli.world.zoo; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    code = ("import sys, genrecal_cli.world.zoo, genrecal_cli.world.pretrain; "
+            "print(sorted({'torch', 'transformers'} & set(sys.modules)))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.stdout.strip() == "[]", run.stderr
 
@@ -134,7 +138,7 @@ def test_importing_zoo_stays_light():
 def test_cell_labels():
     from genrecal_cli.world.shapes import Obj
 
-    labels = zoo.cell_labels((Obj("circle", "red", 0), Obj("triangle", "orange", 8)))
+    labels = cell_labels((Obj("circle", "red", 0), Obj("triangle", "orange", 8)))
     assert labels == [1, 0, 0, 0, 0, 0, 0, 0, 1 + 5 * 3 + 2]
 
 
@@ -148,9 +152,9 @@ def _split(state: dict, vlm) -> tuple[dict, dict]:
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_pretrain_vision_trains_only_vision_and_makes_it_see(tmp_path, family):
-    vlm = load_vlm(str(zoo.build_tiny_vlm(family, tmp_path)))
+    vlm = load_vlm(str(build_tiny_vlm(family, tmp_path)))
     before = {k: v.clone() for k, v in vlm.model.state_dict().items()}
-    metrics = zoo.pretrain_vision(vlm, steps=120, batch_size=8, eval_size=32)
+    metrics = pretrain_vision(vlm, steps=120, batch_size=8, eval_size=32)
 
     assert metrics["after"]["loss"] < metrics["before"]["loss"]
     assert metrics["after"]["feature_variation"] > metrics["before"]["feature_variation"]
@@ -168,27 +172,27 @@ def test_pretrain_vision_can_teach_each_token_its_cell(tmp_path):
     # With cell_positions the image features learn to say where they are as well as what they
     # show, so a language model can read a position off an attended image token as it reads a
     # colour (bench/replicate.py's teacher).
-    vlm = load_vlm(str(zoo.build_tiny_vlm("llava", tmp_path, image_size=48)))
-    metrics = zoo.pretrain_vision(vlm, steps=600, batch_size=8, eval_size=32, cell_positions=True)
+    vlm = load_vlm(str(build_tiny_vlm("llava", tmp_path, image_size=48)))
+    metrics = pretrain_vision(vlm, steps=600, batch_size=8, eval_size=32, cell_positions=True)
     assert metrics["before"]["position_accuracy"] < 0.3  # about 1 in 9 by chance
     assert metrics["after"]["position_accuracy"] > 0.5
     with pytest.raises(ValueError, match="tile"):  # 64x64: 16 Qwen tokens straddle the cell edges
-        zoo.pretrain_vision(load_vlm(str(zoo.build_tiny_vlm("qwen2_vl", tmp_path / "64"))), steps=1, cell_positions=True)
+        pretrain_vision(load_vlm(str(build_tiny_vlm("qwen2_vl", tmp_path / "64"))), steps=1, cell_positions=True)
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "internvl", "idefics3"])
 def test_image_features_match_the_image_tokens(tmp_path, family):
     from PIL import Image
 
-    vlm = load_vlm(str(zoo.build_tiny_vlm(family, tmp_path)))
-    features = zoo.image_features(vlm, [Image.new("RGB", (64, 64))] * 3)
+    vlm = load_vlm(str(build_tiny_vlm(family, tmp_path)))
+    features = image_features(vlm, [Image.new("RGB", (64, 64))] * 3)
     assert features.shape == (3, vlm.image_tokens_per_image(), vlm.hidden_size)
 
 
 def test_build_with_pretraining_is_seeded_and_changes_only_vision(tmp_path, llama):
-    plain = zoo.build_tiny_vlm("llava", tmp_path / "plain", tokenizer=llama)
-    a = zoo.build_tiny_vlm("llava", tmp_path / "a", tokenizer=llama, pretrain_steps=3)
-    b = zoo.build_tiny_vlm("llava", tmp_path / "b", tokenizer=llama, pretrain_steps=3)
+    plain = build_tiny_vlm("llava", tmp_path / "plain", tokenizer=llama)
+    a = build_tiny_vlm("llava", tmp_path / "a", tokenizer=llama, pretrain_steps=3)
+    b = build_tiny_vlm("llava", tmp_path / "b", tokenizer=llama, pretrain_steps=3)
     wa, wb = (load_file(d / "model.safetensors") for d in (a, b))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     vlm0, vlma = load_vlm(str(plain)), load_vlm(str(a))

@@ -1,21 +1,6 @@
-"""What a row of training data says, whatever its layout: every row becomes one `Conversation`
-(messages with typed parts, and the images they refer to), or a one-line error naming the row
-and the field.
-
-Layouts, detected from the columns (data.format = "auto") or named in the recipe:
-- "columns": an image column (optional; empty or absent means text-only), a question and an
-  answer column: one user turn and one assistant turn;
-- "messages": the chat format of transformers and TRL, role + content (a string or parts
-  {"type": "image"} / {"type": "text", "text": ...}) with the images in an `images` column (a
-  list, k-th image part = k-th entry) or inline in the part ("image", "path" or "url");
-- "conversations": LLaVA-style {"from": "human" | "gpt" | "system", "value": ...} with `<image>`
-  placeholders, the image path (or list of paths) in the image column;
-- "cauldron": The Cauldron's layout (HuggingFaceM4/the_cauldron, and sets built like it): a
-  `texts` column of turns {"user": ..., "assistant": ...} and the row's images in an `images`
-  column, all of them shown with the first question.
-
-Rows count from 0 in every message (a .jsonl file's row 1 is its second line).
-"""
+"""What a row of training data says, whatever its layout (FORMATS): every row becomes one
+`Conversation`, messages with typed parts plus the images they refer to, or a one-line error
+naming the row (counted from 0: a .jsonl file's row 1 is its second line) and the field."""
 
 from __future__ import annotations
 
@@ -24,6 +9,17 @@ from typing import Any, Mapping, Sequence
 
 from ..errors import DataError
 
+# The layouts, detected from the columns (data.format = "auto") or named in the recipe:
+# - "columns": an image column (optional; empty or absent means text-only), a question and an
+#   answer column: one user turn and one assistant turn;
+# - "messages": the chat format of transformers and TRL, role + content (a string or parts
+#   {"type": "image"} / {"type": "text", "text": ...}) with the images in an `images` column (a
+#   list, k-th image part = k-th entry) or inline in the part ("image", "path" or "url");
+# - "conversations": LLaVA-style {"from": "human" | "gpt" | "system", "value": ...} with `<image>`
+#   placeholders, the image path (or list of paths) in the image column;
+# - "cauldron": The Cauldron's layout (HuggingFaceM4/the_cauldron, and sets built like it): a
+#   `texts` column of turns {"user": ..., "assistant": ...} and the row's images in an `images`
+#   column, all of them shown with the first question.
 FORMATS = ("columns", "messages", "conversations", "cauldron")
 ROLES = ("system", "user", "assistant")
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}

@@ -1,6 +1,6 @@
-"""Batches for the training loop: rows encoded in DataLoader workers, unusable items skipped
-where they are met and counted (`DataReport`), sides collated into padded tensors, and this
-process's micro-batches followed from a saved state (`Batches`; data/stream.py for a stream)."""
+"""Batches for the training loop: rows encoded in DataLoader workers, unusable items skipped where
+they are met (counted in `DataReport`), sides collated into padded tensors, this process's
+micro-batches followed from a saved state (`Batches`; data/stream.py for a stream)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,7 @@
 """One conversation tokenized by one side (teacher or student) with its own chat template, every
-token marked with its segment: 2k for the system/user text (and images) before answer k, 2k+1
+token marked with its segment: 2k for the system/user text (with images) before answer k, 2k+1
 for answer k (every assistant turn is an answer). Both sides render the same conversation, so
 both have the same segments in the same order; nothing is matched token by token across sides.
-
-Truncation at data.max_length drops whole trailing turns, the same number on every side, and
-never cuts inside a turn (so never inside image tokens); an item whose first turn does not fit
-is skipped. Both are counted by the loader.
 """
 
 from __future__ import annotations
@@ -115,6 +111,8 @@ def encode_pair(processors: Mapping[str, Any], conv: Conversation, images: list,
     """Every side's Encoded, all with the same turns (as many as fit in `max_length` on every
     side), and the number of trailing turns dropped. SkipItem when not even the first fits."""
     rendered = {side: _pieces(proc, conv, images) for side, proc in processors.items()}
+    # Truncation at data.max_length drops whole trailing turns, the same number on every side: it
+    # never cuts inside a turn (so never inside image tokens). The loader counts drops and skips.
     turns = min(turns_that_fit(pieces, max_length) for pieces, _ in rendered.values())
     if turns == 0:
         raise SkipItem(f"first turn longer than max_length {max_length}")

@@ -1,13 +1,5 @@
-"""Which items each process trains on, batch by batch.
-
-Data parallelism: one update consumes a *global batch* of `batch_size x processes x grad_accum`
-items. Each epoch is a fresh permutation of the data set (seeded by the run's seed, the stage and
-the epoch), cut into global micro-batches of `batch_size x processes` items, and each process
-takes its own `batch_size` slice of every one. So a recipe means the same thing on any number of
-processes: the same learning rate at every update, and `epochs = 1` shows every item once across
-the processes (2 processes x batch 8 see exactly the items that 1 process x batch 16 sees).
-Batches may be grouped by length (`length_estimates`) to cut padding.
-"""
+"""Which items each process trains on, batch by batch (`RankBatches`), optionally grouped by
+length (`length_estimates`) to cut padding."""
 
 from __future__ import annotations
 
@@ -21,7 +13,14 @@ from .formats import detect
 
 
 class RankBatches(torch.utils.data.Sampler):
-    """This process's micro-batches (lists of item indices) for one epoch; see the module docstring.
+    """This process's micro-batches (lists of item indices) for one epoch.
+
+    Data parallelism: one update consumes a *global batch* of `batch_size x processes x grad_accum`
+    items. Each epoch is a fresh permutation of the data set (seeded by the run's seed, the stage and
+    the epoch), cut into global micro-batches of `batch_size x processes` items, and each process
+    takes its own `batch_size` slice of every one. So a recipe means the same thing on any number of
+    processes: the same learning rate at every update, and `epochs = 1` shows every item once across
+    the processes (2 processes x batch 8 see exactly the items that 1 process x batch 16 sees).
 
     A last global micro-batch with fewer than `batch_size x processes` items is dealt evenly when
     it gives every process at least one item; otherwise its items wait for the next epoch's

@@ -1,7 +1,5 @@
-"""Pure tokenizer comparison: surface overlap of two vocabularies and char-offset alignment of two splits.
-
-Used by `genrecal inspect-vocab` and by the distill display's live statistics; no I/O, no rich.
-Offsets are `(start, end)` character positions into the text, as fast tokenizers return them.
+"""Pure tokenizer comparison: surface overlap of two vocabularies, char-offset alignment of two
+splits. Used by `genrecal inspect-vocab` and the distill display's live statistics; no I/O, no rich.
 """
 
 from __future__ import annotations
@@ -10,6 +8,8 @@ from dataclasses import dataclass, fields
 from typing import Collection, Iterable, Mapping, Sequence
 
 import numpy as np
+
+# Offsets are `(start, end)` character positions into the text, as fast tokenizers return them.
 
 MARKERS = ("byte-level", "sentencepiece", "wordpiece", "plain")
 

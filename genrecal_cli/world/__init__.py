@@ -1,2 +1,3 @@
-"""The offline tiny world: tiny models and tokenizers built from configs (`zoo`), the synthetic
-shapes data (`shapes`). Used by the edge (recipe resolution, CLI), tests and benchmarks only."""
+"""The offline tiny world that the edge (recipe resolution, CLI), tests and benchmarks use: the
+built-in tiny models (`zoo`, built by `tokenizer`, `tiny_vlm`, `pretrain`), the synthetic shapes
+data (`shapes`, `chats`)."""

@@ -1,0 +1,79 @@
+"""`genrecal teach`: write a recipe's teacher-feature cache under a progress bar, or check every
+shard of one (`--verify`)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..errors import GenrecalError
+
+
+def write_cache(loaded, folder, console, *, storage: str, no_question: bool, batch_size: int, shard_items: int,
+                dry_run: bool) -> None:
+    """Run the teacher of recipe `loaded` over its training data into the cache `folder`; with
+    `dry_run`, state the cache's size only."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from ..engine.parallel import make_accelerator
+    from ..engine.teacher.teach import plan_size, teach as run_teach
+    from .distill import built_in_data, resolve
+
+    accelerator = make_accelerator(loaded)
+    loaded = built_in_data(loaded, accelerator)
+    inputs = resolve(loaded, accelerator=accelerator, needs_teacher=True)
+    main = accelerator.is_main_process
+    if main:
+        size = plan_size(loaded, inputs, storage=storage)
+        answer_gb, question_gb = size["bytes"]["answer"] / 1e9, size["bytes"]["question"] / 1e9
+        console.print(f"cache {folder}: {size['items']:,} items x ({size['answer_tokens_per_item']:.1f} answer + "
+                      f"{size['question_tokens_per_item']:.1f} question tokens, from the first {size['sampled']}) x hidden "
+                      f"{size['hidden_size']:,} in {storage}: answers {answer_gb:,.3f} GB"
+                      + (f", question features {question_gb:,.3f} GB (leave them out with --no-question)"
+                         if not no_question else " (question features left out: L_reg off)"))
+    if dry_run:
+        return
+    n = accelerator.num_processes
+    with Progress("[bold]teach[/]" + (f" (process 1 of {n}'s share)" if n > 1 else ""), BarColumn(bar_width=24),
+                  MofNCompleteColumn(), TimeRemainingColumn(), console=console, disable=not main) as bar:
+        task = bar.add_task("teach", total=None)
+        out = run_teach(loaded, inputs, accelerator, folder=folder, storage=storage, with_question=not no_question,
+                        batch_size=batch_size, items_per_shard=shard_items, command=_command_line(),
+                        note=bar.console.print if main else None,
+                        progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if main:
+        console.print(f"[bold green]done[/]: teacher features in [bold]{out}[/]"
+                      + (f" (written by {n} processes)" if n > 1 else "")
+                      + f"; recipes read them with \\[teacher] cache = \"{out}\"")
+
+
+def _command_line() -> str:
+    """This command as a user would type it again (recorded in a cache's index)."""
+    import shlex
+
+    return " ".join(["genrecal", *(shlex.quote(a) for a in sys.argv[1:])])
+
+
+def verify_cache(folder: Path, console) -> None:
+    """`genrecal teach --verify DIR`: every item of every shard checked; the damaged shards named."""
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from ..engine.teacher.cache import verify
+
+    with Progress("[bold]verify[/]", BarColumn(bar_width=24), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("verify", total=None)
+        found = verify(folder, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    state = ("complete: {items:,} items, {cached:,} cached, {skipped:,} skipped".format(**found["complete"])
+             if found["complete"] else "UNFINISHED" + (f" (finish it with `{found['command']}`)" if found["command"] else ""))
+    console.print(escape(f"{folder}: {found['shards']:,} shards, {found['items']:,} items, "
+                         f"{found['bytes'] / 1e9:,.3f} GB; {state}"))
+    for line in found["damaged"]:
+        console.print(f"[red]damaged[/] {escape(line)}")
+    if found["damaged"]:
+        raise GenrecalError(f"{folder}: {len(found['damaged'])} damaged shard(s); run the `genrecal teach` that "
+                            "wrote the cache again: it rewrites them")
+    if not found["complete"]:
+        raise GenrecalError(f"{folder}: every shard is intact, but the cache is unfinished")
+    console.print("[bold green]intact[/]: every item passed its checksum")
