@@ -391,7 +391,7 @@ def evaluate(models: dict[str, str], out: Path, p: Preset, log) -> dict[str, dic
 
 def probe_summary(run_dir: Path) -> dict[str, dict[str, float]]:
     """The last reliance probe of each teacher stage in a run's metrics.jsonl."""
-    from genrecal_cli.commands.display import PROBE_KEYS
+    from genrecal_cli.commands.metrics_view import PROBE_KEYS
 
     last: dict[str, dict[str, float]] = {}
     path = run_dir / "metrics.jsonl"
