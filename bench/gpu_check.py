@@ -199,7 +199,7 @@ def main() -> None:
     seconds, timed = clock.per_update("distill", args.warmup)
     teacher, student = load_vlm(str(teacher_dir), empty=True), load_vlm(str(student_dir), empty=True)
     from genrecal_cli.commands.model_shape import read_shape
-    from genrecal_cli.commands.plan import recalibrator_params
+    from genrecal_cli.commands.memory_estimate import recalibrator_params
 
     rec = result.stages["distill"]
     rec_params = recalibrator_params(read_shape(recipe.teacher, "teacher"), read_shape(recipe.student, "student"),

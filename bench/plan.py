@@ -118,7 +118,7 @@ def logits_child(args) -> None:
 
     from genrecal_cli.engine import losses
     from genrecal_cli.engine.teacher import head_fn
-    from genrecal_cli.commands.plan import K_REC, K_SFT
+    from genrecal_cli.commands.memory_estimate import K_REC, K_SFT
 
     rows, vocab, d = 1024, 32_000, 256
     out = {}

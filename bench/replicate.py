@@ -363,7 +363,7 @@ def train_all(runs: list, jobs: int, log) -> dict[str, float]:
 def evaluate(models: dict[str, str], out: Path, p: Preset, log) -> dict[str, dict]:
     """`genrecal eval --bench shapes` in one process on every model that out does not hold yet
     (a rerun with more seeds evaluates only the new ones); label -> {acc, stderr, n}."""
-    from genrecal_cli.commands.evaluate import EvalReport
+    from genrecal_cli.commands.eval_report import EvalReport
 
     report = EvalReport.from_dict(json.loads(out.read_text())) if out.exists() else EvalReport([], {})
     known = {m.path for m in report.models}
@@ -391,7 +391,7 @@ def evaluate(models: dict[str, str], out: Path, p: Preset, log) -> dict[str, dic
 
 def probe_summary(run_dir: Path) -> dict[str, dict[str, float]]:
     """The last reliance probe of each teacher stage in a run's metrics.jsonl."""
-    from genrecal_cli.commands.display import PROBE_KEYS
+    from genrecal_cli.commands.metrics_view import PROBE_KEYS
 
     last: dict[str, dict[str, float]] = {}
     path = run_dir / "metrics.jsonl"

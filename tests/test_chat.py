@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from genrecal_cli.commands.chat import (
+from genrecal_cli.commands.chat import load_chat_model
+from genrecal_cli.commands.chat_session import (
     COMMANDS,
     ChatSession,
     Command,
@@ -17,7 +18,6 @@ from genrecal_cli.commands.chat import (
     TurnError,
     context_window,
     help_text,
-    load_chat_model,
     parse_command,
     template_takes_system,
     trim,

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from genrecal_cli.errors import GenrecalError
-from genrecal_cli.commands.evaluate import BENCHMARKS, MMMU_COLUMNS, latest_student, parse_benchmarks
+from genrecal_cli.commands.eval_inputs import MMMU_COLUMNS
+from genrecal_cli.commands.evaluate import BENCHMARKS, latest_student, parse_benchmarks
 
 MMMU_SUBJECTS = (
     "Accounting", "Agriculture", "Architecture_and_Engineering", "Art", "Art_Theory", "Basic_Medical_Science",
@@ -294,7 +295,7 @@ def test_the_offline_mmmu_message_names_a_command_the_installed_hub_client_has(t
     import re
 
     from genrecal_cli.errors import DataError
-    from genrecal_cli.commands.evaluate import check_mmmu_data
+    from genrecal_cli.commands.eval_inputs import check_mmmu_data
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

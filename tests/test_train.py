@@ -456,7 +456,7 @@ def test_reliance_probe_is_logged_in_teacher_stages_only(full_run, tiny_pair):
     finetune, and what it logged at align's end is reliance() recomputed from align's checkpoint
     on the same batch (the first probe_items training items)."""
     from genrecal_cli.data.loader import Collator, PairDataset
-    from genrecal_cli.commands.display import PROBE_KEYS
+    from genrecal_cli.commands.metrics_view import PROBE_KEYS
     from genrecal_cli.engine.objective import GenRecal
     from genrecal_cli.engine.probe import reliance
     from genrecal_cli.engine.recalibrator import Recalibrator

@@ -1,8 +1,9 @@
 """The edge of `genrecal distill`: resolve what a recipe names into what the engine takes.
 
 A `zoo:` model is built into the cache, a model whose `recipe` says how to make it is trained
-first (a run of its own), the built-in `shapes` data is generated and the built-in `chats`
-conversations are written to a folder (each brings its own scorer), other data sources are read. The engine (`engine.distill`) then gets plain folders and rows.
+first (a run of its own), the built-in data (`shapes` rows, `chats` conversations written to a
+folder) is made, each with its own scorer, other data sources are read: the engine (`engine.distill`)
+gets plain folders and rows.
 """
 
 from __future__ import annotations
