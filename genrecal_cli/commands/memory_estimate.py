@@ -7,7 +7,7 @@ stages.py, parallel.py):
 
 * static: the teacher in its recipe dtype (sharded: the inner model / group size + its LM head
   whole); the whole student as fp32 masters; fp32 gradients + AdamW's two fp32 states of what
-  the stage trains (stages.set_trainable); the Recalibrator (16 B/param); DDP's gradient buckets
+  the stage trains (trainable.set_trainable); the Recalibrator (16 B/param); DDP's gradient buckets
   (4 B per trained param on > 1 process: accelerate keeps gradient_as_bucket_view off).
 * then the largest of the phases of a step, which never overlap:
   - teacher forward (no grad): FSDP's gathered parameters (the root's leftovers: embeddings,
@@ -181,7 +181,7 @@ def estimate(job: Job, s: Settings, stage: str) -> StageMemory:
                 r = job.probe_items * min(S, ANSWER_TOKENS)
                 teacher_side = gathered + max(text_ws, vision_ws) * n
                 rec_side = 4 * d_s * n + _working_set(d_s, st.text.intermediate, e) * n + 4 * S * n + 6 * d_l * n
-                if s.student_shard and gs > 1:  # the probe gathers the sharded root first (stages._run_probe)
+                if s.student_shard and gs > 1:  # the probe gathers the sharded root first (probe.run_probe)
                     rec_side += 4 * (st.root + st.parts["head"]) + 2 * 4 * st.unit
                 phases["reliance probe"] = {"probe: teacher features (fp32)": 4 * d_l * n,
                                             "probe: teacher pass or Recalibrator + logits":
@@ -198,7 +198,7 @@ def estimate(job: Job, s: Settings, stage: str) -> StageMemory:
 
 
 def _trained(st: ModelShape, stage: str, train_projector: bool) -> int:
-    """Student parameters the stage trains (stages.set_trainable): distill the language model and
+    """Student parameters the stage trains (trainable.set_trainable): distill the language model and
     head (+ projector), finetune all but the vision encoder, align none."""
     if stage == "align":
         return 0

@@ -1,6 +1,9 @@
-"""A whole `genrecal distill` run on resolved inputs: load and place the models, measure
-accuracy before, run the enabled stages in order (resuming where a checkpoint says), release
-each stage's state, measure accuracy after and export the plain student.
+"""A whole `genrecal distill` run on resolved inputs, from loading the models to exporting the
+plain student.
+
+It loads and places the models, measures accuracy before, runs the enabled stages in order
+(resuming where a checkpoint says), releases each stage's state, measures accuracy after and
+exports the student.
 
 Inputs arrive resolved (real folders, loaded rows, a scorer): the engine never builds models or
 data of its own; `genrecal_cli.commands.distill` does that at the edge.

@@ -1,7 +1,9 @@
-"""Stopping a stage cleanly: Ctrl-C and SIGTERM (what cluster schedulers send before they kill a
-job) ask the loop to save and stop at the end of the current update; a non-finite loss on any
-process stops every process with one message. The loop shares both facts across processes
-(parallel.gather_rows), so all of them stop at the same update and none waits forever."""
+"""Stopping a stage cleanly: Ctrl-C or SIGTERM (what cluster schedulers send before they kill a
+job) asks the loop to save, then stop at the end of the current update; a non-finite loss on any
+process stops every process with one message.
+
+The loop shares both facts across processes (parallel.gather_rows), so all of them stop at the
+same update and none waits forever."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Where the run computes: the Accelerator and its precision, and the small collectives that
+"""Where the run computes: the Accelerator with its precision, and the small collectives that
 keep every process in step (which items each process trains on: data/sampler.py)."""
 
 from __future__ import annotations

@@ -3,15 +3,19 @@ reliance probe (does the Recalibrator's output depend on the student at all?).""
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable
 
 import torch
 
-from ..data.loader import model_inputs
+from ..data.loader import Collator, Item, model_inputs, raise_carried
 from ..data.render import is_answer, is_question
 from . import losses
+from ..recipe import Recipe
 from .objective import GenRecal, student_question
+from .parallel import gathered
 from .teacher import TeacherFeatures
+from .teacher.source import TeacherSource
 from .turns import first_of_turn
 
 
@@ -74,3 +78,33 @@ def alignment_stats(batch: dict, tf: TeacherFeatures, recalibrated: torch.Tensor
 def _within(offsets, start: int, end: int) -> list[tuple[int, int]]:
     """Token offsets clipped to text[start:end] and made relative to `start`."""
     return [(max(a, start) - start, min(b, end) - start) for a, b in offsets if b > start and a < end]
+
+
+def probe_batch(dataset, sides, recipe: Recipe, acc, attach=None) -> dict | None:
+    """The reliance probe's fixed batch: the first train.probe_items usable training items (the
+    same on every process)."""
+    from accelerate.utils import send_to_device
+
+    if recipe.train.probe_every == 0:
+        return None
+    usable = (item for item in dataset.first() if isinstance(item, Item))  # the same on every process
+    items = list(itertools.islice(usable, recipe.train.probe_items))
+    if len(items) < 2:
+        return None
+    batch = Collator(sides, attach)(items)
+    raise_carried(batch)
+    return send_to_device(batch, acc.device)
+
+
+def run_probe(acc, module, probe: dict, source: TeacherSource, head) -> dict[str, float]:
+    """The reliance probe on its fixed batch, the module in eval mode for it."""
+    module = acc.unwrap_model(module)
+    was_training = module.training
+    module.eval()
+    try:
+        with acc.autocast():  # the same precision as the training forward
+            tf = source.features(probe)
+            with gathered(module):  # the probe calls the parts directly, outside the root's forward
+                return reliance(module, probe["student"], tf, head)
+    finally:
+        module.train(was_training)

@@ -1,17 +1,13 @@
-"""One stage of GenRecal (align, distill or finetune) as one plain loop: what trains, the
-learning-rate schedule, and the update loop with logging, checkpoints and clean stops.
+"""One stage of GenRecal (align, distill or finetune) as one plain loop that reads top to bottom.
 
-Which parameters train and which losses count in each stage follows METHOD.md, "Stages". The
-loop reads top to bottom: data -> trainable parameters -> optimizer and schedule -> (resume) ->
-for each update: grad_accum micro-batches (teacher features, forward, a cross-process check,
-backward) -> clip, step -> log -> checkpoint or stop. A checkpoint holds every process's data
-position, so a resumed stage continues with the items it would have seen next.
+Set-up (data, trainable parameters, optimizer, schedule, a resume) -> for each update: grad_accum
+micro-batches (teacher features, forward, a cross-process check, backward) -> clip, step -> log
+-> checkpoint or stop. A checkpoint holds every process's data position, so a resumed stage
+continues with the items it would have seen next.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -21,20 +17,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.loader import Batches, Collator, DataReport, Item, PairDataset, default_workers, raise_carried
+from ..data.loader import Batches, DataReport, PairDataset, default_workers
 from ..data.sampler import RankBatches, length_estimates
 from ..data.stream import StreamBatches
 from ..errors import GenrecalError, PeerStopped
 from ..recipe import Recipe, StageSpec
 from . import checkpoint as ckpt
 from .faults import Interrupted, StopRequests, signal_name
+from .memory import PeakMemory
 from .objective import TEACHER_STAGES, GenRecal
-from .parallel import (after_trainable_changed, gather_objects, gather_rows, gathered, is_sharded, stop_together,
+from .parallel import (after_trainable_changed, gather_objects, gather_rows, is_sharded, stop_together,
                        total_updates)
-from .probe import alignment_stats, reliance
+from .probe import alignment_stats, probe_batch, run_probe
 from .recalibrator import Recalibrator
 from .teacher import TeacherFeatures, head_fn
 from .teacher.source import TeacherSource
+from .trainable import lr_lambda, set_trainable
 
 
 @dataclass
@@ -52,49 +50,6 @@ class Run:
     stop: StopRequests | None = None
     data_report: DataReport | None = None  # what the stages skipped or cut, every process's, once per row
     source: TeacherSource | None = None  # where the teacher's features come from (teacher/source.py)
-
-
-# ---------------------------------------------------------------------------------------------
-# what trains, and how fast
-
-
-def set_trainable(stage: str, student, recalibrator: Recalibrator | None, st: StageSpec) -> list[nn.Parameter]:
-    """Freeze everything, then unfreeze what `stage` trains; returns the trainable parameters."""
-    student.model.requires_grad_(False)
-    if recalibrator is not None:
-        recalibrator.requires_grad_(stage in TEACHER_STAGES)
-    if stage == "distill":
-        student.language_model.requires_grad_(True)
-        student.head.requires_grad_(True)
-        if st.train_projector:
-            student.vision_projector.requires_grad_(True)
-    elif stage == "finetune":
-        student.model.requires_grad_(True)
-        student.vision_encoder.requires_grad_(False)
-        student.vision_projector.requires_grad_(True)  # Qwen's projector sits inside its vision encoder
-    params = [p for p in student.model.parameters() if p.requires_grad]
-    if recalibrator is not None and stage in TEACHER_STAGES:
-        params += [p for p in recalibrator.parameters() if p.requires_grad]
-    return params
-
-
-def lr_lambda(st: StageSpec, total: int):
-    """Multiplier of st.lr at update `step` (0-based): linear warmup, then linear / cosine decay to
-    lr_end at the last update. A function of the update alone, whatever the number of processes."""
-    floor = st.lr_end / st.lr
-
-    def f(step: int) -> float:
-        if st.warmup_steps and step < st.warmup_steps:
-            return (step + 1) / st.warmup_steps
-        if st.schedule == "constant":
-            return 1.0
-        span = max(1, total - st.warmup_steps - 1)
-        t = min(1.0, (step - st.warmup_steps) / span)
-        if st.schedule == "cosine":
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
-        return 1.0 - (1.0 - floor) * t
-
-    return f
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +80,7 @@ class Stage:
     use_reg: bool
     probe: dict | None  # the reliance probe's fixed batch
     stop: StopRequests
-    peak: "PeakMemory"
+    peak: PeakMemory
     counts: "Counts"
 
 
@@ -218,7 +173,7 @@ def _start(run: Run, stage: str, resume: ckpt.Found | None, label: str) -> Stage
     # L_reg: always in align, in distill unless stages.distill.reg = false; never without the
     # teacher's question features (a cache written without them)
     use_reg = (stage == "align" or spec.reg) and (source is None or source.with_question)
-    probe = _probe_batch(dataset, sides, recipe, acc, attach) if rec is not None else None
+    probe = probe_batch(dataset, sides, recipe, acc, attach) if rec is not None else None
     if not sharded:
         module, optimizer = acc.prepare(module, optimizer)
     module.train()
@@ -353,7 +308,7 @@ def _log(s: Stage, update: Update) -> dict:
                "tokens_per_s": c.tokens / dt, "pad_share": 1 - c.real / max(c.slots, 1),
                "skipped_items": update.skipped, "truncated_items": update.truncated, **s.layout}
     if probe_now:  # every process runs it: a sharded teacher's forward is collective
-        metrics.update(_run_probe(acc, s.module, s.probe, s.source, s.head))
+        metrics.update(run_probe(acc, s.module, s.probe, s.source, s.head))
     if run.reporter is not None and acc.is_main_process:
         due = s.step % run.recipe.train.log_every == 0 or s.step == s.total or probe_now
         if update.features is not None and due:
@@ -451,63 +406,3 @@ def _save_progress(s: Stage, metrics: dict) -> None:
     )
     if run.reporter is not None:
         run.reporter.note(f"checkpoint saved: {ckpt.checkpoint_dir(recipe.train.output_dir, s.name, s.step)}", style="dim")
-
-
-def _probe_batch(dataset, sides, recipe: Recipe, acc, attach=None) -> dict | None:
-    """The reliance probe's fixed batch: the first train.probe_items usable training items (the
-    same on every process)."""
-    from accelerate.utils import send_to_device
-
-    if recipe.train.probe_every == 0:
-        return None
-    usable = (item for item in dataset.first() if isinstance(item, Item))  # the same on every process
-    items = list(itertools.islice(usable, recipe.train.probe_items))
-    if len(items) < 2:
-        return None
-    batch = Collator(sides, attach)(items)
-    raise_carried(batch)
-    return send_to_device(batch, acc.device)
-
-
-def _run_probe(acc, module, probe: dict, source: TeacherSource, head) -> dict[str, float]:
-    module = acc.unwrap_model(module)
-    was_training = module.training
-    module.eval()
-    try:
-        with acc.autocast():  # the same precision as the training forward
-            tf = source.features(probe)
-            with gathered(module):  # the probe calls the parts directly, outside the root's forward
-                return reliance(module, probe["student"], tf, head)
-    finally:
-        module.train(was_training)
-
-
-class PeakMemory:
-    """Peak memory from now on: resident set of this process (Linux: VmHWM after a reset through
-    /proc/self/clear_refs) and, on CUDA, the allocator's peak. The reset also lowers what
-    `/usr/bin/time` reports as the process's maximum resident set to the last stage's peak;
-    cgroup accounting (Slurm, containers) is not affected."""
-
-    def __init__(self):
-        self._reset = False
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            self._reset = True
-        except OSError:
-            pass
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-
-    def rss_mb(self) -> float | None:
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:") and self._reset:
-                    return round(int(line.split()[1]) / 1024, 1)
-        except OSError:
-            pass
-        return None
-
-    def device(self) -> dict[str, float]:
-        if not torch.cuda.is_available():
-            return {}
-        return {"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}

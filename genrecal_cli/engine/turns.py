@@ -1,5 +1,5 @@
-"""A batch's turn structure as tensors: which tokens are question and which are answer, per
-turn, and the Recalibrator's interleaved sequence built from them (METHOD.md, "Several turns").
+"""A batch's turn structure as tensors: which tokens are question or answer, per turn, and the
+Recalibrator's interleaved sequence built from them (METHOD.md, "Several turns").
 
 Every collated side carries `segment` [B, L]: 2k for the system/user tokens before answer k,
 2k+1 for the tokens of answer k, -1 on padding. The Recalibrator's input for one item is

@@ -1,5 +1,5 @@
-"""The frozen teacher's side of a batch: one forward, no activations kept, and what the
-Recalibrator and the losses need from it (METHOD.md, "Forward", step 1 and step 4)."""
+"""The frozen teacher's forward on a batch (no activations kept), cut into what the Recalibrator
+and the losses take from it (METHOD.md, "Forward", steps 1, 4)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""`genrecal teach`: run the teacher once over a recipe's training data and write what align and
-distill need from it into a feature cache (cache/), so that any number of students,
-seeds and ablations read it instead of running the teacher again.
+"""`genrecal teach`: run the teacher once over a recipe's training data into a feature cache
+(cache/), which any number of students, seeds or ablations then read instead of running the
+teacher again.
 
 The items are rendered as in training (both sides: max_length drops the same trailing turns on
 both, so the student's processor is read too, not its weights), in the split's order, in loader

@@ -1,5 +1,5 @@
-"""The teacher-feature cache's storage format (issue 16): what align and distill take from the
-teacher for each training item, and how it lies on disk.
+"""The teacher-feature cache's storage format (issue 16): what is stored per training item, and
+how a cache folder lies on disk.
 
 Per item (a row of the training split, by its index):
     answer        [Ka, d]  the Recalibrator's answer-side input: z_al, or the answer's input

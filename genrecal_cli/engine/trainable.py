@@ -1,0 +1,51 @@
+"""What trains in each stage: the parameters each stage unfreezes (METHOD.md, "Stages"), and the
+learning-rate schedule over its updates."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from ..recipe import StageSpec
+from .objective import TEACHER_STAGES
+from .recalibrator import Recalibrator
+
+
+def set_trainable(stage: str, student, recalibrator: Recalibrator | None, st: StageSpec) -> list[nn.Parameter]:
+    """Freeze everything, then unfreeze what `stage` trains; returns the trainable parameters."""
+    student.model.requires_grad_(False)
+    if recalibrator is not None:
+        recalibrator.requires_grad_(stage in TEACHER_STAGES)
+    if stage == "distill":
+        student.language_model.requires_grad_(True)
+        student.head.requires_grad_(True)
+        if st.train_projector:
+            student.vision_projector.requires_grad_(True)
+    elif stage == "finetune":
+        student.model.requires_grad_(True)
+        student.vision_encoder.requires_grad_(False)
+        student.vision_projector.requires_grad_(True)  # Qwen's projector sits inside its vision encoder
+    params = [p for p in student.model.parameters() if p.requires_grad]
+    if recalibrator is not None and stage in TEACHER_STAGES:
+        params += [p for p in recalibrator.parameters() if p.requires_grad]
+    return params
+
+
+def lr_lambda(st: StageSpec, total: int):
+    """Multiplier of st.lr at update `step` (0-based): linear warmup, then linear / cosine decay to
+    lr_end at the last update. A function of the update alone, whatever the number of processes."""
+    floor = st.lr_end / st.lr
+
+    def f(step: int) -> float:
+        if st.warmup_steps and step < st.warmup_steps:
+            return (step + 1) / st.warmup_steps
+        if st.schedule == "constant":
+            return 1.0
+        span = max(1, total - st.warmup_steps - 1)
+        t = min(1.0, (step - st.warmup_steps) / span)
+        if st.schedule == "cosine":
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+        return 1.0 - (1.0 - floor) * t
+
+    return f
