@@ -30,7 +30,7 @@ import torch
 from genrecal_cli.engine import losses  # noqa: E402
 from genrecal_cli.engine.recalibrator import Recalibrator  # noqa: E402
 from genrecal_cli.recipe import recipe_from_dict  # noqa: E402
-from genrecal_cli.engine.objective import GenRecal, student_question  # noqa: E402
+from genrecal_cli.engine.objective import StudentAndRecalibrator, student_question  # noqa: E402
 from genrecal_cli.engine.teacher import head_fn, teacher_features  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,7 +154,7 @@ def main():
     sb = batch(p["s"][2], p["batch"], p["sq"], p["sa"], dev, 2)
     recipe = recipe_from_dict({"teacher": {"path": "zoo:x"}, "student": {"path": "zoo:y"},
                                "stages": {s: {"steps": 1} for s in ("align", "distill", "finetune")}})
-    module = GenRecal(student.model, rec, recipe.loss)
+    module = StudentAndRecalibrator(student.model, rec, recipe.loss)
     head = head_fn(teacher.head)
     opt = torch.optim.AdamW([p_ for p_ in module.parameters()], lr=1e-5)
 

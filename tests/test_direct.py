@@ -40,13 +40,13 @@ def two_turn_batch(tmp_path, tiny_pair):
 
 
 def _genrecal(tiny_pair):
-    from genrecal_cli.engine.objective import GenRecal
+    from genrecal_cli.engine.objective import StudentAndRecalibrator
     from genrecal_cli.engine.recalibrator import Recalibrator
 
     teacher, student = tiny_pair
     torch.manual_seed(0)
     rec = Recalibrator(teacher.hidden_size, student.text_config, student.decoder_layer_class)
-    return GenRecal(student.model, rec, LossSpec()).eval()
+    return StudentAndRecalibrator(student.model, rec, LossSpec()).eval()
 
 
 def _recording(module) -> list[dict]:

@@ -457,7 +457,7 @@ def test_reliance_probe_is_logged_in_teacher_stages_only(full_run, tiny_pair):
     on the same batch (the first probe_items training items)."""
     from genrecal_cli.data.loader import Collator, PairDataset
     from genrecal_cli.commands.metrics_view import PROBE_KEYS
-    from genrecal_cli.engine.objective import GenRecal
+    from genrecal_cli.engine.objective import StudentAndRecalibrator
     from genrecal_cli.engine.probe import reliance
     from genrecal_cli.engine.recalibrator import Recalibrator
     from genrecal_cli.engine.teacher import head_fn, teacher_features
@@ -477,7 +477,7 @@ def test_reliance_probe_is_logged_in_teacher_stages_only(full_run, tiny_pair):
     sides = {"teacher": teacher.processor, "student": student.processor}
     dataset = PairDataset(load_rows(recipe.data, "train"), recipe.data, sides)
     batch = Collator(sides)([dataset[i] for i in range(recipe.train.probe_items)])  # none skipped in shapes
-    module = GenRecal(student.model, recal, recipe.loss).eval()
+    module = StudentAndRecalibrator(student.model, recal, recipe.loss).eval()
     again = reliance(module, batch["student"], teacher_features(teacher, batch["teacher"], "hidden"), head_fn(teacher.head))
     assert set(again) == set(PROBE_KEYS)
     for k in PROBE_KEYS:
@@ -486,7 +486,7 @@ def test_reliance_probe_is_logged_in_teacher_stages_only(full_run, tiny_pair):
 
 def _probe_setup(tiny_pair, answer_input="hidden"):
     from genrecal_cli.data.loader import Collator, PairDataset
-    from genrecal_cli.engine.objective import GenRecal
+    from genrecal_cli.engine.objective import StudentAndRecalibrator
     from genrecal_cli.engine.recalibrator import Recalibrator
     from genrecal_cli.engine.teacher import head_fn, teacher_features
     from genrecal_cli.commands.distill import load_rows
@@ -498,7 +498,7 @@ def _probe_setup(tiny_pair, answer_input="hidden"):
     batch = Collator(sides)([ds[i] for i in range(len(ds))])
     torch.manual_seed(0)
     rec = Recalibrator(teacher.hidden_size, student.text_config, student.decoder_layer_class)
-    module = GenRecal(student.model, rec, recipe.loss).eval()
+    module = StudentAndRecalibrator(student.model, rec, recipe.loss).eval()
     return module, batch["student"], teacher_features(teacher, batch["teacher"], answer_input), head_fn(teacher.head)
 
 

@@ -145,12 +145,12 @@ class Reporter:
         """A stage begins (or resumes after `start_step` steps already done) and will run to `total_steps`."""
         if not self.enabled:
             return
-        st = _Stage(stage, total_steps, start_step, last_step=start_step)
-        self._stages[stage] = st
+        tracked = _Stage(stage, total_steps, start_step, last_step=start_step)
+        self._stages[stage] = tracked
         if self.live:
             self._start_live()  # in case the loop did not use `with`
             assert self._progress is not None
-            st.task_id = self._progress.add_task(stage, total=total_steps, completed=start_step)
+            tracked.task_id = self._progress.add_task(stage, total=total_steps, completed=start_step)
             self._panel = None
         else:
             resumed = f", resuming after step {start_step}" if start_step else ""
@@ -161,35 +161,35 @@ class Reporter:
         """Called after every optimizer step (1-based); logs every `log_every` steps and on the last."""
         if not self.enabled:
             return
-        st = self._stages.get(stage)
-        if st is None:  # the loop forgot stage_start: show what we can rather than fail the run
+        tracked = self._stages.get(stage)
+        if tracked is None:  # the loop forgot stage_start: show what we can rather than fail the run
             self.stage_start(stage, None)
-            st = self._stages[stage]
-        first = st.last_step == st.start_step
-        st.last_step = step
-        last = st.total is not None and step >= st.total
+            tracked = self._stages[stage]
+        first = tracked.last_step == tracked.start_step
+        tracked.last_step = step
+        last = tracked.total is not None and step >= tracked.total
         # A step that carries the reliance probe is always logged: the probe is rare and costly.
         logged = step % self.log_every == 0 or last or any(k in metrics for k in PROBE_KEYS)
         if self.live:
             assert self._progress is not None
-            self._progress.update(st.task_id, completed=step)
-        st.unlogged = None if logged else dict(metrics)  # a copy: the loop may reuse its dict
+            self._progress.update(tracked.task_id, completed=step)
+        tracked.unlogged = None if logged else dict(metrics)  # a copy: the loop may reuse its dict
         if logged:
-            self._log(st, step, metrics)
-        elif not self.live and time.monotonic() - st.printed >= self.progress_every:
-            self._print(Text(progress_line(st, step)), st)
+            self._log(tracked, step, metrics)
+        elif not self.live and time.monotonic() - tracked.printed >= self.progress_every:
+            self._print(Text(progress_line(tracked, step)), tracked)
         elif self.live and first:
             # The live panel also shows the first step, so a slow stage is not blank until step 10.
-            self._panel = step_panel(st, step, metrics, self.console.width)
+            self._panel = step_panel(tracked, step, metrics, self.console.width)
 
-    def _log(self, st: _Stage, step: int, metrics: Mapping[str, Any]) -> None:
-        self._write(st.name, step, metrics)
+    def _log(self, tracked: _Stage, step: int, metrics: Mapping[str, Any]) -> None:
+        self._write(tracked.name, step, metrics)
         if self.live:
-            self._panel = step_panel(st, step, metrics, self.console.width)
+            self._panel = step_panel(tracked, step, metrics, self.console.width)
             if self._live is not None:
                 self._live.refresh()
         else:
-            self._print(Text(step_line(st, step, metrics)), st)
+            self._print(Text(step_line(tracked, step, metrics)), tracked)
 
     def stage_end(self, stage: str, summary: Mapping[str, Any] | None = None) -> None:
         """One line: the stage is done, how many steps it ran and how long it took, plus `summary`.
@@ -198,17 +198,17 @@ class Reporter:
         """
         if not self.enabled:
             return
-        st = self._stages.get(stage)
+        tracked = self._stages.get(stage)
         parts = [f"✓ {stage} done"]
-        if st is not None:
-            if st.unlogged is not None:  # stopped early (a time limit): its last step is still logged
-                self._log(st, st.last_step, st.unlogged)
-                st.unlogged = None
-            ran = st.last_step - st.start_step
-            parts.append(f"{ran:,} step{'s' if ran != 1 else ''} in {duration(time.monotonic() - st.t0)}")
-            if self.live and st.task_id is not None:
+        if tracked is not None:
+            if tracked.unlogged is not None:  # stopped early (a time limit): its last step is still logged
+                self._log(tracked, tracked.last_step, tracked.unlogged)
+                tracked.unlogged = None
+            ran = tracked.last_step - tracked.start_step
+            parts.append(f"{ran:,} step{'s' if ran != 1 else ''} in {duration(time.monotonic() - tracked.t0)}")
+            if self.live and tracked.task_id is not None:
                 assert self._progress is not None
-                self._progress.stop_task(st.task_id)  # freezes elapsed; an early stop keeps its partial bar
+                self._progress.stop_task(tracked.task_id)  # freezes elapsed; an early stop keeps its partial bar
         for key, value in (summary or {}).items():
             num = number(value)
             parts.append(f"{key} {general(num) if num is not None else value}")

@@ -122,38 +122,39 @@ class StageMemory:
 
 def estimate(job: Job, s: Settings, stage: str) -> StageMemory:
     """Bytes one GPU holds in `stage` under settings `s` (see the module docstring)."""
-    t, st, e, S = job.teacher, job.student, job.act_bytes, job.max_length
+    teacher_shape, student_shape, e, S = job.teacher, job.student, job.act_bytes, job.max_length
     batch = dict(s.batch)[stage]
     tokens = batch * S
     rows = batch * min(S, ANSWER_TOKENS)
     chunk = min(rows, CHUNK)
     gt, gs = s.group(s.teacher_shard), s.group(s.student_shard)
-    with_teacher = t is not None and stage in ("align", "distill")
+    with_teacher = teacher_shape is not None and stage in ("align", "distill")
     rec = job.rec_params if with_teacher else 0
-    trains = _trained(st, stage, job.train_projector.get(stage, False))
+    trains = _trained(student_shape, stage, job.train_projector.get(stage, False))
     static: dict[str, float] = {}
     phases: dict[str, dict[str, float]] = {}
     if with_teacher:
         b = job.teacher_bytes
         if gt > 1:
-            static[f"teacher weights (1/{gt} + LM head whole)"] = b * ((t.total - t.parts["head"]) / gt + t.head_whole)
+            sharded_part = (teacher_shape.total - teacher_shape.parts["head"]) / gt
+            static[f"teacher weights (1/{gt} + LM head whole)"] = b * (sharded_part + teacher_shape.head_whole)
         else:
-            static["teacher weights"] = job.teacher_exact_bytes or b * t.total
-    static["student weights (fp32 masters)"] = 4 * st.total / gs
+            static["teacher weights"] = job.teacher_exact_bytes or b * teacher_shape.total
+    static["student weights (fp32 masters)"] = 4 * student_shape.total / gs
     static["student grads + AdamW states (fp32)"] = 12 * trains / gs
     if rec:
         static["Recalibrator: weights, grads, states"] = 16 * rec / gs
     if s.gpus > 1 and not s.student_shard and trains + rec:
         static["DDP gradient buckets"] = 4 * (trains + rec)
 
-    d_s, V_s = st.text.hidden, st.text.vocab
-    a_layer = layer_activations(st.text, e)
+    d_s, V_s = student_shape.text.hidden, student_shape.text.vocab
+    a_layer = layer_activations(student_shape.text, e)
     student: dict[str, float] = {}
     if stage == "align":  # the student runs without grad: only its output stays
         acts = other = 4 * d_s * tokens
     else:
-        whole = st.text.layers * a_layer + 16 * d_s + e * S
-        ckpt = st.text.layers * 4 * d_s + a_layer + 16 * d_s + e * S
+        whole = student_shape.text.layers * a_layer + 16 * d_s + e * S
+        ckpt = student_shape.text.layers * 4 * d_s + a_layer + 16 * d_s + e * S
         acts, other = (ckpt * tokens, whole * tokens) if s.checkpointing else (whole * tokens, ckpt * tokens)
     student["student activations"] = acts
     sharded_student = s.student_shard and gs > 1
@@ -161,12 +162,13 @@ def estimate(job: Job, s: Settings, stage: str) -> StageMemory:
         student["autocast bf16 copies of trained weights"] = 2 * (trains + rec)
     logits = K_SFT * chunk * V_s if stage != "align" else 0
     if with_teacher:
-        d_l, V_t = t.text.hidden, t.text.vocab
+        d_l, V_t = teacher_shape.text.hidden, teacher_shape.text.vocab
         te = 2 if (e == 2 or job.teacher_bytes == 2) else 4  # the teacher computes in bf16 either way
         features = 4 * d_l * (tokens + 2 * rows)
-        gathered = job.teacher_bytes * (t.root + 2 * t.unit) if gt > 1 else 0
-        text_ws = _working_set(d_l, t.text.intermediate, te) + 2 * d_l
-        vision_ws = t.patches_per_token * _working_set(t.vision_hidden, t.vision_intermediate, te)
+        gathered = job.teacher_bytes * (teacher_shape.root + 2 * teacher_shape.unit) if gt > 1 else 0
+        text_ws = _working_set(d_l, teacher_shape.text.intermediate, te) + 2 * d_l
+        vision_ws = teacher_shape.patches_per_token * _working_set(teacher_shape.vision_hidden,
+                                                                   teacher_shape.vision_intermediate, te)
         phases["teacher forward"] = {"teacher gathered (FSDP: root + 2 units)": gathered,
                                      "teacher working set (one layer at a time)": max(text_ws, vision_ws) * tokens,
                                      "teacher features (fp32, this + last batch)": 2 * features}
@@ -180,27 +182,28 @@ def estimate(job: Job, s: Settings, stage: str) -> StageMemory:
                 n = job.probe_items * S
                 r = job.probe_items * min(S, ANSWER_TOKENS)
                 teacher_side = gathered + max(text_ws, vision_ws) * n
-                rec_side = 4 * d_s * n + _working_set(d_s, st.text.intermediate, e) * n + 4 * S * n + 6 * d_l * n
+                rec_side = (4 * d_s * n + _working_set(d_s, student_shape.text.intermediate, e) * n + 4 * S * n
+                            + 6 * d_l * n)
                 if s.student_shard and gs > 1:  # the probe gathers the sharded root first (probe.run_probe)
-                    rec_side += 4 * (st.root + st.parts["head"]) + 2 * 4 * st.unit
+                    rec_side += 4 * (student_shape.root + student_shape.parts["head"]) + 2 * 4 * student_shape.unit
                 phases["reliance probe"] = {"probe: teacher features (fp32)": 4 * d_l * n,
                                             "probe: teacher pass or Recalibrator + logits":
                                                 max(teacher_side, rec_side + 10 * r * V_t)}
     student["logits chunk (losses)"] = logits
     if sharded_student:  # gathered in the compute dtype (parallel.shard_trainable's mixed precision)
-        rec_root = 2 * t.text.hidden * d_s + 2 * t.text.hidden if rec else 0
+        rec_root = 2 * teacher_shape.text.hidden * d_s + 2 * teacher_shape.text.hidden if rec else 0
         student["student gathered (FSDP: root, 2 units, grads)"] = \
-            e * (st.root + st.parts["head"] + rec_root) + 3 * e * st.unit
+            e * (student_shape.root + student_shape.parts["head"] + rec_root) + 3 * e * student_shape.unit
     phases["student forward + backward"] = student
     phases["optimizer step"] = {"AdamW step buffer (foreach sqrt(v))": 4 * (trains + rec) / gs}
     as_int = lambda d: {k: int(v) for k, v in d.items()}  # noqa: E731
     return StageMemory(stage, as_int(static), {p: as_int(c) for p, c in phases.items()}, int(other))
 
 
-def _trained(st: ModelShape, stage: str, train_projector: bool) -> int:
+def _trained(student: ModelShape, stage: str, train_projector: bool) -> int:
     """Student parameters the stage trains (trainable.set_trainable): distill the language model and
     head (+ projector), finetune all but the vision encoder, align none."""
     if stage == "align":
         return 0
-    projector = st.parts["projector"] if (stage == "finetune" or train_projector) else 0
-    return st.language + st.parts["head"] + projector
+    projector = student.parts["projector"] if (stage == "finetune" or train_projector) else 0
+    return student.language + student.parts["head"] + projector

@@ -126,13 +126,13 @@ def ordered_keys(metrics: Mapping[str, Any]) -> list[str]:
 # lines and panels
 
 
-def step_line(st: _Stage, step: int, metrics: Mapping[str, Any]) -> str:
+def step_line(tracked: _Stage, step: int, metrics: Mapping[str, Any]) -> str:
     """e.g. `distill  120/300  loss 2.314 (ar 1.10 kl 0.41)  lr 4.1e-04  14.2 items/s  1,830 tok/s  pad 21%  top1 0.62  boundaries 71%  [00:42<01:03]`"""
     m = {k: n for k in metrics if (n := number(metrics[k])) is not None}
-    if st.total is not None:
-        parts = [f"{st.name}  {step:>{len(str(st.total))}}/{st.total}"]
+    if tracked.total is not None:
+        parts = [f"{tracked.name}  {step:>{len(str(tracked.total))}}/{tracked.total}"]
     else:
-        parts = [f"{st.name}  {step}"]
+        parts = [f"{tracked.name}  {step}"]
     terms = " ".join(f"{k} {_fixed(m[k], 2)}" for k in LOSS_TERMS if k in m)
     if "loss" in m:
         parts.append(f"loss {_fixed(m['loss'], 3)}" + (f" ({terms})" if terms else ""))
@@ -158,26 +158,26 @@ def step_line(st: _Stage, step: int, metrics: Mapping[str, Any]) -> str:
             parts.append(f"rely {part} " + "/".join(_fixed(v, 2) for v in values))
     extras = [k for k in ordered_keys(m) if k not in KNOWN_KEYS and k not in RESERVED]
     parts.extend(f"{k} {general(m[k])}" for k in extras)
-    elapsed = time.monotonic() - st.t0
-    done = step - st.start_step
-    if st.total is not None and step < st.total and done > 0 and elapsed > 0:
-        parts.append(f"[{duration(elapsed)}<{duration((st.total - step) * elapsed / done)}]")
+    elapsed = time.monotonic() - tracked.t0
+    done = step - tracked.start_step
+    if tracked.total is not None and step < tracked.total and done > 0 and elapsed > 0:
+        parts.append(f"[{duration(elapsed)}<{duration((tracked.total - step) * elapsed / done)}]")
     else:
         parts.append(f"[{duration(elapsed)}]")
     return "  ".join(parts)
 
 
-def progress_line(st: _Stage, step: int) -> str:
+def progress_line(tracked: _Stage, step: int) -> str:
     """e.g. `distill  130/300  0.21 steps/s  [10:18<13:29]`: where a stage between logged steps stands."""
-    elapsed = time.monotonic() - st.t0
-    done = step - st.start_step
+    elapsed = time.monotonic() - tracked.t0
+    done = step - tracked.start_step
     rate = done / elapsed if elapsed > 0 else 0.0
-    where = f"{step}/{st.total}" if st.total is not None else f"{step}"
-    left = f"<{duration((st.total - step) / rate)}" if st.total is not None and rate > 0 else ""
-    return f"{st.name}  {where}  {general(rate)} steps/s  [{duration(elapsed)}{left}]"
+    where = f"{step}/{tracked.total}" if tracked.total is not None else f"{step}"
+    left = f"<{duration((tracked.total - step) / rate)}" if tracked.total is not None and rate > 0 else ""
+    return f"{tracked.name}  {where}  {general(rate)} steps/s  [{duration(elapsed)}{left}]"
 
 
-def step_panel(st: _Stage, step: int, metrics: Mapping[str, Any], width: int) -> Panel:
+def step_panel(tracked: _Stage, step: int, metrics: Mapping[str, Any], width: int) -> Panel:
     """The live display's panel for a step: loss terms, speed, token alignment, the reliance probe."""
     m = {k: n for k in metrics if (n := number(metrics[k])) is not None}
 
@@ -257,10 +257,10 @@ def step_panel(st: _Stage, step: int, metrics: Mapping[str, Any], width: int) ->
         rows.append(line)
     if not rows:
         rows.append(Text("no metrics", style="dim"))
-    total = f"/{st.total:,}" if st.total is not None else ""
+    total = f"/{tracked.total:,}" if tracked.total is not None else ""
     return Panel(
         Group(*rows),
-        title=f"[bold]{escape(st.name)}[/] · step {step:,}{total}",
+        title=f"[bold]{escape(tracked.name)}[/] · step {step:,}{total}",
         title_align="left",
         border_style="blue",
         width=min(_PANEL_WIDTH, width),

@@ -92,7 +92,7 @@ def make_plan(recipe, gpus: int, gpu_memory_gib: float) -> Plan:
     if gpu_memory_gib <= 0:
         raise GenrecalError(f"--gpu-memory {gpu_memory_gib}: give the memory of one GPU in GiB, e.g. 80")
     stages = tuple(recipe.stages.enabled())
-    needs_teacher = any(st in ("align", "distill") for st in stages)
+    needs_teacher = any(stage in ("align", "distill") for stage in stages)
     teacher = read_shape(recipe.teacher, "teacher") if needs_teacher else None
     student = read_shape(recipe.student, "student")
     auto = recipe.teacher is not None and recipe.teacher.dtype == "auto"
@@ -112,9 +112,9 @@ def make_plan(recipe, gpus: int, gpu_memory_gib: float) -> Plan:
     par = recipe.parallel
     settings = Settings(gpus, par.teacher == "shard", par.student == "shard", par.shard_group,
                         recipe.train.gradient_checkpointing,
-                        tuple((st, getattr(recipe.stages, st).batch_size) for st in stages),
-                        tuple((st, getattr(recipe.stages, st).grad_accum) for st in stages))
-    plan = Plan(recipe.origin, gpu_memory_gib, job, settings, [estimate(job, settings, st) for st in stages])
+                        tuple((stage, getattr(recipe.stages, stage).batch_size) for stage in stages),
+                        tuple((stage, getattr(recipe.stages, stage).grad_accum) for stage in stages))
+    plan = Plan(recipe.origin, gpu_memory_gib, job, settings, [estimate(job, settings, stage) for stage in stages])
     if gpus > 1 and (par.teacher == "shard" or par.student == "shard") and settings.group(True) == 1:
         plan.notes.append("parallel.shard_group = 1: sharding over 1 process changes nothing")
     if par.shard_group and gpus % par.shard_group:
@@ -125,15 +125,16 @@ def make_plan(recipe, gpus: int, gpu_memory_gib: float) -> Plan:
 
 
 def _fits(job: Job, s: Settings, gib: float) -> bool:
-    return all(needed(estimate(job, s, st).total) <= gib * GIB for st in job.stages)
+    return all(needed(estimate(job, s, stage).total) <= gib * GIB for stage in job.stages)
 
 
 def _peak(job: Job, s: Settings) -> int:
-    return max(estimate(job, s, st).total for st in job.stages)
+    return max(estimate(job, s, stage).total for stage in job.stages)
 
 
 def _shard_teacher(job, s, gib):
-    if job.teacher is not None and not s.teacher_shard and s.gpus > 1 and any(st in job.stages for st in ("align", "distill")):
+    uses_teacher = any(stage in job.stages for stage in ("align", "distill"))
+    if job.teacher is not None and not s.teacher_shard and s.gpus > 1 and uses_teacher:
         return replace(s, teacher_shard=True), ["parallel.teacher=shard"]
 
 
@@ -143,7 +144,7 @@ def _shard_student(job, s, gib):
 
 
 def _checkpointing(job, s, gib):
-    if not s.checkpointing and any(st in job.stages for st in ("distill", "finetune")):
+    if not s.checkpointing and any(stage in job.stages for stage in ("distill", "finetune")):
         return replace(s, checkpointing=True), ["train.gradient_checkpointing=true"]
 
 
@@ -151,11 +152,12 @@ def _smaller_batch(job, s, gib):
     """Halve the batch (doubling grad_accum, the same global batch) of each stage that does not
     fit, down to 1."""
     batch, accum, sets = dict(s.batch), dict(s.accum), []
-    for st in job.stages:
-        while batch[st] > 1 and needed(estimate(job, replace(s, batch=tuple(batch.items())), st).total) > gib * GIB:
-            batch[st], accum[st] = (batch[st] + 1) // 2, accum[st] * 2
-        if batch[st] != dict(s.batch)[st]:
-            sets += [f"stages.{st}.batch_size={batch[st]}", f"stages.{st}.grad_accum={accum[st]}"]
+    for stage in job.stages:
+        while (batch[stage] > 1
+               and needed(estimate(job, replace(s, batch=tuple(batch.items())), stage).total) > gib * GIB):
+            batch[stage], accum[stage] = (batch[stage] + 1) // 2, accum[stage] * 2
+        if batch[stage] != dict(s.batch)[stage]:
+            sets += [f"stages.{stage}.batch_size={batch[stage]}", f"stages.{stage}.grad_accum={accum[stage]}"]
     if sets:
         return replace(s, batch=tuple(batch.items()), accum=tuple(accum.items())), sets
 

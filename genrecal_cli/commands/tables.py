@@ -11,9 +11,10 @@ def plan_table(recipe):
     for col in ("stage", "steps", "lr", "batch per process", "accum"):
         table.add_column(col)
     for name in recipe.stages.enabled():
-        st = getattr(recipe.stages, name)
-        length = f"{st.steps}" if st.steps is not None else f"{st.epochs:g} epochs"
-        table.add_row(name, length, f"{st.lr:g} -> {st.lr_end:g} ({st.schedule})", str(st.batch_size), str(st.grad_accum))
+        spec = getattr(recipe.stages, name)
+        length = f"{spec.steps}" if spec.steps is not None else f"{spec.epochs:g} epochs"
+        table.add_row(name, length, f"{spec.lr:g} -> {spec.lr_end:g} ({spec.schedule})", str(spec.batch_size),
+                      str(spec.grad_accum))
     return table
 
 

@@ -42,7 +42,7 @@ class Failed:
     error: GenrecalError
 
 
-def carried(encode: Callable[..., "Item | Skipped"], *args, **kwargs) -> "Item | Skipped | Failed":
+def encode_or_carry(encode: Callable[..., "Item | Skipped"], *args, **kwargs) -> "Item | Skipped | Failed":
     """`encode(*args)`, with an error that stops the run returned as a Failed (see `raise_carried`)."""
     try:
         return encode(*args, **kwargs)
@@ -93,10 +93,10 @@ class PairDataset:
     def check_start(self, n: int = 16) -> None:
         """Encode the first `n` rows now, so a malformed row, a template that cannot be cut or
         data that is all unusable fails before training starts (not a pass over all the data)."""
-        met = list(itertools.islice(self.first(), n))
-        if met and all(isinstance(m, Skipped) for m in met):
-            reasons = Counter(m.reason for m in met)
-            raise DataError(f"{self.spec.source}: the first {len(met)} items were all skipped "
+        encoded = list(itertools.islice(self.first(), n))
+        if encoded and all(isinstance(m, Skipped) for m in encoded):
+            reasons = Counter(m.reason for m in encoded)
+            raise DataError(f"{self.spec.source}: the first {len(encoded)} items were all skipped "
                             f"({_reasons(reasons)}); check data.max_length and the images")
 
 
@@ -198,12 +198,12 @@ class Collator:
             pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
             self.pad_ids[side] = 0 if pad is None else pad
 
-    def __call__(self, met: Sequence[Item | Skipped | Failed]) -> dict[str, Any]:
-        failed = [m for m in met if isinstance(m, Failed)]
+    def __call__(self, encoded: Sequence[Item | Skipped | Failed]) -> dict[str, Any]:
+        failed = [m for m in encoded if isinstance(m, Failed)]
         if failed:
             return {"error": failed[0].error}
-        items = [m for m in met if isinstance(m, Item)]
-        report = DataReport({m.index: m.reason for m in met if isinstance(m, Skipped)},
+        items = [m for m in encoded if isinstance(m, Item)]
+        report = DataReport({m.index: m.reason for m in encoded if isinstance(m, Skipped)},
                             {m.index: m.dropped for m in items if m.dropped})
         batch: dict[str, Any] = {"data": report, "items": len(items), "keys": [it.index for it in items]}
         if items:
@@ -251,7 +251,7 @@ class _Carrying:
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> Item | Skipped | Failed:
-        return carried(self.dataset.__getitem__, i)
+        return encode_or_carry(self.dataset.__getitem__, i)
 
 
 def pair_loader(dataset: PairDataset, batch_sampler, sides: Mapping[str, Any], workers: int, pin_memory: bool,

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import DataError, first_line
-from .loader import Batches, Collator, DataReport, PairDataset, carried, data_loader, raise_carried
+from .loader import Batches, Collator, DataReport, PairDataset, data_loader, encode_or_carry, raise_carried
 
 
 def row_key(row: Mapping) -> int:
@@ -46,7 +46,7 @@ class _StreamPart(torch.utils.data.IterableDataset):
         worker = info.id if info is not None else 0
         skip_rows = self.done.get(worker, 0) * self.batch_size
         self.stream.set_epoch(self.epoch)
-        met, made = [], self.done.get(worker, 0)
+        encoded, made = [], self.done.get(worker, 0)
         rows = enumerate(self.stream)
         while True:
             try:
@@ -59,12 +59,12 @@ class _StreamPart(torch.utils.data.IterableDataset):
                 return
             if n < skip_rows:
                 continue
-            met.append(carried(self.dataset.encode_row, row, n, key=row_key(row)))
-            if len(met) == self.batch_size:
-                yield {**self.collate(met), "worker": worker, "made": made + 1}
-                met, made = [], made + 1
-        if met:
-            yield {**self.collate(met), "worker": worker, "made": made + 1}
+            encoded.append(encode_or_carry(self.dataset.encode_row, row, n, key=row_key(row)))
+            if len(encoded) == self.batch_size:
+                yield {**self.collate(encoded), "worker": worker, "made": made + 1}
+                encoded, made = [], made + 1
+        if encoded:
+            yield {**self.collate(encoded), "worker": worker, "made": made + 1}
 
 
 class StreamBatches(Batches):
@@ -78,9 +78,9 @@ class StreamBatches(Batches):
         from datasets.distributed import split_dataset_by_node
 
         shuffled = stream.shuffle(seed=seed, buffer_size=dataset.spec.shuffle_buffer)
-        mine = split_dataset_by_node(shuffled, rank=rank, world_size=processes) if processes > 1 else shuffled
+        this_share = split_dataset_by_node(shuffled, rank=rank, world_size=processes) if processes > 1 else shuffled
         self.dataset, self.report, self._it = dataset, DataReport(), None
-        self.source = _StreamPart(mine, dataset, batch_size, Collator(sides))
+        self.source = _StreamPart(this_share, dataset, batch_size, Collator(sides))
         state = state or {}
         if state and state.get("num_workers") != workers:
             raise DataError(f"{dataset.spec.source}: the checkpoint's stream position was saved with "

@@ -124,7 +124,7 @@ def accuracy(vlm, items, *, spec: DataSpec | None = None, accelerator=None, scor
     fmt = detect(items.column_names, spec)
     root = image_root(spec) if spec.source != "shapes" else None
     rank, n_proc = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    mine, prompts, images, references, skipped = [], [], [], [], 0
+    assigned, prompts, images, references, skipped = [], [], [], [], 0
     for i in range(rank, len(items), n_proc):
         prompt, reference = to_conversation(items[i], fmt, spec, i).prompt_and_reference()
         try:
@@ -132,25 +132,25 @@ def accuracy(vlm, items, *, spec: DataSpec | None = None, accelerator=None, scor
         except SkipItem:
             skipped += 1
             continue
-        mine.append(i)
+        assigned.append(i)
         prompts.append(prompt)
         references.append(reference)
-    predictions = generate_answers(vlm, prompts, images, **generate) if mine or generate.get("synced") else []
+    predictions = generate_answers(vlm, prompts, images, **generate) if assigned or generate.get("synced") else []
     results = []
-    for i, prompt, reference, pred in zip(mine, prompts, references, predictions):
+    for i, prompt, reference, pred in zip(assigned, prompts, references, predictions):
         ok, groups = score(pred, items[i], reference)
         question = next(text_of(m) for m in reversed(prompt.messages) if m["role"] == "user")
         results.append((i, bool(ok), list(groups), question, reference, pred))
     if accelerator is not None:
         results = gather_objects(accelerator, results)
         skipped = sum(gather_objects(accelerator, [skipped]))
-    acc = Accuracy(skipped=skipped)
+    result = Accuracy(skipped=skipped)
     for _, ok, groups, question, reference, pred in sorted(results, key=lambda r: r[0]):
-        acc.correct += int(ok)
-        acc.total += 1
+        result.correct += int(ok)
+        result.total += 1
         for g in groups:
-            acc.by_group[g][0] += int(ok)
-            acc.by_group[g][1] += 1
-        if len(acc.samples) < max_samples:
-            acc.samples.append((question, reference, pred))
-    return acc
+            result.by_group[g][0] += int(ok)
+            result.by_group[g][1] += 1
+        if len(result.samples) < max_samples:
+            result.samples.append((question, reference, pred))
+    return result

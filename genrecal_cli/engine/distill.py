@@ -25,7 +25,7 @@ from .accuracy import Scorer, accuracy
 from .teacher.cache import CacheReader, fingerprint
 from .teacher.source import CachedTeacher, OnlineTeacher
 from .faults import StopRequests
-from .objective import TEACHER_STAGES, GenRecal
+from .objective import TEACHER_STAGES, StudentAndRecalibrator
 from .parallel import (MASTER_DTYPE, compute_dtype, device_mesh, full_state, make_accelerator, shard_teacher,
                        shard_trainable, sub_state, teacher_sharded)
 from .recalibrator import Recalibrator
@@ -71,32 +71,32 @@ def distill(
     `prefix` labels the stages in the display (a prerequisite run shows as "teacher/finetune").
     """
     out = Path(recipe.train.output_dir)
-    acc = accelerator or make_accelerator(recipe)
-    if acc.is_main_process:
+    accelerator = accelerator or make_accelerator(recipe)
+    if accelerator.is_main_process:
         ckpt.check_output_dir(out, resume=resume, overwrite=overwrite)
-    acc.wait_for_everyone()
-    with tracking(recipe, acc, reporter, enabled=not prefix) as track:  # (a prerequisite run is not tracked)
-        result = _run(recipe, inputs, acc, out, resume=resume, reporter=reporter, prefix=prefix)
+    accelerator.wait_for_everyone()
+    with tracking(recipe, accelerator, reporter, enabled=not prefix) as track:  # (a prerequisite run is not tracked)
+        result = _run(recipe, inputs, accelerator, out, resume=resume, reporter=reporter, prefix=prefix)
         track.summary(result.accuracy)
     return result
 
 
-def _run(recipe: Recipe, inputs: Inputs, acc, out: Path, *, resume: bool, reporter, prefix: str) -> RunResult:
+def _run(recipe: Recipe, inputs: Inputs, accelerator, out: Path, *, resume: bool, reporter, prefix: str) -> RunResult:
     from accelerate.utils import set_seed
 
     remaining, found = _what_is_left(recipe, out, resume, reporter)
     if recipe.loss.kd and "distill" in remaining:  # before any weights load: a 78B teacher takes minutes
         check_kd_pair(recipe, inputs)
-    student, export_dtype = _load_student(recipe, inputs, acc)
+    student, export_dtype = _load_student(recipe, inputs, accelerator)
     needs_teacher = any(s in TEACHER_STAGES for s in remaining)
     cached = needs_teacher and recipe.teacher.cache is not None
-    shard_t, shard_s = teacher_sharded(recipe, acc) and not cached, student_sharded(recipe, acc)
-    mesh = device_mesh(acc, recipe.parallel.shard_group) if shard_t or shard_s else None
+    shard_t, shard_s = teacher_sharded(recipe, accelerator) and not cached, student_sharded(recipe, accelerator)
+    mesh = device_mesh(accelerator, recipe.parallel.shard_group) if shard_t or shard_s else None
     teacher, source, rec = None, None, None
     if needs_teacher:
-        teacher, source = _load_teacher(recipe, inputs, acc, student, cached, shard_t, mesh, reporter)
+        teacher, source = _load_teacher(recipe, inputs, accelerator, student, cached, shard_t, mesh, reporter)
         set_seed(recipe.train.seed)
-        rec = _recalibrator(recipe, teacher, student, acc) if recipe.uses_recalibrator else None
+        rec = _recalibrator(recipe, teacher, student, accelerator) if recipe.uses_recalibrator else None
     if found is not None and (found.path / "student").is_dir():  # a sharded checkpoint loads in its stage
         _load_state(found.path, student, rec)
 
@@ -106,16 +106,17 @@ def _run(recipe: Recipe, inputs: Inputs, acc, out: Path, *, resume: bool, report
             if reporter is not None:
                 reporter.note("teacher accuracy skipped: its features come from a cache (teacher.cache)", style="yellow")
         elif teacher is not None:  # sharded: every process generates in step (each forward gathers)
-            result.accuracy["teacher"] = _accuracy(teacher, inputs, recipe, acc, synced=shard_t)
+            result.accuracy["teacher"] = _accuracy(teacher, inputs, recipe, accelerator, synced=shard_t)
         if found is None:  # the student as it came in, before any stage of this run
-            result.accuracy["student before"] = _accuracy(student, inputs, recipe, acc)
+            result.accuracy["student before"] = _accuracy(student, inputs, recipe, accelerator)
 
-    blank = {k: v.to(acc.device) for k, v in student.blank_image_inputs().items()} if acc.num_processes > 1 else None
-    module = GenRecal(student.model, rec, recipe.loss, blank_images=blank)
+    blank = ({k: v.to(accelerator.device) for k, v in student.blank_image_inputs().items()}
+             if accelerator.num_processes > 1 else None)
+    module = StudentAndRecalibrator(student.model, rec, recipe.loss, blank_images=blank)
     if shard_s:
         shard_trainable(module, mesh, compute_dtype(recipe))
     with StopRequests() as stop:
-        run = Run(recipe, acc, student, teacher, rec, inputs.train, module=module, reporter=reporter, stop=stop,
+        run = Run(recipe, accelerator, student, teacher, rec, inputs.train, module=module, reporter=reporter, stop=stop,
                   data_report=DataReport(), source=source)
         teacher = rec = module = None  # the run owns them now, and drops them when no later stage needs them
         _train_stages(run, remaining, found, result, prefix, shard_s)
@@ -125,11 +126,11 @@ def _run(recipe: Recipe, inputs: Inputs, acc, out: Path, *, resume: bool, report
     if note and reporter is not None:  # once per run, every stage's and process's, each row once
         reporter.note(f"data: {note}", style="yellow")
     if shard_s:  # the trained student whole again, on every process, for the accuracy and the export
-        student = _whole_student(run, inputs, recipe, acc)
+        student = _whole_student(run, inputs, recipe, accelerator)
     run = None
     if inputs.validation is not None:
-        result.accuracy["student after"] = _accuracy(student, inputs, recipe, acc)
-    _export(result, student, export_dtype, recipe, acc, reporter)
+        result.accuracy["student after"] = _accuracy(student, inputs, recipe, accelerator)
+    _export(result, student, export_dtype, recipe, accelerator, reporter)
     return result
 
 
@@ -145,7 +146,7 @@ def _what_is_left(recipe: Recipe, out: Path, resume: bool, reporter) -> tuple[li
     return remaining, found
 
 
-def _load_student(recipe: Recipe, inputs: Inputs, acc):
+def _load_student(recipe: Recipe, inputs: Inputs, accelerator):
     """The student in fp32 (master weights) whatever it was stored in, and the dtype it is
     exported back in."""
     from ..models import load_vlm
@@ -153,13 +154,13 @@ def _load_student(recipe: Recipe, inputs: Inputs, acc):
     student = load_vlm(inputs.student, revision=recipe.student.revision, dtype=recipe.student.dtype,
                        trust_remote_code=recipe.student.trust_remote_code)
     export_dtype = student.model.dtype
-    student.model.to(device=acc.device, dtype=MASTER_DTYPE)
+    student.model.to(device=accelerator.device, dtype=MASTER_DTYPE)
     if recipe.train.gradient_checkpointing:
         _checkpoint_activations(student.model)
     return student, export_dtype
 
 
-def _load_teacher(recipe: Recipe, inputs: Inputs, acc, student, cached: bool, shard: bool, mesh, reporter):
+def _load_teacher(recipe: Recipe, inputs: Inputs, accelerator, student, cached: bool, shard: bool, mesh, reporter):
     """The frozen teacher in its recipe dtype (only its head where its features come from the
     cache), replicated or sharded, and where its features come from: (teacher, source)."""
     from ..models import load_head_only, load_vlm
@@ -171,28 +172,28 @@ def _load_teacher(recipe: Recipe, inputs: Inputs, acc, student, cached: bool, sh
         # (after the head loads: a hub teacher's commit is then in this machine's hub cache)
         cache = CacheReader(spec.cache, fingerprint(recipe, inputs.teacher, inputs.held_out))
         source = CachedTeacher(cache)
-        teacher.head.to(acc.device)
+        teacher.head.to(accelerator.device)
         if reporter is not None:
             reporter.note(f"teacher features from the cache {spec.cache} (stored as {cache.storage}"
                           + ("" if cache.with_question else "; without question features: L_reg is off") + ")")
     else:  # sharded: only the main process reads the weights, the others receive their shards
         teacher = load_vlm(inputs.teacher, revision=spec.revision, dtype=spec.dtype,
-                           trust_remote_code=spec.trust_remote_code, empty=shard and not acc.is_main_process)
+                           trust_remote_code=spec.trust_remote_code, empty=shard and not accelerator.is_main_process)
         source = OnlineTeacher(teacher, recipe.recalibrator.answer_input)
     teacher.model.requires_grad_(False)
     _warn_if_swapped(teacher, student, reporter)
     if shard:
-        shard_teacher(teacher, acc, mesh)
+        shard_teacher(teacher, accelerator, mesh)
     elif not cached:
-        teacher.model.to(acc.device)
+        teacher.model.to(accelerator.device)
     return teacher, source
 
 
-def _recalibrator(recipe: Recipe, teacher, student, acc) -> Recalibrator:
+def _recalibrator(recipe: Recipe, teacher, student, accelerator) -> Recalibrator:
     rec = Recalibrator(teacher.hidden_size, student.text_config, student.decoder_layer_class,
                        num_blocks=recipe.recalibrator.num_blocks, new_positions=recipe.recalibrator.new_positions,
                        answer_dropout=recipe.recalibrator.answer_dropout)
-    return rec.to(device=acc.device, dtype=MASTER_DTYPE)
+    return rec.to(device=accelerator.device, dtype=MASTER_DTYPE)
 
 
 def _train_stages(run: Run, remaining: list[str], found, result: RunResult, prefix: str, shard_s: bool) -> None:
@@ -200,14 +201,14 @@ def _train_stages(run: Run, remaining: list[str], found, result: RunResult, pref
     releasing what a finished stage held."""
     from accelerate.utils import set_seed
 
-    recipe, acc = run.recipe, run.accelerator
+    recipe, accelerator = run.recipe, run.accelerator
     for stage in remaining:
         set_seed(recipe.train.seed + ckpt.STAGES.index(stage))
         from_ckpt = found if (found is not None and not found.finished and found.stage == stage) else None
         result.stages[stage] = run_stage(run, stage, resume=from_ckpt, label=prefix + stage)
         # Release what the finished stage held: its optimizer, wrappers and (when no later
         # stage needs them) the teacher and the Recalibrator.
-        acc.free_memory()
+        accelerator.free_memory()
         if not any(s in TEACHER_STAGES for s in remaining[remaining.index(stage) + 1 :]):
             run.teacher = run.source = run.recalibrator = None
             if not shard_s:  # a sharded Recalibrator stays registered with the sharded root
@@ -217,25 +218,25 @@ def _train_stages(run: Run, remaining: list[str], found, result: RunResult, pref
             torch.cuda.empty_cache()
 
 
-def _export(result: RunResult, student, export_dtype, recipe: Recipe, acc, reporter) -> None:
+def _export(result: RunResult, student, export_dtype, recipe: Recipe, accelerator, reporter) -> None:
     """The trained student, in the dtype it came in, as a plain folder with the run's record."""
     out = result.output_dir
-    acc.wait_for_everyone()
-    if acc.is_main_process:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
         student.model.to(dtype=export_dtype)
         ckpt.export_student(out, student.model, student.exportable_processor,
                             {"recipe": recipe.to_dict(), "stages": result.stages, "accuracy": result.accuracy,
                              "accuracy_on": result.accuracy_on, "data": result.data})
         if reporter is not None:
             reporter.note(f"student exported to {out / 'student'}")
-    acc.wait_for_everyone()
+    accelerator.wait_for_everyone()
 
 
-def student_sharded(recipe: Recipe, acc) -> bool:
-    return recipe.parallel.student == "shard" and acc.num_processes > 1
+def student_sharded(recipe: Recipe, accelerator) -> bool:
+    return recipe.parallel.student == "shard" and accelerator.num_processes > 1
 
 
-def _whole_student(run: Run, inputs: Inputs, recipe: Recipe, acc):
+def _whole_student(run: Run, inputs: Inputs, recipe: Recipe, accelerator):
     """A plain (unsharded) copy of the sharded student's trained weights on every process."""
     from ..models import load_vlm
 
@@ -246,17 +247,18 @@ def _whole_student(run: Run, inputs: Inputs, recipe: Recipe, acc):
                      trust_remote_code=recipe.student.trust_remote_code, empty=True)
     plain.model.load_state_dict(state, assign=True)
     plain.model.tie_weights()
-    plain.model.to(acc.device)
+    plain.model.to(accelerator.device)
     return plain
 
 
-def _accuracy(vlm, inputs: Inputs, recipe: Recipe, acc, synced: bool = False) -> dict:
+def _accuracy(vlm, inputs: Inputs, recipe: Recipe, accelerator, synced: bool = False) -> dict:
     """Greedy accuracy on the validation rows, every process answering its share (`synced`: a
     sharded model, whose processes generate in step)."""
     was_training = vlm.model.training
     vlm.model.eval()
-    with acc.autocast():
-        result = accuracy(vlm, inputs.validation, spec=recipe.data, accelerator=acc, score=inputs.score, synced=synced)
+    with accelerator.autocast():
+        result = accuracy(vlm, inputs.validation, spec=recipe.data, accelerator=accelerator, score=inputs.score,
+                          synced=synced)
     vlm.model.train(was_training)
     return result.to_dict()
 

@@ -32,7 +32,7 @@ class Output:
     recalibrated: torch.Tensor | None = None
 
 
-class GenRecal(nn.Module):
+class StudentAndRecalibrator(nn.Module):
     """The student and (in align and distill) the Recalibrator.
 
     The frozen teacher is not part of this module: its features and its head come in as
@@ -68,14 +68,15 @@ class GenRecal(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         recalibrated = None
         if stage in TEACHER_STAGES and self.recalibrator is not None:
-            tf = teacher  # the method's name for them: teacher features
-            rec = self.recalibrator(student_question(z_s, sbatch), tf.answer)
+            features = teacher  # the method's name for them: teacher features
+            rec = self.recalibrator(student_question(z_s, sbatch), features.answer)
             terms["ar"], terms["kl"] = losses.recalibration_terms(
-                teacher_head, rec, tf.rows, tf.targets, temperature=weights.temperature
+                teacher_head, rec, features.rows, features.targets, temperature=weights.temperature
             )
             if reg:  # align, and distill unless stages.distill.reg = false; not without question features
-                reg_rec = self.recalibrator(tf.question, tf.answer, question_from_teacher=True)
-                ar, kl = losses.recalibration_terms(teacher_head, reg_rec, tf.rows, tf.targets, temperature=weights.temperature)
+                reg_rec = self.recalibrator(features.question, features.answer, question_from_teacher=True)
+                ar, kl = losses.recalibration_terms(teacher_head, reg_rec, features.rows, features.targets,
+                                                    temperature=weights.temperature)
                 terms["reg"] = ar + kl
             recalibrated = rec.detach()
         if stage in ("distill", "finetune"):

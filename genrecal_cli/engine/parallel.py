@@ -57,10 +57,10 @@ def check_world(recipe: Recipe, processes: int) -> None:
                                           f"use a divisor of {processes} (usually the GPUs per node)"])
 
 
-def total_updates(st, batches_per_epoch: int) -> int:
+def total_updates(spec, batches_per_epoch: int) -> int:
     """A stage's optimizer updates: `steps`, or `epochs` passes over the data, capped by max_steps."""
-    total = st.steps if st.steps is not None else math.ceil(st.epochs * batches_per_epoch / st.grad_accum)
-    return min(total, st.max_steps) if st.max_steps is not None else total
+    total = spec.steps if spec.steps is not None else math.ceil(spec.epochs * batches_per_epoch / spec.grad_accum)
+    return min(total, spec.max_steps) if spec.max_steps is not None else total
 
 
 def gather_rows(accelerator, row: torch.Tensor) -> torch.Tensor:
@@ -187,10 +187,10 @@ def _gather_vision_everywhere(teacher, vision_units: list) -> None:
     behind = {"vision": False}
 
     def forward_starts(module, args, kwargs):
-        mine = kwargs.get("pixel_values") is not None
-        anyone = torch.tensor([float(mine)], device=next(module.parameters()).device)
-        dist.all_reduce(anyone, op=dist.ReduceOp.MAX)
-        behind["vision"] = bool(anyone.item()) and not mine
+        has_images = kwargs.get("pixel_values") is not None
+        any_has_images = torch.tensor([float(has_images)], device=next(module.parameters()).device)
+        dist.all_reduce(any_has_images, op=dist.ReduceOp.MAX)
+        behind["vision"] = bool(any_has_images.item()) and not has_images
 
     def language_starts(module, args, kwargs):
         if behind["vision"]:

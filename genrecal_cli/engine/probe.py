@@ -12,14 +12,15 @@ from ..data.loader import Collator, Item, model_inputs, raise_carried
 from ..data.render import is_answer, is_question
 from . import losses
 from ..recipe import Recipe
-from .objective import GenRecal, student_question
+from .objective import StudentAndRecalibrator, student_question
 from .parallel import gathered
 from .teacher import TeacherFeatures
 from .teacher.source import TeacherSource
 from .turns import first_of_turn
 
 
-def reliance(module: GenRecal, sbatch: dict, tf: TeacherFeatures, head: Callable) -> dict[str, float]:
+def reliance(module: StudentAndRecalibrator, sbatch: dict, features: TeacherFeatures,
+             head: Callable) -> dict[str, float]:
     """The Recalibrator's loss (L_ar) and teacher top-1 agreement on one batch with the student's
     question features real, another item's (each item gets its neighbour's, turns included) and
     zeroed; separately for the first token of each answer turn (predicted from the last student
@@ -29,13 +30,13 @@ def reliance(module: GenRecal, sbatch: dict, tf: TeacherFeatures, head: Callable
 
     with torch.no_grad():
         q = student_question(module.student.model(**model_inputs(sbatch)).last_hidden_state, sbatch)
-        first = first_of_turn(tf.answer)
-        teacher_top1 = head(tf.rows).argmax(-1)
+        first = first_of_turn(features.answer)
+        teacher_top1 = head(features.rows).argmax(-1)
         variants = {"real": q, "other": q.roll(1), "zero": q.with_x(torch.zeros_like(q.x))}
         out = {}
         for name, question in variants.items():
-            logits = head(module.recalibrator(question, tf.answer)).float()
-            ar = F.cross_entropy(logits, tf.targets, reduction="none")
+            logits = head(module.recalibrator(question, features.answer)).float()
+            ar = F.cross_entropy(logits, features.targets, reduction="none")
             agree = (logits.argmax(-1) == teacher_top1).float()
             for part, sel in (("first", first), ("later", ~first)):
                 if sel.any():
@@ -44,7 +45,8 @@ def reliance(module: GenRecal, sbatch: dict, tf: TeacherFeatures, head: Callable
     return out
 
 
-def alignment_stats(batch: dict, tf: TeacherFeatures, recalibrated: torch.Tensor | None, head: Callable) -> dict[str, float]:
+def alignment_stats(batch: dict, features: TeacherFeatures, recalibrated: torch.Tensor | None,
+                    head: Callable) -> dict[str, float]:
     """Token-alignment statistics of one batch ({"teacher": ..., "student": ...} as collated) for
     the live display and metrics.jsonl: tokens per item and side (all turns), shared answer-token
     boundaries over every answer turn and, given the Recalibrator's rows, their top-1 agreement
@@ -71,7 +73,7 @@ def alignment_stats(batch: dict, tf: TeacherFeatures, recalibrated: torch.Tensor
             total = total + split_stats(ta.text[ts:te], _within(ta.offsets, ts, te), _within(sa.offsets, ss, se))
     stats["boundary_agreement"] = total.boundary_agreement
     if recalibrated is not None:
-        stats["top1"] = losses.top1_agreement(head, recalibrated, tf.rows)
+        stats["top1"] = losses.top1_agreement(head, recalibrated, features.rows)
     return stats
 
 
@@ -80,7 +82,7 @@ def _within(offsets, start: int, end: int) -> list[tuple[int, int]]:
     return [(max(a, start) - start, min(b, end) - start) for a, b in offsets if b > start and a < end]
 
 
-def probe_batch(dataset, sides, recipe: Recipe, acc, attach=None) -> dict | None:
+def probe_batch(dataset, sides, recipe: Recipe, accelerator, attach=None) -> dict | None:
     """The reliance probe's fixed batch: the first train.probe_items usable training items (the
     same on every process)."""
     from accelerate.utils import send_to_device
@@ -93,18 +95,18 @@ def probe_batch(dataset, sides, recipe: Recipe, acc, attach=None) -> dict | None
         return None
     batch = Collator(sides, attach)(items)
     raise_carried(batch)
-    return send_to_device(batch, acc.device)
+    return send_to_device(batch, accelerator.device)
 
 
-def run_probe(acc, module, probe: dict, source: TeacherSource, head) -> dict[str, float]:
+def run_probe(accelerator, module, probe: dict, source: TeacherSource, head) -> dict[str, float]:
     """The reliance probe on its fixed batch, the module in eval mode for it."""
-    module = acc.unwrap_model(module)
+    module = accelerator.unwrap_model(module)
     was_training = module.training
     module.eval()
     try:
-        with acc.autocast():  # the same precision as the training forward
-            tf = source.features(probe)
+        with accelerator.autocast():  # the same precision as the training forward
+            features = source.features(probe)
             with gathered(module):  # the probe calls the parts directly, outside the root's forward
-                return reliance(module, probe["student"], tf, head)
+                return reliance(module, probe["student"], features, head)
     finally:
         module.train(was_training)

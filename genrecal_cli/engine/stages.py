@@ -25,7 +25,7 @@ from ..recipe import Recipe, StageSpec
 from . import checkpoint as ckpt
 from .faults import Interrupted, StopRequests, signal_name
 from .memory import PeakMemory
-from .objective import TEACHER_STAGES, GenRecal
+from .objective import TEACHER_STAGES, StudentAndRecalibrator
 from .parallel import (after_trainable_changed, gather_objects, gather_rows, is_sharded, stop_together,
                        total_updates)
 from .probe import alignment_stats, probe_batch, run_probe
@@ -45,7 +45,7 @@ class Run:
     teacher: Any | None  # models.VLM, frozen, in its recipe dtype; None once no stage needs it
     recalibrator: Recalibrator | None
     train_rows: Any  # the training split (a datasets.Dataset)
-    module: GenRecal | None = None  # what trains: the student + Recalibrator, sharded when the recipe says so
+    module: StudentAndRecalibrator | None = None  # what trains, sharded when the recipe says so
     reporter: Any | None = None
     stop: StopRequests | None = None
     data_report: DataReport | None = None  # what the stages skipped or cut, every process's, once per row
@@ -69,7 +69,7 @@ class Stage:
     recalibrator: Recalibrator | None
     sides: dict  # side -> processor
     batches: Any  # Batches or StreamBatches: this process's micro-batches from its data position
-    module: nn.Module  # what trains (GenRecal), wrapped for DDP or sharded
+    module: nn.Module  # what trains (StudentAndRecalibrator), wrapped for DDP or sharded
     sharded: bool
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -135,7 +135,7 @@ def run_stage(run: Run, stage: str, *, resume: ckpt.Found | None = None, label: 
 
 def _start(run: Run, stage: str, resume: ckpt.Found | None, label: str) -> Stage:
     """The stage's data, what trains and its optimizer and schedule, from a checkpoint if given."""
-    recipe, acc = run.recipe, run.accelerator
+    recipe, accelerator = run.recipe, run.accelerator
     spec: StageSpec = getattr(recipe.stages, stage)
     teacher = run.teacher if stage in TEACHER_STAGES else None
     source = run.source if teacher is not None else None
@@ -153,12 +153,12 @@ def _start(run: Run, stage: str, resume: ckpt.Found | None, label: str) -> Stage
     total = spec.steps if sampler is None else total_updates(spec, len(sampler))  # a stream counts steps
     workers = recipe.data.num_workers
     if workers is None:
-        workers = default_workers(acc.num_processes, on_gpu=acc.device.type == "cuda")
-    layout = data_layout(recipe, spec, seed, acc.num_processes, workers)
+        workers = default_workers(accelerator.num_processes, on_gpu=accelerator.device.type == "cuda")
+    layout = data_layout(recipe, spec, seed, accelerator.num_processes, workers)
 
     # what trains, with which optimizer and schedule
     params = set_trainable(stage, run.student, rec, spec)
-    module = run.module if run.module is not None else GenRecal(run.student.model, rec, recipe.loss)
+    module = run.module if run.module is not None else StudentAndRecalibrator(run.student.model, rec, recipe.loss)
     sharded = is_sharded(module)  # FSDP2 (parallel.student = "shard"); else DDP through accelerate
     if sharded:
         after_trainable_changed(module)
@@ -167,15 +167,15 @@ def _start(run: Run, stage: str, resume: ckpt.Found | None, label: str) -> Stage
     step, data_state = 0, {}
     if resume is not None:
         _check_layout(resume, layout, sharded, label, stage)
-        step, data_state = _resume(resume, acc, module, optimizer, scheduler, sharded)
+        step, data_state = _resume(resume, accelerator, module, optimizer, scheduler, sharded)
     attach = source.collate if source is not None else None
     batches = _batches(run, dataset, sampler, sides, spec, seed, workers, data_state, step, attach)
     # L_reg: always in align, in distill unless stages.distill.reg = false; never without the
     # teacher's question features (a cache written without them)
     use_reg = (stage == "align" or spec.reg) and (source is None or source.with_question)
-    probe = probe_batch(dataset, sides, recipe, acc, attach) if rec is not None else None
+    probe = probe_batch(dataset, sides, recipe, accelerator, attach) if rec is not None else None
     if not sharded:
-        module, optimizer = acc.prepare(module, optimizer)
+        module, optimizer = accelerator.prepare(module, optimizer)
     module.train()
     s = Stage(run, stage, label, spec, teacher, source, rec, sides, batches, module, sharded, optimizer, scheduler, layout,
               total, step, head_fn(teacher.head) if teacher is not None else None, use_reg, probe,
@@ -185,33 +185,35 @@ def _start(run: Run, stage: str, resume: ckpt.Found | None, label: str) -> Stage
 
 
 def _sampler(run: Run, dataset, spec: StageSpec, seed: int, teacher) -> RankBatches:
-    recipe, acc = run.recipe, run.accelerator
+    recipe, accelerator = run.recipe, run.accelerator
     lengths = None
     if recipe.data.group_by_length:
         image_tokens = max(vlm.image_tokens_per_image() for vlm in (run.student, teacher) if vlm is not None)
         lengths = length_estimates(run.train_rows, recipe.data, image_tokens)
-    return RankBatches(len(dataset), spec.batch_size, acc.num_processes, acc.process_index, seed, lengths=lengths)
+    return RankBatches(len(dataset), spec.batch_size, accelerator.num_processes, accelerator.process_index, seed,
+                       lengths=lengths)
 
 
-def _resume(found: ckpt.Found, acc, module, optimizer, scheduler, sharded: bool) -> tuple[int, dict]:
+def _resume(found: ckpt.Found, accelerator, module, optimizer, scheduler, sharded: bool) -> tuple[int, dict]:
     """Optimizer, schedule and this process's RNG from a mid-stage checkpoint; (its step, its data state)."""
     if sharded:
         ckpt.load_sharded_state(found.path, module, optimizer)
     else:
         optimizer.load_state_dict(ckpt.load_tensors(found.path / "optimizer.pt"))
     scheduler.load_state_dict(ckpt.load_tensors(found.path / "scheduler.pt"))
-    saved = ckpt.load_tensors(found.path / "rng" / f"rank-{acc.process_index}.pt")
+    saved = ckpt.load_tensors(found.path / "rng" / f"rank-{accelerator.process_index}.pt")
     ckpt.set_rng_state(saved)
     return found.step, saved.get("data", {})
 
 
 def _batches(run: Run, dataset, sampler, sides, spec: StageSpec, seed: int, workers: int, data_state: dict,
              step: int, attach):
-    acc = run.accelerator
-    pin = acc.device.type == "cuda"
+    accelerator = run.accelerator
+    pin = accelerator.device.type == "cuda"
     if sampler is None:
-        batches = StreamBatches(dataset, run.train_rows, sides, batch_size=spec.batch_size, processes=acc.num_processes,
-                                rank=acc.process_index, seed=seed, workers=workers, pin_memory=pin,
+        batches = StreamBatches(dataset, run.train_rows, sides, batch_size=spec.batch_size,
+                                processes=accelerator.num_processes, rank=accelerator.process_index, seed=seed,
+                                workers=workers, pin_memory=pin,
                                 state=data_state.get("position"))
     else:  # checkpoints from before the data position was saved: every micro-batch had its items
         batches = Batches(dataset, sampler, sides, workers=workers, pin_memory=pin,
@@ -222,12 +224,12 @@ def _batches(run: Run, dataset, sampler, sides, spec: StageSpec, seed: int, work
 
 
 def _announce(s: Stage, sampler) -> None:
-    reporter, acc = s.run.reporter, s.run.accelerator
+    reporter, accelerator = s.run.reporter, s.run.accelerator
     if reporter is None:
         return
     reporter.stage_start(s.label, s.total, s.step)
     if s.step == 0:
-        n = acc.num_processes
+        n = accelerator.num_processes
         reporter.note(
             f"{s.label}: {s.total:,} updates of {s.layout['global_batch']:,} items (batch_size {s.spec.batch_size} x "
             f"grad_accum {s.spec.grad_accum} x {n} process{'es' if n > 1 else ''}); "
@@ -239,7 +241,7 @@ def _update(s: Stage) -> Update:
     forward, one collective of its loss terms and counts, backward), then clip and step."""
     from accelerate.utils import send_to_device
 
-    acc, spec = s.run.accelerator, s.spec
+    accelerator, spec = s.run.accelerator, s.spec
     sums: dict[str, float] = {}
     for i in range(spec.grad_accum):
         # What can fail on one process alone (a loader worker's error carried out, a whole
@@ -247,25 +249,25 @@ def _update(s: Stage) -> Update:
         # micro-batch: every process then agrees to stop (parallel.stop_together).
         failure, batch, features = None, None, None
         try:
-            batch = send_to_device(next(s.batches), acc.device)
+            batch = send_to_device(next(s.batches), accelerator.device)
         except Exception as exc:
             failure = exc
-        stop_together(acc, failure, s.label)
+        stop_together(accelerator, failure, s.label)
         if s.source is not None:
-            with acc.autocast():  # collective when the teacher is sharded
+            with accelerator.autocast():  # collective when the teacher is sharded
                 features = s.source.features(batch)
-        with _grad_sync(acc, s.module, s.sharded, i == spec.grad_accum - 1):
-            with acc.autocast():
+        with _grad_sync(accelerator, s.module, s.sharded, i == spec.grad_accum - 1):
+            with accelerator.autocast():
                 out = s.module(batch["student"], features, s.head, stage=s.name, reg=s.use_reg)
             shared = _shared(s, batch, out)  # every process's, before backward: all see a bad loss
-            acc.backward(out.loss / spec.grad_accum)
+            accelerator.backward(out.loss / spec.grad_accum)
         for name in ("loss", *out.terms):
             sums[name] = sums.get(name, 0.0) + float(shared[name].mean())
         c = s.counts
         c.tokens, c.items = c.tokens + int(shared["tokens"].sum()), c.items + int(shared["items"].sum())
         c.real, c.slots = c.real + int(shared["real"].sum()), c.slots + int(shared["slots"].sum())
     if spec.max_grad_norm > 0:
-        acc.clip_grad_norm_(s.module.parameters(), spec.max_grad_norm)
+        accelerator.clip_grad_norm_(s.module.parameters(), spec.max_grad_norm)
     lr = s.scheduler.get_last_lr()[0]  # the rate this update uses
     s.optimizer.step()
     s.scheduler.step()
@@ -277,20 +279,21 @@ def _update(s: Stage) -> Update:
 def _shared(s: Stage, batch: dict, out) -> dict[str, torch.Tensor]:
     """One micro-batch's loss terms and counts from every process (one collective): name ->
     [processes]. A non-finite loss on any process stops them all, the one it was met on says so."""
-    acc = s.run.accelerator
+    accelerator = s.run.accelerator
     real, slots = _padding(batch, s.sides)
     this_process = {"loss": out.loss, **out.terms, "tokens": batch["student"]["attention_mask"].sum(), "items": batch["items"],
             "real": real, "slots": slots, "skipped": len(s.batches.report.skipped),
             "truncated": len(s.batches.report.truncated)}
     names = list(this_process)
-    rows = gather_rows(acc, torch.tensor([float(v.detach() if torch.is_tensor(v) else v) for v in this_process.values()])).cpu()
+    values = [float(v.detach() if torch.is_tensor(v) else v) for v in this_process.values()]
+    rows = gather_rows(accelerator, torch.tensor(values)).cpu()
     shared = {n: rows[:, k] for k, n in enumerate(names)}
     losses = torch.stack([shared[n] for n in ("loss", *out.terms)], 1)
     bad = ~torch.isfinite(losses).all(1)
     if bad.any():
         rank = int(bad.nonzero()[0])
         terms = {n: round(float(shared[n][rank]), 4) for n in ("loss", *out.terms)}
-        if rank != acc.process_index:  # that process prints it
+        if rank != accelerator.process_index:  # that process prints it
             raise PeerStopped(f"{s.label}: process {rank} met a non-finite loss")
         raise GenrecalError(
             f"{s.label}: loss became non-finite at step {s.step + 1} on process {rank} ({terms}); the last good "
@@ -300,7 +303,7 @@ def _shared(s: Stage, batch: dict, out) -> dict[str, torch.Tensor]:
 
 def _log(s: Stage, update: Update) -> dict:
     """The update's metrics (with the probe and alignment statistics when due), to the reporter."""
-    run, acc = s.run, s.run.accelerator
+    run, accelerator = s.run, s.run.accelerator
     c = s.counts
     dt = time.perf_counter() - c.start
     probe_now = s.probe is not None and (s.step % run.recipe.train.probe_every == 0 or s.step == s.total)
@@ -308,11 +311,11 @@ def _log(s: Stage, update: Update) -> dict:
                "tokens_per_s": c.tokens / dt, "pad_share": 1 - c.real / max(c.slots, 1),
                "skipped_items": update.skipped, "truncated_items": update.truncated, **s.layout}
     if probe_now:  # every process runs it: a sharded teacher's forward is collective
-        metrics.update(run_probe(acc, s.module, s.probe, s.source, s.head))
-    if run.reporter is not None and acc.is_main_process:
+        metrics.update(run_probe(accelerator, s.module, s.probe, s.source, s.head))
+    if run.reporter is not None and accelerator.is_main_process:
         due = s.step % run.recipe.train.log_every == 0 or s.step == s.total or probe_now
         if update.features is not None and due:
-            with acc.autocast():
+            with accelerator.autocast():
                 metrics.update(alignment_stats(update.batch, update.features, update.out.recalibrated, s.head))
         run.reporter.step(s.label, s.step, metrics)
     return metrics
@@ -320,23 +323,23 @@ def _log(s: Stage, update: Update) -> dict:
 
 def _finish(s: Stage, metrics: dict, terms: tuple[str, ...]) -> dict:
     """What every process skipped, the stage's summary, and the finished stage saved."""
-    run, acc = s.run, s.run.accelerator
+    run, accelerator = s.run, s.run.accelerator
     report = DataReport()
-    for part in gather_objects(acc, [s.batches.report]):  # every process's, each row once
+    for part in gather_objects(accelerator, [s.batches.report]):  # every process's, each row once
         report.add(part)
     if run.data_report is not None:
         run.data_report.add(report)
     summary = {"steps": s.step, "metrics": metrics, **s.layout, "data": report.to_dict(),
                "peak_rss_mb": s.peak.rss_mb(), **s.peak.device()}
-    acc.wait_for_everyone()
-    module = acc.unwrap_model(s.module)
+    accelerator.wait_for_everyone()
+    module = accelerator.unwrap_model(s.module)
     states = ckpt.gathered_states(module, with_recalibrator=s.recalibrator is not None) if s.sharded else {}
-    if acc.is_main_process:
+    if accelerator.is_main_process:
         ckpt.save_stage(Path(run.recipe.train.output_dir), s.name, student=module.student,
                         processor=run.student.exportable_processor, recalibrator=s.recalibrator,
                         recipe=run.recipe.to_dict(),
                         meta={"step": s.step, "total_steps": s.total, "finished": True, **summary}, **states)
-    acc.wait_for_everyone()
+    accelerator.wait_for_everyone()
     if run.reporter is not None:
         run.reporter.stage_end(s.label, {k: v for k, v in metrics.items() if k in terms})
     return summary
@@ -348,20 +351,20 @@ def _padding(batch: dict, sides) -> tuple[float, float]:
             float(sum(batch[side]["attention_mask"].numel() for side in sides)))
 
 
-def _grad_sync(acc, module, sharded: bool, sync: bool):
+def _grad_sync(accelerator, module, sharded: bool, sync: bool):
     """Gradients are reduced across processes only on the last micro-batch of an update."""
     if sharded:
         module.set_requires_gradient_sync(sync)
         return nullcontext()
-    return nullcontext() if sync else acc.no_sync(module)
+    return nullcontext() if sync else accelerator.no_sync(module)
 
 
-def data_layout(recipe: Recipe, st: StageSpec, seed: int, processes: int, workers: int) -> dict:
+def data_layout(recipe: Recipe, spec: StageSpec, seed: int, processes: int, workers: int) -> dict:
     """What decides which items each saved data position stands for: a resumed run must have the
     same (its position counts micro-batches of this size, dealt by this seed's order to these
     processes). Loader workers matter only to a stream, whose shards they split between them."""
-    layout = {"processes": processes, "global_batch": st.batch_size * processes * st.grad_accum,
-              "batch_size": st.batch_size, "grad_accum": st.grad_accum, "seed": seed,
+    layout = {"processes": processes, "global_batch": spec.batch_size * processes * spec.grad_accum,
+              "batch_size": spec.batch_size, "grad_accum": spec.grad_accum, "seed": seed,
               "group_by_length": recipe.data.group_by_length}
     if recipe.data.streaming:
         layout["num_workers"] = workers
@@ -392,11 +395,11 @@ def _check_layout(resume: ckpt.Found, layout: dict, sharded: bool, label: str, s
 
 
 def _save_progress(s: Stage, metrics: dict) -> None:
-    run, acc = s.run, s.run.accelerator
+    run, accelerator = s.run, s.run.accelerator
     recipe, report = run.recipe, s.batches.report
-    module = acc.unwrap_model(s.module)
+    module = accelerator.unwrap_model(s.module)
     ckpt.save_checkpoint(
-        acc, Path(recipe.train.output_dir), s.name, s.step, module=module, student=module.student,
+        accelerator, Path(recipe.train.output_dir), s.name, s.step, module=module, student=module.student,
         processor=run.student.exportable_processor, recalibrator=s.recalibrator,
         optimizer=s.optimizer, scheduler=s.scheduler, recipe=recipe.to_dict(),
         meta={"step": s.step, "total_steps": s.total, "finished": False, "metrics": metrics, **s.layout},

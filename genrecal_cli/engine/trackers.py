@@ -32,7 +32,7 @@ class TrackerSink:
     started (a resumed run starts from its first stage's step)."""
 
     def __init__(self, accelerator):
-        self.acc = accelerator
+        self.accelerator = accelerator
         self.offset: dict[str, int] = {}
         self.last = 0
 
@@ -43,13 +43,13 @@ class TrackerSink:
         values = {f"{stage}/{k}": v for k, v in record.items()
                   if k not in _NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if values:
-            self.acc.log(values, step=step)
+            self.accelerator.log(values, step=step)
         self.last = max(self.last, step)
 
 
 class _Tracking:
     def __init__(self, accelerator, sink: TrackerSink | None):
-        self.acc, self.sink = accelerator, sink
+        self.accelerator, self.sink = accelerator, sink
 
     def summary(self, accuracy: Mapping[str, Any]) -> None:
         """The run's accuracy table (teacher, student before / after), at the run's last step."""
@@ -58,7 +58,7 @@ class _Tracking:
         values = {f"accuracy/{name.replace(' ', '_')}": row["accuracy"] for name, row in accuracy.items()
                   if isinstance(row, Mapping) and isinstance(row.get("accuracy"), (int, float))}
         if values:
-            self.acc.log(values, step=self.sink.last)
+            self.accelerator.log(values, step=self.sink.last)
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from .objective import TEACHER_STAGES
 from .recalibrator import Recalibrator
 
 
-def set_trainable(stage: str, student, recalibrator: Recalibrator | None, st: StageSpec) -> list[nn.Parameter]:
+def set_trainable(stage: str, student, recalibrator: Recalibrator | None, spec: StageSpec) -> list[nn.Parameter]:
     """Freeze everything, then unfreeze what `stage` trains; returns the trainable parameters."""
     student.model.requires_grad_(False)
     if recalibrator is not None:
@@ -20,7 +20,7 @@ def set_trainable(stage: str, student, recalibrator: Recalibrator | None, st: St
     if stage == "distill":
         student.language_model.requires_grad_(True)
         student.head.requires_grad_(True)
-        if st.train_projector:
+        if spec.train_projector:
             student.vision_projector.requires_grad_(True)
     elif stage == "finetune":
         student.model.requires_grad_(True)
@@ -32,19 +32,19 @@ def set_trainable(stage: str, student, recalibrator: Recalibrator | None, st: St
     return params
 
 
-def lr_lambda(st: StageSpec, total: int):
-    """Multiplier of st.lr at update `step` (0-based): linear warmup, then linear / cosine decay to
+def lr_lambda(spec: StageSpec, total: int):
+    """Multiplier of spec.lr at update `step` (0-based): linear warmup, then linear / cosine decay to
     lr_end at the last update. A function of the update alone, whatever the number of processes."""
-    floor = st.lr_end / st.lr
+    floor = spec.lr_end / spec.lr
 
     def f(step: int) -> float:
-        if st.warmup_steps and step < st.warmup_steps:
-            return (step + 1) / st.warmup_steps
-        if st.schedule == "constant":
+        if spec.warmup_steps and step < spec.warmup_steps:
+            return (step + 1) / spec.warmup_steps
+        if spec.schedule == "constant":
             return 1.0
-        span = max(1, total - st.warmup_steps - 1)
-        t = min(1.0, (step - st.warmup_steps) / span)
-        if st.schedule == "cosine":
+        span = max(1, total - spec.warmup_steps - 1)
+        t = min(1.0, (step - spec.warmup_steps) / span)
+        if spec.schedule == "cosine":
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
         return 1.0 - (1.0 - floor) * t
 

@@ -44,17 +44,17 @@ def teach(recipe: Recipe, inputs, accelerator, *, folder: str | Path, storage: s
     from ...data.loader import pair_loader, raise_carried
     from ...models import load_vlm
 
-    acc = accelerator
     if not hasattr(inputs.train, "__len__"):
         raise GenrecalError("genrecal teach needs a data set read whole (data.streaming = false)")
-    sharded = teacher_sharded(recipe, acc)
+    sharded = teacher_sharded(recipe, accelerator)
     teacher = load_vlm(inputs.teacher, revision=recipe.teacher.revision, dtype=recipe.teacher.dtype,
-                       trust_remote_code=recipe.teacher.trust_remote_code, empty=sharded and not acc.is_main_process)
+                       trust_remote_code=recipe.teacher.trust_remote_code,
+                       empty=sharded and not accelerator.is_main_process)
     teacher.model.requires_grad_(False)
     if sharded:
-        shard_teacher(teacher, acc, device_mesh(acc, recipe.parallel.shard_group))
+        shard_teacher(teacher, accelerator, device_mesh(accelerator, recipe.parallel.shard_group))
     else:
-        teacher.model.to(acc.device)
+        teacher.model.to(accelerator.device)
     student = load_vlm(inputs.student, revision=recipe.student.revision,
                        trust_remote_code=recipe.student.trust_remote_code, empty=True)  # its processor only
     sides = {"teacher": teacher.processor, "student": student.processor}
@@ -63,17 +63,17 @@ def teach(recipe: Recipe, inputs, accelerator, *, folder: str | Path, storage: s
     writer = CacheWriter(folder, fingerprint(recipe, inputs.teacher, inputs.held_out), storage=storage,
                          with_question=with_question,
                          items_per_shard=items_per_shard, hidden_size=teacher.hidden_size,
-                         part=acc.process_index, parts=acc.num_processes, command=command)
+                         part=accelerator.process_index, parts=accelerator.num_processes, command=command)
     # What an earlier run wrote is checked (each process a share of the shards) before anyone
     # writes; every process drops every damaged shard, so all agree on what is left to do.
-    damaged = writer.check(acc.process_index, acc.num_processes)
-    if acc.num_processes > 1:
+    damaged = writer.check(accelerator.process_index, accelerator.num_processes)
+    if accelerator.num_processes > 1:
         from accelerate.utils import gather_object
 
         damaged = gather_object(damaged)
     writer.drop(line.split(":")[0] for line in damaged)
     done = writer.done
-    acc.wait_for_everyone()  # every process knows what is done before any writes
+    accelerator.wait_for_everyone()  # every process knows what is done before any writes
     if note is not None:
         for line in damaged:
             note(f"damaged shard {line}: removed, its items are computed again")
@@ -81,53 +81,53 @@ def teach(recipe: Recipe, inputs, accelerator, *, folder: str | Path, storage: s
             note(f"resuming: {len(done):,} of {len(dataset):,} items already in the cache {folder}")
     todo = [i for i in range(len(dataset)) if i not in done]
     batches = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
-    n, rank = acc.num_processes, acc.process_index
-    mine = batches[rank::n]
+    n, rank = accelerator.num_processes, accelerator.process_index
+    assigned = batches[rank::n]
     if sharded:  # the same number of (collective) forwards on every process
-        mine += [[]] * (-(-len(batches) // n) - len(mine))
+        assigned += [[]] * (-(-len(batches) // n) - len(assigned))
         stand_in = _stand_in(dataset, sides)
     workers = recipe.data.num_workers
     if workers is None:
-        workers = default_workers(1, on_gpu=acc.device.type == "cuda")
-    loader = pair_loader(dataset, mine, sides, workers, acc.device.type == "cuda")
-    seen, total = len(done), len(done) + sum(map(len, mine))
+        workers = default_workers(1, on_gpu=accelerator.device.type == "cuda")
+    loader = pair_loader(dataset, assigned, sides, workers, accelerator.device.type == "cuda")
+    seen, total = len(done), len(done) + sum(map(len, assigned))
     if progress is not None:
         progress(seen, total)
     for batch in loader:
         raise_carried(batch)
         seen += len(batch["data"].skipped) + batch["items"]
         keep = batch["items"] > 0
-        forward = _anyone(acc, keep) if sharded else keep  # sharded: every process, every round
+        forward = _anyone(accelerator, keep) if sharded else keep  # sharded: every process, every round
         if forward:
             if not keep:
                 batch = stand_in  # this process runs the forward with the others and keeps nothing
-            batch = send_to_device(batch, acc.device)
-            with acc.autocast():
-                tf = teacher_features(teacher, batch["teacher"], recipe.recalibrator.answer_input)
+            batch = send_to_device(batch, accelerator.device)
+            with accelerator.autocast():
+                features = teacher_features(teacher, batch["teacher"], recipe.recalibrator.answer_input)
             if keep:
-                for key, item in zip(batch["keys"], split_items(tf, with_question)):
+                for key, item in zip(batch["keys"], split_items(features, with_question)):
                     writer.add(key, item)
         if progress is not None:
             progress(seen, total)
     writer.flush()
     writer.write_index()  # also where nothing was left to write: the damaged shards are no longer listed
-    acc.wait_for_everyone()
-    if acc.is_main_process:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
         merge_index(folder)
         record = complete(folder, len(dataset))
         if note is not None and record["skipped"]:
             note(f"{record['skipped']:,} of {record['items']:,} items not cached: they do not fit data.max_length "
                  "(training skips them too)")
-    acc.wait_for_everyone()
+    accelerator.wait_for_everyone()
     return Path(folder)
 
 
-def _anyone(acc, mine: bool) -> bool:
-    """Whether any process has a true `mine` (an all-reduce: every process calls it)."""
+def _anyone(accelerator, value: bool) -> bool:
+    """Whether `value` is true on any process (an all-reduce: every process calls it)."""
     import torch
 
-    flag = torch.tensor([float(mine)], device=acc.device)
-    return bool(acc.reduce(flag, reduction="sum").item() > 0)
+    flag = torch.tensor([float(value)], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 def _stand_in(dataset: PairDataset, sides) -> dict:

@@ -60,20 +60,20 @@ class ItemFeatures:
         return {k: v for k in (*FEATURES, *INTEGERS) if (v := getattr(self, k)) is not None}
 
 
-def split_items(tf: TeacherFeatures, with_question: bool) -> list[ItemFeatures]:
+def split_items(features: TeacherFeatures, with_question: bool) -> list[ItemFeatures]:
     """A batch's teacher features cut into its items (padding dropped)."""
     items = []
-    counts = tf.answer.mask.sum(1).tolist()
+    counts = features.answer.mask.sum(1).tolist()
     start = 0
     for b, n in enumerate(counts):
-        a, q = tf.answer.mask[b], tf.question.mask[b]
+        a, q = features.answer.mask[b], features.question.mask[b]
         items.append(ItemFeatures(
-            answer=tf.answer.x[b][a].detach().cpu(), answer_turn=tf.answer.segment[b][a].cpu(),
-            answer_pos=tf.answer.pos[b][a].cpu(),
-            rows=tf.rows[start:start + n].detach().cpu(), targets=tf.targets[start:start + n].cpu(),
-            question=tf.question.x[b][q].detach().cpu() if with_question else None,
-            question_turn=tf.question.segment[b][q].cpu() if with_question else None,
-            question_pos=tf.question.pos[b][q].cpu() if with_question else None,
+            answer=features.answer.x[b][a].detach().cpu(), answer_turn=features.answer.segment[b][a].cpu(),
+            answer_pos=features.answer.pos[b][a].cpu(),
+            rows=features.rows[start:start + n].detach().cpu(), targets=features.targets[start:start + n].cpu(),
+            question=features.question.x[b][q].detach().cpu() if with_question else None,
+            question_turn=features.question.segment[b][q].cpu() if with_question else None,
+            question_pos=features.question.pos[b][q].cpu() if with_question else None,
         ))
         start += n
     return items
