@@ -198,8 +198,8 @@ def main() -> None:
     result = distill(recipe, overwrite=True, reporter=clock, accelerator=make_accelerator(recipe))
     seconds, timed = clock.per_update("distill", args.warmup)
     teacher, student = load_vlm(str(teacher_dir), empty=True), load_vlm(str(student_dir), empty=True)
-    from genrecal_cli.commands.model_shape import read_shape
-    from genrecal_cli.commands.memory_estimate import recalibrator_params
+    from genrecal_cli.commands.plan.model_shape import read_shape
+    from genrecal_cli.commands.plan.estimate import recalibrator_params
 
     rec = result.stages["distill"]
     rec_params = recalibrator_params(read_shape(recipe.teacher, "teacher"), read_shape(recipe.student, "student"),

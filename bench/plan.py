@@ -1,4 +1,4 @@
-"""The memory plan (genrecal_cli/commands/plan.py) against the measured peak memory of tiny runs of the
+"""The memory plan (genrecal_cli/commands/plan/) against the measured peak memory of tiny runs of the
 real engine on CPU: per stage, the plan's estimate (static + the largest phase, no margin)
 against the peak resident memory the run adds.
 
@@ -118,7 +118,7 @@ def logits_child(args) -> None:
 
     from genrecal_cli.engine import losses
     from genrecal_cli.engine.teacher import head_fn
-    from genrecal_cli.commands.memory_estimate import K_REC, K_SFT
+    from genrecal_cli.commands.plan.estimate import K_REC, K_SFT
 
     rows, vocab, d = 1024, 32_000, 256
     out = {}

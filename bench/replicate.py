@@ -363,7 +363,7 @@ def train_all(runs: list, jobs: int, log) -> dict[str, float]:
 def evaluate(models: dict[str, str], out: Path, p: Preset, log) -> dict[str, dict]:
     """`genrecal eval --bench shapes` in one process on every model that out does not hold yet
     (a rerun with more seeds evaluates only the new ones); label -> {acc, stderr, n}."""
-    from genrecal_cli.commands.eval_report import EvalReport
+    from genrecal_cli.commands.evaluate.report import EvalReport
 
     report = EvalReport.from_dict(json.loads(out.read_text())) if out.exists() else EvalReport([], {})
     known = {m.path for m in report.models}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from genrecal_cli.commands.chat import load_chat_model
-from genrecal_cli.commands.chat_session import (
+from genrecal_cli.commands.chat.session import (
     COMMANDS,
     ChatSession,
     Command,

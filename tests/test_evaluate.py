@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from genrecal_cli.errors import GenrecalError
-from genrecal_cli.commands.eval_inputs import MMMU_COLUMNS
-from genrecal_cli.commands.evaluate import BENCHMARKS, latest_student, parse_benchmarks
+from genrecal_cli.commands.evaluate.inputs import MMMU_COLUMNS
+from genrecal_cli.commands.evaluate.run import BENCHMARKS, latest_student, parse_benchmarks
 
 MMMU_SUBJECTS = (
     "Accounting", "Agriculture", "Architecture_and_Engineering", "Art", "Art_Theory", "Basic_Medical_Science",
@@ -165,7 +165,7 @@ def test_plain_lm_eval_gives_the_same_answers(which, models, tmp_path):
     """`lm_eval --model hf-multimodal --model_args pretrained=DIR` loads the folder without genrecal's
     model code and answers the first shapes item exactly as `genrecal eval` does."""
     from genrecal_cli.commands.evaluate import evaluate
-    from genrecal_cli.commands.tasks import TASKS_DIR
+    from genrecal_cli.commands.evaluate.tasks import TASKS_DIR
 
     lm_eval = Path(sys.executable).with_name("lm_eval")
     proc = subprocess.run(
@@ -295,7 +295,7 @@ def test_the_offline_mmmu_message_names_a_command_the_installed_hub_client_has(t
     import re
 
     from genrecal_cli.errors import DataError
-    from genrecal_cli.commands.eval_inputs import check_mmmu_data
+    from genrecal_cli.commands.evaluate.inputs import check_mmmu_data
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from genrecal_cli.errors import GenrecalError
-from genrecal_cli.commands.memory_estimate import estimate, layer_activations
-from genrecal_cli.commands.model_shape import Decoder, read_shape, shape_from_config
-from genrecal_cli.commands.plan import GIB, make_plan
+from genrecal_cli.commands.plan.estimate import estimate, layer_activations
+from genrecal_cli.commands.plan.model_shape import Decoder, read_shape, shape_from_config
+from genrecal_cli.commands.plan.make import GIB, make_plan
 from genrecal_cli.recipe import ModelSpec, load_recipe
 
 from .conftest import ROOT, heavy_imports

@@ -1,7 +1,7 @@
 """`genrecal chat`: a multi-turn session with any supported VLM (an exported student, a teacher,
 a tiny model), written with the model's own chat template, images included.
 
-`run_chat` loads the model and puts two thin front ends on the session (chat_session.py): a rich
+`run_chat` loads the model and puts two thin front ends on the session (session.py): a rich
 prompt with answers streamed token by token in a terminal, one turn per line when piped.
 """
 
@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, TextIO
 
-from ..errors import ModelLoadError
-from .chat_session import ChatSession, EndSession, TurnError, chat_template_of, parse_command
+from ...errors import ModelLoadError
+from .session import ChatSession, EndSession, TurnError, chat_template_of, parse_command
 
 
 # --------------------------------------------------------------------------- loading
@@ -23,8 +23,8 @@ from .chat_session import ChatSession, EndSession, TurnError, chat_template_of, 
 
 def load_chat_model(source: str, device: str | None = None):
     """The VLM for `source` (a folder, hub id or zoo:NAME), checked to have a chat template."""
-    from ..models import load_vlm
-    from ..world.zoo import resolve_source
+    from ...models import load_vlm
+    from ...world.zoo import resolve_source
 
     if device is None:
         import torch

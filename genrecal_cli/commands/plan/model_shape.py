@@ -13,8 +13,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-from ..errors import GenrecalError, first_line
-from ..recipe import ZOO_PREFIX, load_recipe, looks_like_hub_id
+from ...errors import GenrecalError, first_line
+from ...recipe import ZOO_PREFIX, load_recipe, looks_like_hub_id
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _ST_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
@@ -90,7 +90,7 @@ def read_shape(spec, role: str) -> ModelShape:
     """The shape of the model a recipe's [teacher] or [student] table names, without loading it."""
     path = spec.path
     if path.startswith(ZOO_PREFIX):
-        from ..world.zoo import resolve_source  # builds the tiny model on first use, as the run does
+        from ...world.zoo import resolve_source  # builds the tiny model on first use, as the run does
 
         path = resolve_source(path)
     elif spec.recipe is not None and not Path(path).exists():

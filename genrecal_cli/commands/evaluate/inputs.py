@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError, ModelLoadError, first_line
+from ...errors import DataError, ModelLoadError, first_line
 
 MMMU_DATASET = "MMMU/MMMU"
 MMMU_GROUP = "mmmu_val"

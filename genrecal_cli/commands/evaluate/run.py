@@ -14,9 +14,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError, GenrecalError, first_line
-from .eval_inputs import MMMU_DATASET, MMMU_GROUP, check_mmmu_data, check_model, mmmu_subjects
-from .eval_report import EvalReport, ModelResult
+from ...errors import DataError, GenrecalError, first_line
+from .inputs import MMMU_DATASET, MMMU_GROUP, check_mmmu_data, check_model, mmmu_subjects
+from .report import EvalReport, ModelResult
 
 LM_EVAL_PREFIX = "lm-eval:"
 
@@ -102,7 +102,7 @@ def evaluate(
     import transformers
     from lm_eval.tasks import TaskManager
 
-    from .. import __version__
+    from ... import __version__
     from .tasks import TASKS_DIR
 
     device = device or _default_device()

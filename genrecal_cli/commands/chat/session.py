@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import GenrecalError
+from ...errors import GenrecalError
 
 # Real checkpoints declare windows of 32k-128k positions; a chat on one device rarely wants to
 # re-read that much every turn, and tiny models may declare far more than they were built for.
@@ -173,7 +173,7 @@ class ChatSession:
         raise TurnError(f"unknown command {cmd.name}\n{help_text()}")
 
     def attach(self, path: str) -> str:
-        from ..data.sources import SkipItem, open_image
+        from ...data.sources import SkipItem, open_image
 
         if not path:
             raise TurnError("usage: /image PATH")

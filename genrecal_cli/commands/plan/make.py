@@ -1,5 +1,5 @@
 """The memory plan of `genrecal distill RECIPE --dry-run --gpus N --gpu-memory GIB`: each stage's
-estimate (memory_estimate.py) with a margin, whether it fits one GPU, the smallest recipe change
+estimate (estimate.py) with a margin, whether it fits one GPU, the smallest recipe change
 that makes it fit, shown as a table. Standard library only at import time.
 """
 
@@ -9,8 +9,8 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional
 
-from ..errors import GenrecalError
-from .memory_estimate import ANSWER_TOKENS, CHUNK, Job, Settings, StageMemory, estimate, recalibrator_params
+from ...errors import GenrecalError
+from .estimate import ANSWER_TOKENS, CHUNK, Job, Settings, StageMemory, estimate, recalibrator_params
 from .model_shape import DTYPE_BYTES, ModelShape, read_shape
 
 GIB = 2**30
