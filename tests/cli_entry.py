@@ -103,7 +103,7 @@ def main() -> None:
         import torch
 
         from genrecal_cli.data.formats import text_of
-        from genrecal_cli.engine import accuracy, stages
+        from genrecal_cli.engine import accuracy, probe, stages
 
         Path(side).mkdir(parents=True, exist_ok=True)
 
@@ -120,7 +120,7 @@ def main() -> None:
             return call
 
         stages.alignment_stats = recorded("alignment_stats", stages.alignment_stats)
-        stages.reliance = recorded("reliance", stages.reliance)
+        probe.reliance = recorded("reliance", probe.reliance)
         accuracy.generate_answers = recorded("generate_answers", accuracy.generate_answers)
     sig = os.environ.get("GENRECAL_TEST_SIGNAL")
     if sig:

@@ -53,7 +53,7 @@ class StudentAndRecalibrator(nn.Module):
     def forward(
         self,
         sbatch: dict,
-        teacher: TeacherFeatures | None,
+        features: TeacherFeatures | None,
         teacher_head: Callable[[torch.Tensor], torch.Tensor] | None,
         *,
         stage: str,
@@ -68,7 +68,6 @@ class StudentAndRecalibrator(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         recalibrated = None
         if stage in TEACHER_STAGES and self.recalibrator is not None:
-            features = teacher  # the method's name for them: teacher features
             rec = self.recalibrator(student_question(z_s, sbatch), features.answer)
             terms["ar"], terms["kl"] = losses.recalibration_terms(
                 teacher_head, rec, features.rows, features.targets, temperature=weights.temperature
@@ -86,11 +85,11 @@ class StudentAndRecalibrator(nn.Module):
             if stage == "distill" and weights.uld:
                 terms["uld"] = losses.uld(
                     head, rows, (sbatch["labels"][:, 1:] != -100).sum(1),
-                    teacher_head, teacher.rows, teacher.answer.mask.sum(1), temperature=weights.temperature,
+                    teacher_head, features.rows, features.answer.mask.sum(1), temperature=weights.temperature,
                 )
             if stage == "distill" and weights.kd:
-                same_answers(targets, teacher.targets)
-                terms["kd"] = losses.kd(head, rows, teacher_head, teacher.rows, temperature=weights.temperature)
+                same_answers(targets, features.targets)
+                terms["kd"] = losses.kd(head, rows, teacher_head, features.rows, temperature=weights.temperature)
         weight = {name: getattr(weights, name) for name in ("ar", "kl", "reg", "sft", "uld", "kd")}
         loss = sum(weight[k] * v for k, v in terms.items())
         if touch is not None and touch.requires_grad:

@@ -31,7 +31,7 @@ from .parallel import (after_trainable_changed, gather_objects, gather_rows, is_
 from .probe import alignment_stats, probe_batch, run_probe
 from .recalibrator import Recalibrator
 from .teacher import TeacherFeatures, head_fn
-from .teacher.source import TeacherSource
+from .teacher.source import OnlineTeacher, TeacherSource
 from .trainable import lr_lambda, set_trainable
 
 
@@ -49,7 +49,11 @@ class Run:
     reporter: Any | None = None
     stop: StopRequests | None = None
     data_report: DataReport | None = None  # what the stages skipped or cut, every process's, once per row
-    source: TeacherSource | None = None  # where the teacher's features come from (teacher/source.py)
+    source: TeacherSource | None = None  # where the teacher's features come from (default: its forward)
+
+    def __post_init__(self):
+        if self.source is None and self.teacher is not None:
+            self.source = OnlineTeacher(self.teacher, self.recipe.recalibrator.answer_input)
 
 
 # ---------------------------------------------------------------------------------------------
