@@ -8,4 +8,6 @@ from .load import load_source, safetensors_shapes
 from .render import render
 from .source import Source
 
-__all__ = ["DEFAULT_TEXT", "Report", "SideReport", "Source", "inspect_vocab", "load_source", "render", "safetensors_shapes"]
+__all__ = [
+    "DEFAULT_TEXT", "Report", "SideReport", "Source", "inspect_vocab", "load_source", "render", "safetensors_shapes",
+]

@@ -173,7 +173,10 @@ def _pieces(text: str, start: int, end: int, cuts: Sequence[int]) -> list[str]:
     return [text[a:b] for a, b in zip(edges, edges[1:])]
 
 
-def _side(role: str, src: Source, stats_tokens: int, chars: int, want_images: bool) -> SideReport:
+def _side(
+    role: str, src: Source, vocab: dict[str, int], stats_tokens: int, chars: int, want_images: bool
+) -> SideReport:
+    """vocab: the base vocabulary, `src.base_vocab()`."""
     backend = src.backend
     added = backend.get_added_tokens_decoder()
     specials: dict[str, dict | None] = {}
@@ -192,7 +195,7 @@ def _side(role: str, src: Source, stats_tokens: int, chars: int, want_images: bo
         source=src.spec,
         kind=src.kind,
         tokenizer_class=src.tokenizer_class,
-        marker=V.detect_marker(backend.get_vocab(with_added_tokens=False), _component_types(backend)),
+        marker=V.detect_marker(vocab, _component_types(backend)),
         len_tokenizer=len(src.tokenizer) if src.tokenizer is not None else backend.get_vocab_size(True),
         base_vocab=backend.get_vocab_size(with_added_tokens=False),
         config_vocab_size=src.config_vocab_size,
@@ -275,11 +278,12 @@ def inspect_vocab(
     stats = V.split_stats_many(chunks, t_src.offsets(chunks), s_src.offsets(chunks))
     chars = stats.chars
 
-    t_rep = _side("teacher", t_src, stats.tokens_a, chars, images)
-    s_rep = _side("student", s_src, stats.tokens_b, chars, images)
+    t_vocab, s_vocab = t_src.base_vocab(), s_src.base_vocab()  # once each, for the marker and the surfaces
+    t_rep = _side("teacher", t_src, t_vocab, stats.tokens_a, chars, images)
+    s_rep = _side("student", s_src, s_vocab, stats.tokens_b, chars, images)
 
-    t_surf = V.surfaces(t_src.backend.get_vocab(with_added_tokens=False), t_rep.marker, _special_ids(t_src))
-    s_surf = V.surfaces(s_src.backend.get_vocab(with_added_tokens=False), s_rep.marker, _special_ids(s_src))
+    t_surf = V.surfaces(t_vocab, t_rep.marker, _special_ids(t_src))
+    s_surf = V.surfaces(s_vocab, s_rep.marker, _special_ids(s_src))
     overlap = V.vocab_overlap(t_surf, s_surf)
     asym = _asymmetries(t_rep, s_rep)
     heads = (t_rep.head_rows, s_rep.head_rows)

@@ -7,8 +7,8 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from ...data import vocab as V
 from ...errors import GenrecalError, first_line
+from .bpe import bpe_tables
 from .source import SPECIAL_ROLES, Source, own_backend
 
 # Known tiktoken files (sha256 of the file): pre-tokenizer pattern, special tokens, roles, NFC.
@@ -144,25 +144,7 @@ def from_tiktoken(spec: str, path: Path) -> Source:
     if known is None:
         known = dict(name="unknown", pattern=_CL100K_PATTERN, nfc=False, specials={}, roles={})
         notes.append("unknown .tiktoken file: cl100k's pre-tokenizer pattern assumed, no special tokens")
-    # tiktoken merges the adjacent pair whose concatenation ranks lowest; listing every split of every
-    # token as a merge, ordered by the token's rank, makes BPE do exactly that.
-    to_chars = {b: chr(c) for c, b in V._FROM_BYTE_LEVEL.items()}
-    table = str.maketrans({chr(b): c for b, c in to_chars.items()})
-    vocab: dict[str, int] = {}
-    merges: list[tuple[str, str]] = []
-    get = ranks.get
-    for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        s = tok.decode("latin-1").translate(table)
-        vocab[s] = rank
-        if len(tok) > 1:
-            splits = [
-                (a, b, i)
-                for i in range(1, len(tok))
-                if (a := get(tok[:i])) is not None and (b := get(tok[i:])) is not None
-            ]
-            if len(splits) > 1:
-                splits.sort()
-            merges.extend((s[:i], s[i:]) for _, _, i in splits)
+    vocab, merges = bpe_tables(ranks)
     try:
         backend = Tokenizer(BPE(vocab, merges, fuse_unk=False, ignore_merges=True))
     except Exception as e:
@@ -181,7 +163,7 @@ def from_tiktoken(spec: str, path: Path) -> Source:
         # tokenizers numbers added tokens in order: fill id gaps so each special lands on its real id
         names = [by_id.get(i, f"<|reserved_{i}|>") for i in range(base, max(by_id) + 1)]
         backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in names])
-    src = Source(spec, "tiktoken file", own_backend(backend), f"{known['name']}, converted")
+    src = Source(spec, "tiktoken file", own_backend(backend), f"{known['name']}, converted", vocab=vocab)
     src.roles = {r: known["roles"].get(r) for r in SPECIAL_ROLES}
     src.notes.extend(notes)
     return src
