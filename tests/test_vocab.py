@@ -43,7 +43,8 @@ def test_the_same_byte_compares_equal_across_conventions():
 
 
 def test_bulk_normalisation_equals_token_by_token():
-    tokens = ["Ġhello", "Ã©", "ä", "ä½", "Ċ", "x", "ĠðŁĺ", "<|endoftext|>", "", "Ġ"]
+    # `Ā` is byte 0, the very NUL the one-pass decode puts between tokens
+    tokens = ["Ġhello", "Ã©", "ä", "ä½", "Ċ", "x", "ĠðŁĺ", "<|endoftext|>", "", "Ġ", "Ā", "aĀb", "ĀĀ"]
     assert V.normalise_surfaces(tokens, "byte-level") == [V.normalise_surface(t, "byte-level") for t in tokens]
     # a token outside the byte-level alphabet falls back to one by one, unchanged
     odd = ["Ġa", "<|im_start|>", "☃"]
@@ -271,6 +272,12 @@ def test_split_stats_matches_the_reference_on_random_tokenizations():
         spans = V.align_spans(text, a, b)
         assert len(spans) == got.spans
         assert sum(s.kind == "1:1" for s in spans) == got.one_one
+
+
+def test_unique_in_order_or_not_equals_numpy():
+    rng = np.random.default_rng(0)
+    for x in (np.sort(rng.integers(0, 9, 40)), rng.integers(0, 9, 40), np.zeros(0, dtype=np.int64), np.array([3])):
+        assert np.array_equal(V._unique(x), np.unique(x))
 
 
 def test_split_stats_many_is_the_sum_over_texts():
