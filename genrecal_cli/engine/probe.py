@@ -51,7 +51,7 @@ def alignment_stats(batch: dict, features: TeacherFeatures, recalibrated: torch.
     the live display and metrics.jsonl: tokens per item and side (all turns), shared answer-token
     boundaries over every answer turn and, given the Recalibrator's rows, their top-1 agreement
     with the teacher's own rows."""
-    from ..data.vocab import SplitStats, split_stats
+    from ..data.splits import SplitStats, split_stats
 
     t, s = batch["teacher"], batch["student"]
 

@@ -1,6 +1,7 @@
 """`inspect_vocab`: compare two tokenizers side by side on a text into a `Report`.
 
-Everything becomes a fast `tokenizers.Tokenizer` with char offsets; the statistics themselves are `data/vocab.py`.
+Everything becomes a fast `tokenizers.Tokenizer` with char offsets; the statistics themselves are
+`data/vocab.py` (surfaces) and `data/splits.py` (splits).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
+from ...data import splits as S
 from ...data import vocab as V
 from ...errors import GenrecalError
 from .images import chat_template, image_info
@@ -153,13 +155,13 @@ def _sample(teacher: Source, student: Source, texts: Sequence[str]) -> dict | No
     ta, sa = teacher.offsets(cands), student.offsets(cands)
     best, best_score = 0, -1
     for i, (a, b) in enumerate(zip(ta, sa)):
-        st = V.split_stats(cands[i], a, b)
-        score = st.spans - st.one_one
+        stats = S.split_stats(cands[i], a, b)
+        score = stats.spans - stats.one_one
         if score > best_score:
             best, best_score = i, score
     text = cands[best]
     spans = []
-    for sp in V.align_spans(text, ta[best], sa[best]):
+    for sp in S.align_spans(text, ta[best], sa[best]):
         spans.append({
             "start": sp.start, "end": sp.end, "kind": sp.kind,
             "teacher": _pieces(text, sp.start, sp.end, sp.cuts_a),
@@ -207,7 +209,7 @@ def _side(
         special_tokens=specials,
         adds_at_start=start,
         adds_at_end=end,
-        tokens_per_100_chars=V.tokens_per_100_chars(stats_tokens, chars),
+        tokens_per_100_chars=S.tokens_per_100_chars(stats_tokens, chars),
         image=image,
         chat_template=template,
         notes=notes,
@@ -275,7 +277,7 @@ def inspect_vocab(
 
     # long texts are cut at line ends so that encode_batch runs in parallel
     chunks = [chunk for t in texts for chunk in _chunks(t)]
-    stats = V.split_stats_many(chunks, t_src.offsets(chunks), s_src.offsets(chunks))
+    stats = S.split_stats_many(chunks, t_src.offsets(chunks), s_src.offsets(chunks))
     chars = stats.chars
 
     t_vocab, s_vocab = t_src.base_vocab(), s_src.base_vocab()  # once each, for the marker and the surfaces
@@ -287,9 +289,9 @@ def inspect_vocab(
     overlap = V.vocab_overlap(t_surf, s_surf)
     asym = _asymmetries(t_rep, s_rep)
     heads = (t_rep.head_rows, s_rep.head_rows)
-    verdict = V.verdict(t_rep.len_tokenizer, s_rep.len_tokenizer, overlap, stats, heads)
+    verdict = S.verdict(t_rep.len_tokenizer, s_rep.len_tokenizer, overlap, stats, heads)
     if verdict.same and asym:  # same token type, but say what still differs
-        verdict = V.verdict(t_rep.len_tokenizer, s_rep.len_tokenizer, overlap, stats, heads, notes=asym)
+        verdict = S.verdict(t_rep.len_tokenizer, s_rep.len_tokenizer, overlap, stats, heads, notes=asym)
     split_dict = stats.to_dict()
     return Report(
         teacher=t_rep,

@@ -101,19 +101,19 @@ def render(report: Report, console) -> None:
     sp = report.splits
     txt = report.text
     plural = "s" if txt["texts"] != 1 else ""
-    st = table(f"Splits on {txt['source']} ({txt['chars']:,} chars, {txt['texts']:,} text{plural})")
-    st.add_row("tokens per 100 chars", f"{sp['tokens_per_100_chars_a']:.1f}", f"{sp['tokens_per_100_chars_b']:.1f}")
-    st.add_row("boundaries", _fmt_int(sp["boundaries_a"]), _fmt_int(sp["boundaries_b"]))
-    st.add_row("shared with the other", _pct(sp["boundary_share_a"]), _pct(sp["boundary_share_b"]))
-    st.add_row("boundary agreement", _pct(sp["boundary_agreement"]), "")
+    splits = table(f"Splits on {txt['source']} ({txt['chars']:,} chars, {txt['texts']:,} text{plural})")
+    splits.add_row("tokens per 100 chars", f"{sp['tokens_per_100_chars_a']:.1f}", f"{sp['tokens_per_100_chars_b']:.1f}")
+    splits.add_row("boundaries", _fmt_int(sp["boundaries_a"]), _fmt_int(sp["boundaries_b"]))
+    splits.add_row("shared with the other", _pct(sp["boundary_share_a"]), _pct(sp["boundary_share_b"]))
+    splits.add_row("boundary agreement", _pct(sp["boundary_agreement"]), "")
     n = sp["spans"] or 1
-    st.add_row("aligned spans", _fmt_int(sp["spans"]), "")
+    splits.add_row("aligned spans", _fmt_int(sp["spans"]), "")
     for label, key in (("  1:1", "one_one"), ("  1:n (1 teacher token, n student)", "one_many"),
                        ("  n:1", "many_one"), ("  n:m", "many_many")):
-        st.add_row(label, f"{sp[key]:,} ({_pct(sp[key] / n)})", "")
+        splits.add_row(label, f"{sp[key]:,} ({_pct(sp[key] / n)})", "")
     if sp["unmatched"]:
-        st.add_row("  one side only", f"{sp['unmatched']:,}", "")
-    console.print(st)
+        splits.add_row("  one side only", f"{sp['unmatched']:,}", "")
+    console.print(splits)
 
     if report.sample:
         console.print(Text("Sample sentence, span by span (│ cuts a token, · pads; ", style="bold")
