@@ -60,7 +60,7 @@ def _default_image_size(image_processor) -> tuple[int, int] | None:
 
 
 def _load_processor(src: Source):
-    """The processor, through models.py's image-only classes where the family has one (no torchvision)."""
+    """The processor, through models/families.py's image-only classes where the family has one (no torchvision)."""
     from transformers import AutoProcessor
 
     loader = AutoProcessor
