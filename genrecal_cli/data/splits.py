@@ -1,6 +1,7 @@
-"""Pure split comparison: how two tokenizers cut the same text, aligned by character offsets, and
-the verdict on whether two tokenizers are the same token type. Used by `genrecal inspect-vocab`
-and the distill display's live statistics; no I/O, no rich.
+"""Pure split comparison: how two tokenizers cut the same text, aligned by character offsets, with
+the verdict on whether they are the same token type. No I/O, no rich.
+
+Used by `genrecal inspect-vocab` and the distill display's live statistics.
 
 Offsets are `(start, end)` character positions into the text, as fast tokenizers return them.
 """

@@ -1,6 +1,7 @@
-"""`genrecal distill --dry-run --gpus N`: the memory plan. make.py makes the plan with its verdict
-and suggestion; estimate.py counts one stage's bytes per GPU; model_shape.py reads a model's
-shape from its config and safetensors headers."""
+"""`genrecal distill --dry-run --gpus N`: the memory plan.
+
+make.py: the plan, its verdict, a suggestion; estimate.py: one stage's bytes per GPU;
+model_shape.py: a model's shape from its config and safetensors headers."""
 
 from .make import make_plan, render
 
