@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -161,3 +163,43 @@ def test_kd_refuses_rows_that_do_not_pair_and_compares_padded_heads_on_the_share
     got = losses.kd(s_head, rows, t_head, rows)
     ref = losses.kl(t_head(rows), s_head(rows)[:, :5]) / 3
     assert torch.allclose(got, ref, atol=1e-6)
+
+
+def _grouped_kl(p: torch.Tensor, q: torch.Tensor, ids: torch.Tensor) -> float:
+    """KL over K + 1 bins by a direct loop: each top-K id its own bin, every other id in one."""
+    total = 0.0
+    for r in range(p.shape[0]):
+        keep = set(ids[r].tolist())
+        tail_p = sum(float(p[r, v]) for v in range(p.shape[1]) if v not in keep)
+        tail_q = sum(float(q[r, v]) for v in range(q.shape[1]) if v not in keep)
+        total += sum(float(p[r, v]) * math.log(float(p[r, v]) / float(q[r, v])) for v in keep)
+        if tail_p > 0:
+            total += tail_p * math.log(tail_p / tail_q)
+    return total
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_kl_topk_is_kl_when_k_covers_the_vocabulary_and_the_grouped_kl_below(temperature):
+    torch.manual_seed(0)
+    teacher, model = torch.randn(5, 11) * 3, torch.randn(5, 11, requires_grad=True)
+    log_p = torch.log_softmax(teacher / temperature, -1)
+    full = losses.kl(teacher, model, temperature)
+    everything = torch.argsort(torch.rand(5, 11), -1)  # every id, in no particular order
+    torch.testing.assert_close(losses.kl_topk(log_p.gather(1, everything), everything, model, temperature), full)
+    for k in (1, 3, 8):
+        top = log_p.topk(k, -1).indices
+        got = losses.kl_topk(log_p.gather(1, top), top, model, temperature)
+        q = torch.softmax(model.detach() / temperature, -1)
+        want = _grouped_kl(log_p.exp(), q, top) * temperature**2
+        assert float(got.detach()) == pytest.approx(want, rel=1e-5)
+        assert float(got.detach()) <= float(full.detach()) + 1e-6
+    got.backward()
+    assert model.grad is not None and torch.isfinite(model.grad).all() and model.grad.abs().sum() > 0
+
+
+def test_kl_topk_is_zero_on_the_teacher_itself():
+    torch.manual_seed(1)
+    teacher = torch.randn(4, 9) * 2
+    log_p = torch.log_softmax(teacher, -1)
+    top = log_p.topk(3, -1).indices
+    assert float(losses.kl_topk(log_p.gather(1, top), top, teacher)) == pytest.approx(0.0, abs=1e-5)

@@ -42,6 +42,30 @@ def kl(teacher_logits: torch.Tensor, logits: torch.Tensor, temperature: float = 
     return (log_p.exp() * (log_p - log_q)).sum() * (t * t)
 
 
+def kl_topk(teacher_logprobs: torch.Tensor, teacher_ids: torch.Tensor, logits: torch.Tensor,
+            temperature: float = 1.0) -> torch.Tensor:
+    """Summed forward KL(teacher || model) from the teacher's top K only (issue 30), scaled by T^2
+    as `kl`: over K + 1 bins, the teacher's K most likely ids and one tail bucket holding the rest
+    of each distribution's mass.
+
+    teacher_logprobs [N, K]: the teacher's log-probabilities of teacher_ids [N, K] (distinct per
+    row) at this temperature; logits [N, V]: the model's. Equal to `kl` when K = V; with K < V it
+    is the KL of the two distributions with the tail merged into one bin, never more than `kl`.
+    The tail bucket, not renormalising the top K: a model that puts mass outside the teacher's
+    top K is pushed back by exactly what the teacher left there.
+    """
+    t = temperature
+    log_q_all = F.log_softmax(logits.float() / t, dim=-1)
+    log_q = log_q_all.gather(1, teacher_ids)
+    log_p = teacher_logprobs.float()
+    total = (log_p.exp() * (log_p - log_q)).sum()
+    if teacher_ids.shape[-1] < logits.shape[-1]:  # a non-empty tail: its mass on both sides
+        p_tail = (1 - log_p.exp().sum(-1)).clamp(min=0)
+        log_q_tail = torch.logsumexp(log_q_all.scatter(1, teacher_ids, float("-inf")), dim=-1)
+        total = total + (torch.xlogy(p_tail, p_tail) - p_tail * log_q_tail).sum()
+    return total * (t * t)
+
+
 def recalibration_terms(
     head: Head,
     recalibrated: torch.Tensor,
