@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from genrecal_cli.data.loader import Collator, PairDataset, model_inputs
 from genrecal_cli.data.sources import load_split
+from genrecal_cli.errors import GenrecalError
 from genrecal_cli.recipe import DataSpec, LossSpec, recipe_from_dict
 
 
@@ -174,3 +175,30 @@ def test_alignment_statistics_of_a_batch_computed_by_hand():
                      "student_a_tokens": 4.0, "a_token_ratio": 0.75, "boundary_agreement": pytest.approx(0.8),
                      "top1": 0.5}
     assert "top1" not in alignment_stats(batch, SimpleNamespace(rows=teacher_rows), None, head)
+
+
+def test_the_objective_from_the_teachers_top_k_is_the_objective_from_its_rows(tiny_pair, two_turn_batch):
+    """The stages take a top-K teacher (issue 30) as they take its rows: with K the whole
+    vocabulary every term is the same; loss.kd / loss.uld, which need the rows, refuse it.
+    Break: the guard before kd / uld removed (kd then fails on the top K without saying why)."""
+    from dataclasses import replace
+
+    from genrecal_cli.engine import losses
+    from genrecal_cli.engine.teacher import head_fn, teacher_features
+
+    teacher, _ = tiny_pair
+    module = _genrecal(tiny_pair)
+    head = head_fn(teacher.head)
+    features = teacher_features(teacher, two_turn_batch["teacher"], "hidden")
+    vocab = teacher.head.weight.shape[0]
+    top = replace(features, rows=losses.TopK.of(head, features.rows, vocab))
+    with torch.no_grad():
+        for stage in ("align", "distill"):
+            want = module(two_turn_batch["student"], features, head, stage=stage).terms
+            got = module(two_turn_batch["student"], top, head, stage=stage).terms
+            assert set(got) == set(want) and {"ar", "kl"} <= set(got)
+            for name in want:
+                assert float(got[name]) == pytest.approx(float(want[name]), rel=1e-5, abs=1e-6), name
+        module.weights = replace(module.weights, kd=1.0)
+        with pytest.raises(GenrecalError, match="loss.kd and loss.uld score the teacher's full rows"):
+            module(two_turn_batch["student"], top, head, stage="distill")

@@ -203,3 +203,23 @@ def test_kl_topk_is_zero_on_the_teacher_itself():
     log_p = torch.log_softmax(teacher, -1)
     top = log_p.topk(3, -1).indices
     assert float(losses.kl_topk(log_p.gather(1, top), top, teacher)) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_recalibration_terms_from_a_top_k_equal_the_rows_when_k_covers_the_vocabulary():
+    """Break: the top-K path drops the tail, or scores the teacher's rows it does not have."""
+    torch.manual_seed(2)
+    head = torch.nn.Linear(6, 13, bias=False)
+    rec = torch.randn(7, 6, requires_grad=True)
+    teacher, targets = torch.randn(7, 6), torch.randint(0, 13, (7,))
+    ar, kl = losses.recalibration_terms(head, rec, teacher, targets, temperature=2.0, chunk_size=3)
+    grad = torch.autograd.grad(ar + kl, rec)[0]
+    top = losses.TopK.of(head, teacher, 13, temperature=2.0)
+    assert top.ids[:, 0].tolist() == head(teacher).argmax(-1).tolist()  # most likely first
+    ar_k, kl_k = losses.recalibration_terms(head, rec, top, targets, temperature=2.0, chunk_size=3)
+    torch.testing.assert_close((ar_k, kl_k), (ar, kl))
+    torch.testing.assert_close(torch.autograd.grad(ar_k + kl_k, rec)[0], grad)
+    ar_4, kl_4 = losses.recalibration_terms(head, rec, losses.TopK.of(head, teacher, 4, 2.0), targets,
+                                            temperature=2.0, chunk_size=3)
+    torch.testing.assert_close(ar_4, ar)  # L_ar never reads the teacher's distribution
+    assert 0 < float(kl_4.detach()) < float(kl.detach())
+    assert losses.top1_agreement(head, rec, top) == losses.top1_agreement(head, rec, teacher)

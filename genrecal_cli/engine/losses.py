@@ -7,13 +7,42 @@ a 150k vocabulary costs [chunk, V] floats at a time rather than [batch, tokens, 
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Union
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 Head = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TopK:
+    """The teacher's distribution at N answer tokens as its K most likely ids [N, K] (most likely
+    first) and their log-probabilities [N, K] at the loss temperature: what a top-K cache keeps
+    instead of the teacher's rows (issue 30)."""
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+
+    def __getitem__(self, rows: slice) -> "TopK":
+        return TopK(self.ids[rows], self.logprobs[rows])
+
+    def map(self, f: Callable[[torch.Tensor], torch.Tensor]) -> "TopK":
+        return TopK(f(self.ids), f(self.logprobs))
+
+    @classmethod
+    def of(cls, head: Head, rows: torch.Tensor, k: int, temperature: float = 1.0) -> "TopK":
+        """The top K of head(rows) [N, d] at `temperature` (no grad)."""
+        with torch.no_grad():
+            log_p = F.log_softmax(head(rows).float() / temperature, dim=-1)
+            top = log_p.topk(k, dim=-1)
+        return cls(top.indices, top.values)
+
+
+# The teacher's side of L_kl: its own rows [N, d_l] (scored by its head) or its top K.
+TeacherRows = Union[torch.Tensor, TopK]
 
 
 def answer_rows(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +98,7 @@ def kl_topk(teacher_logprobs: torch.Tensor, teacher_ids: torch.Tensor, logits: t
 def recalibration_terms(
     head: Head,
     recalibrated: torch.Tensor,
-    teacher_hidden: torch.Tensor,
+    teacher_hidden: TeacherRows,
     targets: torch.Tensor,
     *,
     temperature: float = 1.0,
@@ -78,8 +107,9 @@ def recalibration_terms(
     """(L_ar, L_kl), each the mean over N answer tokens.
 
     recalibrated [N, d_l]: the Recalibrator's rows that predict each answer token;
-    teacher_hidden [N, d_l]: the teacher's own rows at the same shift (no grad needed);
-    targets [N]: the teacher's answer ids. L_ar = CE(head(recalibrated), targets);
+    teacher_hidden [N, d_l]: the teacher's own rows at the same shift (no grad needed), or its
+    top K (`TopK`: L_kl is then `kl_topk`); targets [N]: the teacher's answer ids.
+    L_ar = CE(head(recalibrated), targets);
     L_kl = KL(softmax(head(teacher_hidden)) || softmax(head(recalibrated))).
     """
     n = targets.numel()
@@ -89,10 +119,14 @@ def recalibration_terms(
     ar_sum = recalibrated.new_zeros((), dtype=torch.float32)
     kl_sum = recalibrated.new_zeros((), dtype=torch.float32)
     for s in range(0, n, chunk_size):
-        rec, tch, tgt = recalibrated[s : s + chunk_size], teacher_hidden[s : s + chunk_size], targets[s : s + chunk_size]
-        with torch.no_grad():
-            teacher_logits = head(tch)
-        a, k = _maybe_checkpoint(_ar_kl_chunk, head, rec, teacher_logits, tgt, temperature)
+        rec, tgt = recalibrated[s : s + chunk_size], targets[s : s + chunk_size]
+        tch = teacher_hidden[s : s + chunk_size]
+        if isinstance(tch, TopK):
+            a, k = _maybe_checkpoint(_ar_kl_topk_chunk, head, rec, tch.logprobs, tch.ids, tgt, temperature)
+        else:
+            with torch.no_grad():
+                teacher_logits = head(tch)
+            a, k = _maybe_checkpoint(_ar_kl_chunk, head, rec, teacher_logits, tgt, temperature)
         ar_sum = ar_sum + a
         kl_sum = kl_sum + k
     return ar_sum / n, kl_sum / n
@@ -101,6 +135,11 @@ def recalibration_terms(
 def _ar_kl_chunk(head, rec, teacher_logits, targets, temperature):
     logits = head(rec)
     return ce(logits, targets), kl(teacher_logits, logits, temperature)
+
+
+def _ar_kl_topk_chunk(head, rec, teacher_logprobs, teacher_ids, targets, temperature):
+    logits = head(rec)
+    return ce(logits, targets), kl_topk(teacher_logprobs, teacher_ids, logits, temperature)
 
 
 def sft(head: Head, rows: torch.Tensor, targets: torch.Tensor, *, chunk_size: int = 1024) -> torch.Tensor:
@@ -228,7 +267,8 @@ def _uld_chunk(head, rows, teacher_logits, temperature):
     return sorted_probability_distance(head(rows), teacher_logits, temperature)
 
 
-def top1_agreement(head: Head, recalibrated: torch.Tensor, teacher_hidden: torch.Tensor, chunk_size: int = 1024) -> float:
+def top1_agreement(head: Head, recalibrated: torch.Tensor, teacher_hidden: TeacherRows,
+                   chunk_size: int = 1024) -> float:
     """Share of answer rows where the recalibrated top-1 token equals the teacher's top-1."""
     if recalibrated.shape[0] == 0:
         return float("nan")
@@ -236,6 +276,13 @@ def top1_agreement(head: Head, recalibrated: torch.Tensor, teacher_hidden: torch
     with torch.no_grad():
         for s in range(0, recalibrated.shape[0], chunk_size):
             r = head(recalibrated[s : s + chunk_size]).argmax(-1)
-            t = head(teacher_hidden[s : s + chunk_size]).argmax(-1)
+            t = teacher_top1(head, teacher_hidden[s : s + chunk_size])
             agree += int((r == t).sum())
     return agree / recalibrated.shape[0]
+
+
+def teacher_top1(head: Head, teacher_hidden: TeacherRows) -> torch.Tensor:
+    """The teacher's most likely id at each answer token [N] (its rows scored, or its top K's first)."""
+    if isinstance(teacher_hidden, TopK):
+        return teacher_hidden.ids[:, 0]
+    return head(teacher_hidden).argmax(-1)

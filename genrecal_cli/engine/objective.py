@@ -82,6 +82,9 @@ class StudentAndRecalibrator(nn.Module):
             rows, targets = losses.answer_rows(z_s, sbatch["labels"])
             head = self.student.get_output_embeddings()
             terms["sft"] = losses.sft(head, rows, targets)
+            if stage == "distill" and (weights.uld or weights.kd) and isinstance(features.rows, losses.TopK):
+                raise GenrecalError("loss.kd and loss.uld score the teacher's full rows; its top K (a top-K cache) "
+                                    "cannot serve them: distill from the teacher online or from a cache with rows")
             if stage == "distill" and weights.uld:
                 terms["uld"] = losses.uld(
                     head, rows, (sbatch["labels"][:, 1:] != -100).sum(1),

@@ -31,7 +31,7 @@ def reliance(module: StudentAndRecalibrator, sbatch: dict, features: TeacherFeat
     with torch.no_grad():
         q = student_question(module.student.model(**model_inputs(sbatch)).last_hidden_state, sbatch)
         first = first_of_turn(features.answer)
-        teacher_top1 = head(features.rows).argmax(-1)
+        teacher_top1 = losses.teacher_top1(head, features.rows)
         variants = {"real": q, "other": q.roll(1), "zero": q.with_x(torch.zeros_like(q.x))}
         out = {}
         for name, question in variants.items():

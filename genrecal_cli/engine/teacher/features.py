@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from ...data.loader import model_inputs
+from ..losses import TeacherRows, TopK
 from ..parallel import gathered
 from ..turns import Tokens, select
 
@@ -20,12 +21,13 @@ class TeacherFeatures:
     question: the teacher's question tokens z_ql (x [B, Kq, d_l], every turn's); answer: z_al
     (or the answer's input embeddings under answer_input = "embeddings"), x [B, Ka, d_l];
     rows [N, d_l]: the teacher's own rows predicting its N answer tokens (L_kl's teacher
-    distribution), in reading order; targets [N]: those tokens.
+    distribution), in reading order, or their top K (losses.TopK, from a top-K cache); targets [N]:
+    those tokens.
     """
 
     question: Tokens
     answer: Tokens
-    rows: torch.Tensor
+    rows: TeacherRows
     targets: torch.Tensor
 
     def to(self, device, non_blocking: bool = False) -> "TeacherFeatures":
@@ -40,7 +42,9 @@ class TeacherFeatures:
         def tokens(t: Tokens) -> Tokens:
             return Tokens(f(t.x), f(t.segment), f(t.pos))
 
-        return TeacherFeatures(tokens(self.question), tokens(self.answer), f(self.rows), f(self.targets))
+        rows = self.rows.map(f) if isinstance(self.rows, TopK) else f(self.rows)
+
+        return TeacherFeatures(tokens(self.question), tokens(self.answer), rows, f(self.targets))
 
 
 def teacher_features(teacher, batch: dict, answer_input: str) -> TeacherFeatures:
