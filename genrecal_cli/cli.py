@@ -154,6 +154,7 @@ def teach(
     no_question: bool = typer.Option(False, "--no-question", help="Leave out the teacher's question features (the largest part); L_reg is then off when the cache is read."),
     batch_size: int = typer.Option(16, "--batch-size", help="Items per teacher forward."),
     shard_items: int = typer.Option(1024, "--shard-items", help="Items per shard file (a killed run keeps its finished shards)."),
+    rows: str = typer.Option("full", "--rows", help="What keeps the teacher's distribution per answer token: full (its rows) or topk:K (its K most likely ids and their log-probabilities at loss.temperature, ~6K bytes)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="State the cache's size for the recipe's data and stop."),
 ) -> None:
     """Run the teacher once over the recipe's training data and write its features into a cache
@@ -182,7 +183,7 @@ def teach(
     from .commands.teach import write_cache
 
     write_cache(loaded, folder, console, storage=storage, no_question=no_question, batch_size=batch_size,
-                shard_items=shard_items, dry_run=dry_run)
+                shard_items=shard_items, dry_run=dry_run, rows=rows)
 
 
 @app.command("inspect-vocab")

@@ -263,6 +263,7 @@ def test_size_arithmetic():
     assert size["answer"] == 2 * 1000 * 8192 * 2 + 1000 * 16
     assert size["question"] == 4000 * 8192 * 2 + 4000 * 8
     assert size_estimate(1000, 0, 8192, "fp8")["answer"] == 2 * 1000 * (8192 + 4) + 1000 * 16
+    assert size_estimate(1000, 0, 8192, "bf16", top_k=32)["answer"] == 1000 * (8192 * 2 + 32 * 6) + 1000 * 16
 
 
 def test_cached_answer_ids_are_compared_with_the_rendered_ones():

@@ -339,3 +339,42 @@ def test_a_flipped_byte_is_refused_by_distill_named_by_verify_and_rewritten_by_t
     assert run_cli("teach", "--verify", str(cache)).returncode == 0
     for a, b in zip(CacheReader(cache).items(range(12)), CacheReader(src / "cache").items(range(12))):
         assert torch.equal(a.rows, b.rows) and torch.equal(a.targets, b.targets)
+
+
+def test_a_top_k_cache_keeps_k_ids_per_answer_token_and_trains_like_the_rows(written, online, tiny_pair):
+    """`genrecal teach --rows topk:K` (issue 30): per answer token the teacher's K most likely ids
+    (int32) and their log-probabilities (float16), no rows; with K the whole vocabulary, align and
+    distill from it give the online run's loss terms; it depends on loss.temperature, a cache of
+    rows does not. Break: kl_topk's tail, the float16 log-probabilities, the fingerprint."""
+    tmp, _ = written
+    vocab = tiny_pair[0].head.weight.shape[0]
+    bad = run_cli("teach", _toml(tmp, _raw(tmp, cache=tmp / "bad")), "--rows", "top:8")
+    assert bad.returncode == 1 and "--rows top:8: expected `full` or `topk:K`" in bad.stderr
+    for k in (vocab, 8):
+        recipe = _toml(tmp, _raw(tmp, cache=tmp / f"cache-top{k}"))
+        out = run_cli("teach", recipe, "--storage", "fp32", "--rows", f"topk:{k}", "--batch-size", "5")
+        assert out.returncode == 0, out.stderr
+        assert f"(rows topk:{k})" in out.stdout
+    index = json.loads((tmp / "cache-top8" / "index.json").read_text())
+    assert index["rows"] == "topk:8" and "loss.temperature" in index["fingerprint"]
+    shard = load_file(str(tmp / "cache-top8" / index["shards"][0]["file"]))
+    assert "rows" not in shard and shard["top_ids"].dtype == torch.int32 and shard["top_ids"].shape[1] == 8
+    assert shard["top_logprobs"].dtype == torch.float16 and bool((shard["top_logprobs"] <= 0).all())
+    assert bool((shard["top_logprobs"][:, :-1] >= shard["top_logprobs"][:, 1:]).all())  # most likely first
+    _, rows = online
+    _, every = _run(tmp, "top-all", tmp / f"cache-top{vocab}")
+    _, top8 = _run(tmp, "top-8", tmp / "cache-top8")
+    for (_, _, a), (_, _, b), (stage, n, c) in zip(rows, every, top8):
+        assert a.keys() == b.keys() == c.keys()
+        for name in ("ar", "kl", "reg"):
+            assert b[name] == pytest.approx(a[name], rel=2e-3, abs=1e-5), name  # float16 log-probabilities
+        if (stage, n) == ("align", 1):  # the same Recalibrator: the same L_ar; L_kl over 9 bins is less
+            assert c["ar"] == pytest.approx(a["ar"], rel=1e-5) and c["kl"] < a["kl"]
+    raw = _raw(tmp, out="hotter", cache=tmp / "cache-top8")
+    raw["loss"] = {"temperature": 2.0}
+    with pytest.raises(DataError, match="loss.temperature changed"):
+        distill(recipe_from_dict(raw))
+    raw = _raw(tmp, out="hotter-rows", cache=tmp / "cache")
+    raw["loss"] = {"temperature": 2.0}
+    raw["stages"] = {"align": {"steps": 1, "batch_size": 4, "lr": 1e-3}}
+    distill(recipe_from_dict(raw))  # a cache of rows serves any temperature

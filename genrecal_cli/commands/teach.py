@@ -10,7 +10,7 @@ from ..errors import GenrecalError
 
 
 def write_cache(loaded, folder, console, *, storage: str, no_question: bool, batch_size: int, shard_items: int,
-                dry_run: bool) -> None:
+                dry_run: bool, rows: str = "full") -> None:
     """Run the teacher of recipe `loaded` over its training data into the cache `folder`; with
     `dry_run`, state the cache's size only."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
@@ -19,18 +19,22 @@ def write_cache(loaded, folder, console, *, storage: str, no_question: bool, bat
     from ..engine.teacher.teach import plan_size, teach as run_teach
     from .distill import built_in_data, resolve
 
+    top_k = parse_rows(rows)
     accelerator = make_accelerator(loaded)
     loaded = built_in_data(loaded, accelerator)
     inputs = resolve(loaded, accelerator=accelerator, needs_teacher=True)
     main = accelerator.is_main_process
     if main:
-        size = plan_size(loaded, inputs, storage=storage)
+        size = plan_size(loaded, inputs, storage=storage, top_k=top_k)
         answer_gb, question_gb = size["bytes"]["answer"] / 1e9, size["bytes"]["question"] / 1e9
         console.print(f"cache {folder}: {size['items']:,} items x ({size['answer_tokens_per_item']:.1f} answer + "
                       f"{size['question_tokens_per_item']:.1f} question tokens, from the first {size['sampled']}) x hidden "
                       f"{size['hidden_size']:,} in {storage}: answers {answer_gb:,.3f} GB"
                       + (f", question features {question_gb:,.3f} GB (leave them out with --no-question)"
                          if not no_question else " (question features left out: L_reg off)"))
+        per = size["bytes_per_token"]
+        console.print(f"per token: {per['answer']:,} bytes an answer token (rows {size['rows']}), "
+                      f"{per['question']:,} a question token")
     if dry_run:
         return
     n = accelerator.num_processes
@@ -38,13 +42,23 @@ def write_cache(loaded, folder, console, *, storage: str, no_question: bool, bat
                   MofNCompleteColumn(), TimeRemainingColumn(), console=console, disable=not main) as bar:
         task = bar.add_task("teach", total=None)
         out = run_teach(loaded, inputs, accelerator, folder=folder, storage=storage, with_question=not no_question,
-                        batch_size=batch_size, items_per_shard=shard_items, command=_command_line(),
+                        batch_size=batch_size, items_per_shard=shard_items, command=_command_line(), top_k=top_k,
                         note=bar.console.print if main else None,
                         progress=lambda done, total: bar.update(task, completed=done, total=total))
     if main:
         console.print(f"[bold green]done[/]: teacher features in [bold]{out}[/]"
                       + (f" (written by {n} processes)" if n > 1 else "")
                       + f"; recipes read them with \\[teacher] cache = \"{out}\"")
+
+
+def parse_rows(rows: str) -> int | None:
+    """`--rows`: "full" (the teacher's rows) -> None, "topk:K" -> K."""
+    if rows == "full":
+        return None
+    kind, _, k = rows.partition(":")
+    if kind != "topk" or not k.isdigit() or int(k) < 1:
+        raise GenrecalError(f"--rows {rows}: expected `full` or `topk:K` with K a positive whole number (e.g. topk:32)")
+    return int(k)
 
 
 def _command_line() -> str:

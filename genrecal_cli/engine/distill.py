@@ -170,11 +170,12 @@ def _load_teacher(recipe: Recipe, inputs: Inputs, accelerator, student, cached: 
         teacher = load_head_only(inputs.teacher, revision=spec.revision, dtype=spec.dtype,
                                  trust_remote_code=spec.trust_remote_code)
         # (after the head loads: a hub teacher's commit is then in this machine's hub cache)
-        cache = CacheReader(spec.cache, fingerprint(recipe, inputs.teacher, inputs.held_out))
+        cache = CacheReader(spec.cache, lambda rows: fingerprint(recipe, inputs.teacher, inputs.held_out, rows))
         source = CachedTeacher(cache)
         teacher.head.to(accelerator.device)
         if reporter is not None:
-            reporter.note(f"teacher features from the cache {spec.cache} (stored as {cache.storage}"
+            reporter.note(f"teacher features from the cache {spec.cache} (stored as {cache.storage}, "
+                          f"rows {cache.rows}"
                           + ("" if cache.with_question else "; without question features: L_reg is off") + ")")
     else:  # sharded: only the main process reads the weights, the others receive their shards
         teacher = load_vlm(inputs.teacher, revision=spec.revision, dtype=spec.dtype,

@@ -19,6 +19,7 @@ forward on a stand-in batch and keeps nothing from it.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -26,19 +27,23 @@ from ...data.loader import PairDataset, default_workers
 from ...data.render import is_answer, is_question
 from ...errors import GenrecalError
 from ...recipe import Recipe
-from .cache import CacheWriter, complete, fingerprint, merge_index, split_items
+from ..losses import TopK
 from ..parallel import device_mesh, shard_teacher, teacher_sharded
-from .features import teacher_features
+from .cache import CacheWriter, complete, fingerprint, merge_index, split_items
+from .cache.format import rows_form
+from .features import head_fn, teacher_features
 
 
 def teach(recipe: Recipe, inputs, accelerator, *, folder: str | Path, storage: str = "bf16",
           with_question: bool = True, batch_size: int = 16, items_per_shard: int = 1024,
           progress: Callable[[int, int], None] | None = None, note: Callable[[str], None] | None = None,
-          command: str | None = None) -> Path:
+          command: str | None = None, top_k: int | None = None) -> Path:
     """Write (or complete) the cache in `folder`; `progress(done, total)` after every batch (this
     process's items: the main process's share on several), `note(text)` for what the user should
     know (a resumed cache, damaged shards); `command`, the command line that writes it, is
-    recorded in the index for the message that refuses it while unfinished."""
+    recorded in the index for the message that refuses it while unfinished. `top_k`: keep the
+    teacher's K most likely ids and their log-probabilities at loss.temperature per answer token
+    instead of its rows (a top-K cache, ~K x 6 bytes against 2 x hidden bytes per token)."""
     from accelerate.utils import send_to_device
 
     from ...data.loader import pair_loader, raise_carried
@@ -51,6 +56,9 @@ def teach(recipe: Recipe, inputs, accelerator, *, folder: str | Path, storage: s
                        trust_remote_code=recipe.teacher.trust_remote_code,
                        empty=sharded and not accelerator.is_main_process)
     teacher.model.requires_grad_(False)
+    vocab = teacher.head.weight.shape[0]
+    if top_k is not None and not 1 <= top_k <= vocab:
+        raise GenrecalError(f"--rows topk:{top_k}: K must be between 1 and the teacher's vocabulary ({vocab:,})")
     if sharded:
         shard_teacher(teacher, accelerator, device_mesh(accelerator, recipe.parallel.shard_group))
     else:
@@ -60,8 +68,9 @@ def teach(recipe: Recipe, inputs, accelerator, *, folder: str | Path, storage: s
     sides = {"teacher": teacher.processor, "student": student.processor}
     dataset = PairDataset(inputs.train, recipe.data, sides)
     dataset.check_start()
-    writer = CacheWriter(folder, fingerprint(recipe, inputs.teacher, inputs.held_out), storage=storage,
-                         with_question=with_question,
+    rows = rows_form(top_k)
+    writer = CacheWriter(folder, fingerprint(recipe, inputs.teacher, inputs.held_out, rows), storage=storage,
+                         with_question=with_question, rows=rows,
                          items_per_shard=items_per_shard, hidden_size=teacher.hidden_size,
                          part=accelerator.process_index, parts=accelerator.num_processes, command=command)
     # What an earlier run wrote is checked (each process a share of the shards) before anyone
@@ -104,6 +113,9 @@ def teach(recipe: Recipe, inputs, accelerator, *, folder: str | Path, storage: s
             batch = send_to_device(batch, accelerator.device)
             with accelerator.autocast():
                 features = teacher_features(teacher, batch["teacher"], recipe.recalibrator.answer_input)
+                if top_k is not None:
+                    top = TopK.of(head_fn(teacher.head), features.rows, top_k, recipe.loss.temperature)
+                    features = replace(features, rows=top)
             if keep:
                 for key, item in zip(batch["keys"], split_items(features, with_question)):
                     writer.add(key, item)
@@ -140,7 +152,7 @@ def _stand_in(dataset: PairDataset, sides) -> dict:
     return Collator(sides)([item])
 
 
-def plan_size(recipe: Recipe, inputs, *, storage: str = "bf16", sample: int = 64) -> dict:
+def plan_size(recipe: Recipe, inputs, *, storage: str = "bf16", sample: int = 64, top_k: int | None = None) -> dict:
     """The cache's size for the recipe's data, before anything runs: the first `sample` items
     rendered through both processors (no model runs) give the teacher's answer and question
     tokens per item; times the items, times the hidden size and the storage's bytes
@@ -163,6 +175,8 @@ def plan_size(recipe: Recipe, inputs, *, storage: str = "bf16", sample: int = 64
     answer = sum(sum(bool(is_answer(t)) for t in s) for s in segments) / len(usable)
     question = sum(sum(bool(is_question(t)) for t in s) for s in segments) / len(usable)
     items = len(dataset)
-    size = size_estimate(round(answer * items), round(question * items), teacher.hidden_size, storage)
+    size = size_estimate(round(answer * items), round(question * items), teacher.hidden_size, storage, top_k)
+    per_token = size_estimate(1, 1, teacher.hidden_size, storage, top_k)
     return {"items": items, "answer_tokens_per_item": answer, "question_tokens_per_item": question,
-            "hidden_size": teacher.hidden_size, "storage": storage, "bytes": size, "sampled": len(usable)}
+            "hidden_size": teacher.hidden_size, "storage": storage, "rows": rows_form(top_k), "bytes": size,
+            "bytes_per_token": per_token, "sampled": len(usable)}

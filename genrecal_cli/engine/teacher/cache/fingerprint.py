@@ -11,14 +11,15 @@ from typing import Iterable, Mapping
 from ....errors import DataError
 
 
-def fingerprint(recipe, teacher_path: str, held_out: int = 0) -> dict[str, str]:
+def fingerprint(recipe, teacher_path: str, held_out: int = 0, rows: str = "full") -> dict[str, str]:
     """What the teacher's features depend on, each part a short digest: the teacher's weights
     (`weights_digest`: its safetensors headers and sampled values of every tensor; a hub
     teacher: its commit), its tokenizer and processor files, the training data (the recipe's
     data table, the rows held out of it for the accuracy table, and the files' sizes and first
     and last MiB; a hub data set: its commit),
-    max_length, the answer input, the teacher's dtype and the compute precision. Not the
-    student: one cache serves every student."""
+    max_length, the answer input, the teacher's dtype and the compute precision; for a top-K
+    cache (`rows` "topk:K") also loss.temperature. Not the student: one cache serves every
+    student."""
     import dataclasses
     import hashlib
 
@@ -48,7 +49,7 @@ def fingerprint(recipe, teacher_path: str, held_out: int = 0) -> dict[str, str]:
     data = {k: v for k, v in dataclasses.asdict(recipe.data).items()
             if k not in ("num_workers", "shuffle_buffer", "group_by_length", "streaming", "eval_split", "max_length")}
     source = Path(recipe.data.source).expanduser()
-    return {
+    parts = {
         "the teacher's weights": weights_digest(folder) if folder.is_dir() else
         f"hub:{teacher_path}@{hub_commit(teacher_path, recipe.teacher.revision, 'model')}",
         "the teacher's tokenizer and processor": digest(p.read_bytes() for _, p in sorted(processor_files(
@@ -64,6 +65,9 @@ def fingerprint(recipe, teacher_path: str, held_out: int = 0) -> dict[str, str]:
         "teacher.dtype": recipe.teacher.dtype,
         "train.precision": mixed_precision(recipe),
     }
+    if rows != "full":  # a top-K cache keeps log-probabilities at the loss temperature
+        parts["loss.temperature"] = str(recipe.loss.temperature)
+    return parts
 
 
 SAMPLE = 4096  # bytes of each window of a tensor's values the fingerprint reads

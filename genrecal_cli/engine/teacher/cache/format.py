@@ -5,7 +5,10 @@ Per item (a row of the training split, by its index):
     answer        [Ka, d]  the Recalibrator's answer-side input: z_al, or the answer's input
                            embeddings under recalibrator.answer_input = "embeddings"
     answer_turn   [Ka]     each answer token's segment (2k+1), answer_pos [Ka] its position
-    rows          [Na, d]  the teacher's own rows predicting each answer token (L_kl's teacher)
+    rows          [Na, d]  the teacher's own rows predicting each answer token (L_kl's teacher);
+                           a top-K cache (`genrecal teach --rows topk:K`) keeps instead
+    top_ids       [Na, K]  the teacher's K most likely ids at each answer token (int32), and
+    top_logprobs  [Na, K]  their log-probabilities at loss.temperature (float16)
     targets       [Na]     the answer token ids
     question      [Kq, d]  z_ql with question_turn / question_pos, only where L_reg needs it
 
@@ -33,6 +36,7 @@ import torch
 
 from ....errors import DataError
 from ...turns import Tokens
+from ...losses import TopK
 from ..features import TeacherFeatures
 
 FORMAT = 2  # 2: item checksums and the completion record
@@ -40,7 +44,8 @@ INDEX = "index.json"
 STORAGE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 FP8_MAX = 448.0  # the largest finite float8 e4m3fn value
 FEATURES = ("answer", "rows", "question")  # [*, d] tensors, stored in the cache's dtype
-INTEGERS = ("answer_turn", "answer_pos", "targets", "question_turn", "question_pos")
+INTEGERS = ("answer_turn", "answer_pos", "targets", "question_turn", "question_pos", "top_ids")
+LOGPROBS = ("top_logprobs",)  # stored as float16 whatever the storage: small numbers, K per token
 
 
 @dataclass
@@ -50,27 +55,39 @@ class ItemFeatures:
     answer: torch.Tensor
     answer_turn: torch.Tensor
     answer_pos: torch.Tensor
-    rows: torch.Tensor
+    rows: torch.Tensor | None
     targets: torch.Tensor
     question: torch.Tensor | None = None
     question_turn: torch.Tensor | None = None
     question_pos: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None  # with top_logprobs, where rows is None (a top-K cache)
+    top_logprobs: torch.Tensor | None = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v for k in (*FEATURES, *INTEGERS) if (v := getattr(self, k)) is not None}
+        return {k: v for k in (*FEATURES, *INTEGERS, *LOGPROBS) if (v := getattr(self, k)) is not None}
+
+
+def rows_form(top_k: int | None) -> str:
+    """How a cache keeps the teacher's distribution: "full" (its rows) or "topk:K"."""
+    return "full" if top_k is None else f"topk:{top_k}"
 
 
 def split_items(features: TeacherFeatures, with_question: bool) -> list[ItemFeatures]:
     """A batch's teacher features cut into its items (padding dropped)."""
     items = []
     counts = features.answer.mask.sum(1).tolist()
+    top = features.rows if isinstance(features.rows, TopK) else None
     start = 0
     for b, n in enumerate(counts):
         a, q = features.answer.mask[b], features.question.mask[b]
+        these = slice(start, start + n)
         items.append(ItemFeatures(
             answer=features.answer.x[b][a].detach().cpu(), answer_turn=features.answer.segment[b][a].cpu(),
             answer_pos=features.answer.pos[b][a].cpu(),
-            rows=features.rows[start:start + n].detach().cpu(), targets=features.targets[start:start + n].cpu(),
+            rows=features.rows[these].detach().cpu() if top is None else None,
+            top_ids=top.ids[these].cpu() if top is not None else None,
+            top_logprobs=top.logprobs[these].cpu() if top is not None else None,
+            targets=features.targets[these].cpu(),
             question=features.question.x[b][q].detach().cpu() if with_question else None,
             question_turn=features.question.segment[b][q].cpu() if with_question else None,
             question_pos=features.question.pos[b][q].cpu() if with_question else None,
@@ -101,7 +118,11 @@ def join_items(items: Sequence[ItemFeatures], device=None) -> TeacherFeatures:
     else:
         empty = [torch.zeros(0, dtype=torch.long)] * len(items)
         question = tokens([torch.zeros(0, d)] * len(items), empty, empty, d)
-    rows = torch.cat([i.rows.float() for i in items]).to(device)
+    if items[0].top_ids is not None:
+        rows = TopK(torch.cat([i.top_ids.long() for i in items]).to(device),
+                    torch.cat([i.top_logprobs.float() for i in items]).to(device))
+    else:
+        rows = torch.cat([i.rows.float() for i in items]).to(device)
     targets = torch.cat([i.targets.long() for i in items]).to(device)
     return TeacherFeatures(question, answer, rows, targets)
 
@@ -198,11 +219,15 @@ def read_json(path: Path) -> dict:
 
 
 
-def size_estimate(answer_tokens: int, question_tokens: int, hidden: int, storage: str) -> dict[str, int]:
-    """Bytes of a cache: answer features and the rows predicting them (2 x answer tokens x hidden),
-    the question features separately (question tokens x hidden), per storage dtype; fp8 adds a
-    4-byte scale per row. Integers (turn, position, target) are small beside them."""
+def size_estimate(answer_tokens: int, question_tokens: int, hidden: int, storage: str,
+                  top_k: int | None = None) -> dict[str, int]:
+    """Bytes of a cache: answer features and the rows predicting them (2 x answer tokens x hidden;
+    a top-K cache: the features and K x (4 + 2) bytes per answer token instead of the rows), the
+    question features separately (question tokens x hidden), per storage dtype; fp8 adds a 4-byte
+    scale per row. Integers (turn, position, target) are small beside them."""
     per = {"fp32": 4, "bf16": 2, "fp8": 1}[storage]
     row = hidden * per + (4 if storage == "fp8" else 0)
-    return {"answer": 2 * answer_tokens * row + answer_tokens * 16, "question": question_tokens * row + question_tokens * 8}
+    teacher = row if top_k is None else top_k * 6
+    return {"answer": answer_tokens * (row + teacher) + answer_tokens * 16,
+            "question": question_tokens * row + question_tokens * 8}
 

@@ -11,7 +11,7 @@ of every shard (`genrecal teach --verify DIR`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -19,7 +19,7 @@ from ....data.render import is_answer
 from ....errors import DataError
 from ..features import TeacherFeatures
 from .fingerprint import fingerprint_changes
-from .format import (FEATURES, INDEX, PARTIAL, ItemFeatures, base_name, count_items, finish_with,
+from .format import (FEATURES, INDEX, LOGPROBS, PARTIAL, ItemFeatures, base_name, count_items, finish_with,
                      from_storage, is_data, item_checksum, read_indices, read_json, recorded_command,
                      shard_offsets, union_shards)
 
@@ -44,11 +44,16 @@ def read_index(folder: Path) -> dict:
 class CacheReader:
     """A finished cache, checked against the run's fingerprint; `items(indices)` reads items."""
 
-    def __init__(self, folder: str | Path, fingerprint: Mapping[str, str] | None = None):
+    def __init__(self, folder: str | Path,
+                 fingerprint: Mapping[str, str] | Callable[[str], Mapping[str, str]] | None = None):
+        """fingerprint: the run's, or a function of the cache's rows form (format.rows_form) giving
+        it: a top-K cache also depends on loss.temperature, a cache of rows does not."""
         self.folder = Path(folder)
         index = read_index(self.folder)
+        self.rows = index.get("rows", "full")  # caches from before top-K hold rows
         if fingerprint is not None:
-            changed = fingerprint_changes(index["fingerprint"], fingerprint)
+            expected = fingerprint(self.rows) if callable(fingerprint) else fingerprint
+            changed = fingerprint_changes(index["fingerprint"], expected)
             if changed:
                 raise DataError(f"{self.folder}: this cache was written for another setup: {changed} changed; "
                                 "write it again with `genrecal teach`")
@@ -174,10 +179,12 @@ class _Shard:
             if item_checksum(i, stored) != self.checksums[k]:
                 return None
             self.verified.add(k)
-        fields = {}
+        fields = {"rows": None}
         for name in self.offsets:
             if name in FEATURES:
                 fields[name] = from_storage(stored[name], stored.get(f"{name}.scale"))
+            elif name in LOGPROBS:
+                fields[name] = stored[name].float()
             else:
                 fields[name] = stored[name].long()
         return ItemFeatures(**fields)

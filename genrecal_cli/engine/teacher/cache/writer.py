@@ -19,8 +19,9 @@ import torch
 
 from ....errors import DataError
 from .fingerprint import fingerprint_changes
-from .format import (FEATURES, FORMAT, INDEX, INTEGERS, PARTIAL, STORAGE, ItemFeatures, base_name, count_items, is_data,
-                     item_checksum, read_indices, read_json, shard_offsets, to_storage, union_shards, write_json)
+from .format import (FEATURES, FORMAT, INDEX, INTEGERS, LOGPROBS, PARTIAL, STORAGE, ItemFeatures, base_name,
+                     count_items, is_data, item_checksum, read_indices, read_json, shard_offsets, to_storage,
+                     union_shards, write_json)
 from .reader import check_shard
 
 
@@ -30,11 +31,12 @@ class CacheWriter:
 
     def __init__(self, folder: str | Path, fingerprint: Mapping[str, str], *, storage: str = "bf16",
                  with_question: bool = True, items_per_shard: int = 1024, hidden_size: int | None = None,
-                 part: int = 0, parts: int = 1, command: str | None = None):
+                 part: int = 0, parts: int = 1, command: str | None = None, rows: str = "full"):
         if storage not in STORAGE:
             raise ValueError(f"storage {storage!r} is not one of {', '.join(STORAGE)}")
         self.folder = Path(folder)
         self.fingerprint, self.storage, self.with_question = dict(fingerprint), storage, with_question
+        self.rows = rows  # format.rows_form: "full" or "topk:K"
         self.items_per_shard, self.hidden_size, self.command = items_per_shard, hidden_size, command
         # one writer of several (process `part` of `parts`): its own shard names and partial index
         self.prefix, self.index_name = ("shard-", INDEX) if parts == 1 else (f"shard-r{part}-", f"index-r{part}.json")
@@ -45,9 +47,10 @@ class CacheWriter:
             if changed:
                 raise DataError(f"{self.folder}: holds a cache for another setup ({changed}); "
                                 "write to another folder or remove it")
-            if (old["storage"], old["with_question"]) != (storage, with_question):
+            if (old["storage"], old["with_question"], old.get("rows", "full")) != (storage, with_question, rows):
                 raise DataError(f"{self.folder}: holds a cache stored as {old['storage']} "
-                                f"{'with' if old['with_question'] else 'without'} question features; "
+                                f"{'with' if old['with_question'] else 'without'} question features, "
+                                f"rows {old.get('rows', 'full')}; "
                                 "resume it with the same settings or write to another folder")
             self.shards = union_shards(self.shards, old["shards"])
             self.hidden_size = old.get("hidden_size", hidden_size)
@@ -95,7 +98,7 @@ class CacheWriter:
         indices = sorted(self._pending)
         items = [self._pending[i] for i in indices]
         tensors: dict[str, torch.Tensor] = {"index": torch.tensor(indices, dtype=torch.long)}
-        for name in (*FEATURES, *INTEGERS):
+        for name in (*FEATURES, *INTEGERS, *LOGPROBS):
             parts = [getattr(it, name) for it in items]
             if parts[0] is None:
                 continue
@@ -105,8 +108,11 @@ class CacheWriter:
                 self.hidden_size = self.hidden_size or int(joined.shape[-1])
                 for suffix, t in to_storage(joined, self.storage).items():
                     tensors[name + suffix] = t
+            elif name in LOGPROBS:
+                tensors[name] = joined.to(torch.float16).contiguous()
             else:
-                tensors[name] = joined.to(torch.int32 if name.endswith(("turn", "pos")) else torch.long).contiguous()
+                small = name.endswith(("turn", "pos", "ids"))
+                tensors[name] = joined.to(torch.int32 if small else torch.long).contiguous()
         offsets = shard_offsets(tensors)
         tensors["checksum"] = torch.tensor(
             [item_checksum(key, {name: t[offsets[base_name(name)][k]:offsets[base_name(name)][k + 1]]
@@ -125,8 +131,8 @@ class CacheWriter:
 
     def write_index(self) -> None:
         index = {"format": FORMAT, "fingerprint": self.fingerprint, "storage": self.storage,
-                 "with_question": self.with_question, "hidden_size": self.hidden_size, "command": self.command,
-                 "shards": self.shards}
+                 "with_question": self.with_question, "rows": self.rows, "hidden_size": self.hidden_size,
+                 "command": self.command, "shards": self.shards}
         write_json(self.folder / self.index_name, index)  # no completion record: `complete` writes it
 
 
