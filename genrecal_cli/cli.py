@@ -155,7 +155,8 @@ def teach(
     batch_size: int = typer.Option(16, "--batch-size", help="Items per teacher forward."),
     shard_items: int = typer.Option(1024, "--shard-items", help="Items per shard file (a killed run keeps its finished shards)."),
     rows: str = typer.Option("full", "--rows", help="What keeps the teacher's distribution per answer token: full (its rows) or topk:K (its K most likely ids and their log-probabilities at loss.temperature, ~6K bytes)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="State the cache's size for the recipe's data and stop."),
+    answers: Optional[str] = typer.Option(None, "--answers", help="What keeps the Recalibrator's answer input: features (its rows) or ids (nothing but the answer ids, looked up in the teacher's input embeddings when read; answer_input = \"embeddings\" only). Default: ids under \"embeddings\", else features."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="State the cache's size for the recipe's data in every storage form, and stop."),
 ) -> None:
     """Run the teacher once over the recipe's training data and write its features into a cache
     that align and distill read instead ([teacher] cache = DIR): one teacher pass, many students."""
@@ -183,7 +184,7 @@ def teach(
     from .commands.teach import write_cache
 
     write_cache(loaded, folder, console, storage=storage, no_question=no_question, batch_size=batch_size,
-                shard_items=shard_items, dry_run=dry_run, rows=rows)
+                shard_items=shard_items, dry_run=dry_run, rows=rows, answers=answers)
 
 
 @app.command("inspect-vocab")

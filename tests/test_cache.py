@@ -260,10 +260,12 @@ def test_hub_sources_are_fingerprinted_by_their_commit(tmp_path, monkeypatch):
 def test_size_arithmetic():
     # 1,000 answer tokens, 4,000 question tokens, hidden 8192, bf16
     size = size_estimate(1000, 4000, 8192, "bf16")
-    assert size["answer"] == 2 * 1000 * 8192 * 2 + 1000 * 16
+    assert size["answer"] == 2 * 1000 * 8192 * 2 + 1000 * 12  # + segment, position, target (int32 each)
     assert size["question"] == 4000 * 8192 * 2 + 4000 * 8
-    assert size_estimate(1000, 0, 8192, "fp8")["answer"] == 2 * 1000 * (8192 + 4) + 1000 * 16
-    assert size_estimate(1000, 0, 8192, "bf16", top_k=32)["answer"] == 1000 * (8192 * 2 + 32 * 6) + 1000 * 16
+    assert size_estimate(1000, 0, 8192, "fp8")["answer"] == 2 * 1000 * (8192 + 4) + 1000 * 12
+    assert size_estimate(1000, 0, 8192, "bf16", top_k=32)["answer"] == 1000 * (8192 * 2 + 32 * 6) + 1000 * 12
+    # an id-only cache with the top 32: 204 bytes an answer token, 1/160 of the rows' 32,780
+    assert size_estimate(1000, 0, 8192, "bf16", top_k=32, answer_ids=True)["answer"] == 1000 * (32 * 6 + 12)
 
 
 def test_cached_answer_ids_are_compared_with_the_rendered_ones():

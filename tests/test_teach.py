@@ -146,6 +146,10 @@ def test_dry_run_states_the_size_and_writes_nothing(tmp_path, tiny_pair):
     assert out.returncode == 0, out.stderr
     assert "12 items x" in out.stdout and "in bf16: answers" in out.stdout and "L_reg off" in out.stdout
     assert not (tmp_path / "c").exists()
+    table = out.stdout[out.stdout.index("in each form"):]
+    for form in ("fp32", "bf16", "fp8", "full", "topk:32"):
+        assert form in table, form
+    assert "ids" not in table  # answer_input = "hidden": no id-only form
     bad = run_cli("teach", _toml(tmp_path, _raw(tmp_path)))
     assert bad.returncode == 1 and "set teacher.cache in the recipe or give --output DIR" in bad.stderr
 
@@ -378,3 +382,37 @@ def test_a_top_k_cache_keeps_k_ids_per_answer_token_and_trains_like_the_rows(wri
     raw["loss"] = {"temperature": 2.0}
     raw["stages"] = {"align": {"steps": 1, "batch_size": 4, "lr": 1e-3}}
     distill(recipe_from_dict(raw))  # a cache of rows serves any temperature
+
+
+def test_an_id_only_cache_keeps_no_answer_features_and_trains_like_the_embeddings(written, tiny_pair):
+    """Under answer_input = "embeddings" `genrecal teach` keeps no answer inputs by default (issue
+    30): per answer token its id only, looked up in the teacher's input embeddings when read;
+    align and distill from it give the online run's loss terms. `--answers ids` is refused for
+    "hidden" in one line. Break: with_answer_embeddings' order, the ids' lookup table."""
+    tmp, _ = written
+
+    def raw(out, cache=None):
+        r = _raw(tmp, out=out, cache=cache)
+        r["recalibrator"] = {"answer_input": "embeddings"}
+        return r
+
+    refused = run_cli("teach", _toml(tmp, _raw(tmp, cache=tmp / "no")), "--answers", "ids")
+    assert refused.returncode == 1 and "recalibrator.answer_input is 'hidden'" in refused.stderr
+    assert refused.stderr.strip().count("\n") == 0 and not (tmp / "no").exists()
+    out = run_cli("teach", _toml(tmp, raw("w", tmp / "ids")), "--storage", "fp32", "--batch-size", "5")
+    assert out.returncode == 0, out.stderr
+    assert "answers ids" in out.stdout
+    index = json.loads((tmp / "ids" / "index.json").read_text())
+    assert index["answers"] == "ids" and index["fingerprint"]["recalibrator.answer_input"] == "embeddings"
+    shard = load_file(str(tmp / "ids" / index["shards"][0]["file"]))
+    assert "answer" not in shard and "rows" in shard and shard["targets"].dtype == torch.int32
+    online, cached = Recorder(), Recorder()
+    distill(recipe_from_dict(raw("emb-online")), reporter=online)
+    distill(recipe_from_dict(raw("emb-ids", tmp / "ids")), reporter=cached)
+    assert [(s, n) for s, n, _ in cached.rows] == [("align", 1), ("align", 2), ("distill", 1), ("distill", 2)]
+    for (_, _, a), (_, _, b) in zip(online.rows, cached.rows):
+        assert a.keys() == b.keys() and {"ar", "kl", "reg"} <= a.keys()
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), k
+    with pytest.raises(DataError, match="recalibrator.answer_input changed"):
+        distill(recipe_from_dict(_raw(tmp, out="hidden-from-ids", cache=tmp / "ids")))

@@ -10,22 +10,25 @@ from ..errors import GenrecalError
 
 
 def write_cache(loaded, folder, console, *, storage: str, no_question: bool, batch_size: int, shard_items: int,
-                dry_run: bool, rows: str = "full") -> None:
+                dry_run: bool, rows: str = "full", answers: str | None = None) -> None:
     """Run the teacher of recipe `loaded` over its training data into the cache `folder`; with
-    `dry_run`, state the cache's size only."""
+    `dry_run`, state the cache's size only. `answers`: "features" or "ids" (None: ids where the
+    recipe's answer input is the embeddings, else features)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from ..engine.parallel import make_accelerator
-    from ..engine.teacher.teach import plan_size, teach as run_teach
+    from ..engine.teacher.teach import check_answers_form, plan_size, teach as run_teach
     from .distill import built_in_data, resolve
 
     top_k = parse_rows(rows)
+    answer_ids = parse_answers(answers, loaded.recalibrator.answer_input)
+    check_answers_form(loaded, answer_ids)
     accelerator = make_accelerator(loaded)
     loaded = built_in_data(loaded, accelerator)
     inputs = resolve(loaded, accelerator=accelerator, needs_teacher=True)
     main = accelerator.is_main_process
     if main:
-        size = plan_size(loaded, inputs, storage=storage, top_k=top_k)
+        size = plan_size(loaded, inputs, storage=storage, top_k=top_k, answer_ids=answer_ids)
         answer_gb, question_gb = size["bytes"]["answer"] / 1e9, size["bytes"]["question"] / 1e9
         console.print(f"cache {folder}: {size['items']:,} items x ({size['answer_tokens_per_item']:.1f} answer + "
                       f"{size['question_tokens_per_item']:.1f} question tokens, from the first {size['sampled']}) x hidden "
@@ -33,9 +36,11 @@ def write_cache(loaded, folder, console, *, storage: str, no_question: bool, bat
                       + (f", question features {question_gb:,.3f} GB (leave them out with --no-question)"
                          if not no_question else " (question features left out: L_reg off)"))
         per = size["bytes_per_token"]
-        console.print(f"per token: {per['answer']:,} bytes an answer token (rows {size['rows']}), "
-                      f"{per['question']:,} a question token")
+        console.print(f"per token: {per['answer']:,} bytes an answer token (rows {size['rows']}, answers "
+                      f"{size['answers']}), {per['question']:,} a question token")
     if dry_run:
+        if main:
+            console.print(size_table(size, no_question))
         return
     n = accelerator.num_processes
     with Progress("[bold]teach[/]" + (f" (process 1 of {n}'s share)" if n > 1 else ""), BarColumn(bar_width=24),
@@ -43,6 +48,7 @@ def write_cache(loaded, folder, console, *, storage: str, no_question: bool, bat
         task = bar.add_task("teach", total=None)
         out = run_teach(loaded, inputs, accelerator, folder=folder, storage=storage, with_question=not no_question,
                         batch_size=batch_size, items_per_shard=shard_items, command=_command_line(), top_k=top_k,
+                        answer_ids=answer_ids,
                         note=bar.console.print if main else None,
                         progress=lambda done, total: bar.update(task, completed=done, total=total))
     if main:
@@ -59,6 +65,33 @@ def parse_rows(rows: str) -> int | None:
     if kind != "topk" or not k.isdigit() or int(k) < 1:
         raise GenrecalError(f"--rows {rows}: expected `full` or `topk:K` with K a positive whole number (e.g. topk:32)")
     return int(k)
+
+
+def parse_answers(answers: str | None, answer_input: str) -> bool:
+    """`--answers`: "ids" -> True, "features" -> False; None: ids under answer_input "embeddings"."""
+    if answers is None:
+        return answer_input == "embeddings"
+    if answers not in ("features", "ids"):
+        raise GenrecalError(f"--answers {answers}: expected `features` or `ids`")
+    return answers == "ids"
+
+
+def size_table(size: dict, no_question: bool):
+    """Every storage choice's bytes per token and total for the recipe's data (`--dry-run`)."""
+    from rich.table import Table
+
+    table = Table(title=f"the cache of {size['items']:,} items in each form (hidden {size['hidden_size']:,})",
+                  title_justify="left")
+    table.add_column("", justify="left")  # * the form this command writes
+    for column in ("storage", "rows", "answers", "bytes / answer token", "bytes / question token", "answers GB",
+                   "question features GB"):
+        table.add_column(column, justify="right" if "bytes" in column or "GB" in column else "left")
+    for c in size["choices"]:
+        table.add_row("*" if c["chosen"] else "", c["storage"], c["rows"], c["answers"], f"{c['bytes_per_token']['answer']:,}",
+                      f"{c['bytes_per_token']['question']:,}", f"{c['bytes']['answer'] / 1e9:,.3f}",
+                      "-" if no_question else f"{c['bytes']['question'] / 1e9:,.3f}",
+                      style="bold" if c["chosen"] else None)
+    return table
 
 
 def _command_line() -> str:

@@ -22,7 +22,7 @@ from ..data.loader import DataReport
 from ..recipe import Recipe
 from . import checkpoint as ckpt
 from .accuracy import Scorer, accuracy
-from .teacher.cache import CacheReader, fingerprint
+from .teacher.cache import CacheReader, fingerprint, read_index
 from .teacher.source import CachedTeacher, OnlineTeacher
 from .faults import StopRequests
 from .objective import TEACHER_STAGES, StudentAndRecalibrator
@@ -167,15 +167,18 @@ def _load_teacher(recipe: Recipe, inputs: Inputs, accelerator, student, cached: 
 
     spec = recipe.teacher
     if cached:
+        ids_only = read_index(spec.cache).get("answers") == "ids"  # then the input embeddings are needed too
         teacher = load_head_only(inputs.teacher, revision=spec.revision, dtype=spec.dtype,
-                                 trust_remote_code=spec.trust_remote_code)
+                                 trust_remote_code=spec.trust_remote_code, embeddings=ids_only)
         # (after the head loads: a hub teacher's commit is then in this machine's hub cache)
         cache = CacheReader(spec.cache, lambda rows: fingerprint(recipe, inputs.teacher, inputs.held_out, rows))
-        source = CachedTeacher(cache)
         teacher.head.to(accelerator.device)
+        if ids_only:
+            teacher.input_embeddings.to(accelerator.device)
+        source = CachedTeacher(cache, teacher.input_embeddings if ids_only else None)
         if reporter is not None:
             reporter.note(f"teacher features from the cache {spec.cache} (stored as {cache.storage}, "
-                          f"rows {cache.rows}"
+                          f"rows {cache.rows}, answers {cache.answers}"
                           + ("" if cache.with_question else "; without question features: L_reg is off") + ")")
     else:  # sharded: only the main process reads the weights, the others receive their shards
         teacher = load_vlm(inputs.teacher, revision=spec.revision, dtype=spec.dtype,

@@ -66,31 +66,38 @@ def load_vlm(
 
 
 def load_head_only(path: str, *, revision: str | None = None, dtype: str = "auto",
-                   trust_remote_code: bool = False) -> VLM:
-    """A model as a feature cache's reader needs it: its config, processor and LM head weight;
-    every other parameter stays on the meta device, never read (a 78B teacher costs its head).
-    Features are taken after the final norm, so the head alone scores them."""
+                   trust_remote_code: bool = False, embeddings: bool = False) -> VLM:
+    """A model as a feature cache's reader needs it: its config, processor and LM head weight (and
+    with `embeddings` its input embedding table, for an id-only cache); every other parameter
+    stays on the meta device, never read (a 78B teacher costs its head). Features are taken after
+    the final norm, so the head alone scores them."""
     vlm = load_vlm(path, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code, empty=True)
-    head = vlm.head
-    names = [n for n, p in vlm.model.named_parameters(remove_duplicate=False) if p is head.weight]
     folder = Path(path).expanduser()
     files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
     if not files:
         raise ModelLoadError(f"{path}: reading the LM head alone needs a local folder of safetensors files")
+    head, table = vlm.head, vlm.input_embeddings
+    tied = table.weight is head.weight
+    head.weight = _read_weight(vlm, files, head.weight, "lm_head.weight", path)
+    if embeddings:
+        table.weight = head.weight if tied else _read_weight(vlm, files, table.weight, "embed_tokens.weight", path)
+    return vlm
+
+
+def _read_weight(vlm: VLM, files: list[Path], param: torch.Tensor, suffix: str, path: str) -> torch.nn.Parameter:
+    """The stored value of one of the model's (meta) parameters, found by its names in the
+    model, else by the name's usual ending; frozen, in the model's dtype."""
     from safetensors import safe_open
 
+    names = [n for n, p in vlm.model.named_parameters(remove_duplicate=False) if p is param]
     for file in files:
         with safe_open(str(file), "pt") as sf:
             keys = set(sf.keys())
             found = next((n for n in names if n in keys), None) or next((k for k in sorted(keys)
-                                                                       if k.endswith("lm_head.weight")), None)
+                                                                       if k.endswith(suffix)), None)
             if found is not None:
-                weight = sf.get_tensor(found)
-                break
-    else:
-        raise ModelLoadError(f"{path}: no LM head weight ({' or '.join(names)}) in its safetensors files")
-    head.weight = torch.nn.Parameter(weight.to(vlm.model.dtype), requires_grad=False)
-    return vlm
+                return torch.nn.Parameter(sf.get_tensor(found).to(vlm.model.dtype), requires_grad=False)
+    raise ModelLoadError(f"{path}: no {' or '.join(names) or suffix} in its safetensors files")
 
 
 def _load_config(path: str, revision: str | None, trust_remote_code: bool):

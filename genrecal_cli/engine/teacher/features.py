@@ -3,7 +3,7 @@ and the losses take from it (METHOD.md, "Forward", steps 1, 4)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -65,6 +65,18 @@ def teacher_features(teacher, batch: dict, answer_input: str) -> TeacherFeatures
     rows = take_rows(z, (answer.pos - 1).clamp(min=0))[mask]  # the next-token shift
     targets = batch["input_ids"].gather(1, answer.pos)[mask]
     return TeacherFeatures(question, answer, rows, targets)
+
+
+def with_answer_embeddings(features: TeacherFeatures, embeddings: torch.nn.Module) -> TeacherFeatures:
+    """Features read from an id-only cache given their answer inputs: the teacher's input
+    embeddings of the answer ids (`targets`, in the answer mask's reading order), as
+    `teacher_features` takes them under answer_input = "embeddings"."""
+    mask = features.answer.mask
+    with torch.no_grad():
+        rows = embeddings(features.targets).to(torch.float32)
+    x = rows.new_zeros(*mask.shape, rows.shape[-1])
+    x[mask] = rows
+    return replace(features, answer=Tokens(x, features.answer.segment, features.answer.pos))
 
 
 def _input_embeddings(teacher, ids: torch.Tensor) -> torch.Tensor:

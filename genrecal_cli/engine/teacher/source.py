@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from typing import Callable, Protocol
 
+import torch
+
 from .cache.format import join_items
 from .cache.reader import CacheReader, check_answers
-from .features import TeacherFeatures, teacher_features
+from .features import TeacherFeatures, teacher_features, with_answer_embeddings
 
 
 class TeacherSource(Protocol):
@@ -41,17 +43,30 @@ class OnlineTeacher:
 
 class CachedTeacher:
     """Features read from a teacher-feature cache by whoever collates the batch (a loader worker),
-    and checked there against the teacher side rendered now: no teacher forward."""
+    and checked there against the teacher side rendered now: no teacher forward. An id-only
+    cache's answer inputs are looked up in `embeddings` (the teacher's input embeddings, on the
+    run's device) at each micro-batch."""
+
+    def __init__(self, reader: CacheReader, embeddings: torch.nn.Module | None = None):
+        if reader.answers == "ids" and embeddings is None:
+            raise ValueError(f"{reader.folder}: an id-only cache needs the teacher's input embeddings")
+        self.embeddings = embeddings if reader.answers == "ids" else None
+        self.with_question = reader.with_question
+        self.collate = ReadCache(reader)  # (the loader's workers get the reader, not the embeddings)
+
+    def features(self, batch: dict) -> TeacherFeatures:
+        features = batch["teacher_features"]
+        return features if self.embeddings is None else with_answer_embeddings(features, self.embeddings)
+
+
+class ReadCache:
+    """What a loader worker adds to a collated batch: its items' cached features, checked."""
 
     def __init__(self, reader: CacheReader):
         self.reader = reader
-        self.with_question = reader.with_question
 
-    def collate(self, batch: dict) -> dict:
+    def __call__(self, batch: dict) -> dict:
         keys = batch["keys"]
-        features = join_items(self.reader.items(keys))
+        features = join_items(self.reader.items(keys), hidden=self.reader.hidden_size)
         check_answers(features, batch["teacher"], keys, self.reader.folder)
         return {"teacher_features": features}
-
-    def features(self, batch: dict) -> TeacherFeatures:
-        return batch["teacher_features"]

@@ -30,25 +30,28 @@ from ...recipe import Recipe
 from ..losses import TopK
 from ..parallel import device_mesh, shard_teacher, teacher_sharded
 from .cache import CacheWriter, complete, fingerprint, merge_index, split_items
-from .cache.format import rows_form
+from .cache.format import answers_form, rows_form
 from .features import head_fn, teacher_features
 
 
 def teach(recipe: Recipe, inputs, accelerator, *, folder: str | Path, storage: str = "bf16",
           with_question: bool = True, batch_size: int = 16, items_per_shard: int = 1024,
           progress: Callable[[int, int], None] | None = None, note: Callable[[str], None] | None = None,
-          command: str | None = None, top_k: int | None = None) -> Path:
+          command: str | None = None, top_k: int | None = None, answer_ids: bool = False) -> Path:
     """Write (or complete) the cache in `folder`; `progress(done, total)` after every batch (this
     process's items: the main process's share on several), `note(text)` for what the user should
     know (a resumed cache, damaged shards); `command`, the command line that writes it, is
     recorded in the index for the message that refuses it while unfinished. `top_k`: keep the
     teacher's K most likely ids and their log-probabilities at loss.temperature per answer token
-    instead of its rows (a top-K cache, ~K x 6 bytes against 2 x hidden bytes per token)."""
+    instead of its rows (a top-K cache, ~K x 6 bytes against 2 x hidden bytes per token).
+    `answer_ids` (answer_input = "embeddings" only): keep no answer inputs, only the answer ids
+    (an id-only cache; the reader looks them up in the teacher's input embeddings)."""
     from accelerate.utils import send_to_device
 
     from ...data.loader import pair_loader, raise_carried
     from ...models import load_vlm
 
+    check_answers_form(recipe, answer_ids)
     if not hasattr(inputs.train, "__len__"):
         raise GenrecalError("genrecal teach needs a data set read whole (data.streaming = false)")
     sharded = teacher_sharded(recipe, accelerator)
@@ -70,7 +73,7 @@ def teach(recipe: Recipe, inputs, accelerator, *, folder: str | Path, storage: s
     dataset.check_start()
     rows = rows_form(top_k)
     writer = CacheWriter(folder, fingerprint(recipe, inputs.teacher, inputs.held_out, rows), storage=storage,
-                         with_question=with_question, rows=rows,
+                         with_question=with_question, rows=rows, answers=answers_form(answer_ids),
                          items_per_shard=items_per_shard, hidden_size=teacher.hidden_size,
                          part=accelerator.process_index, parts=accelerator.num_processes, command=command)
     # What an earlier run wrote is checked (each process a share of the shards) before anyone
@@ -117,7 +120,7 @@ def teach(recipe: Recipe, inputs, accelerator, *, folder: str | Path, storage: s
                     top = TopK.of(head_fn(teacher.head), features.rows, top_k, recipe.loss.temperature)
                     features = replace(features, rows=top)
             if keep:
-                for key, item in zip(batch["keys"], split_items(features, with_question)):
+                for key, item in zip(batch["keys"], split_items(features, with_question, answer_ids)):
                     writer.add(key, item)
         if progress is not None:
             progress(seen, total)
@@ -132,6 +135,14 @@ def teach(recipe: Recipe, inputs, accelerator, *, folder: str | Path, storage: s
                  "(training skips them too)")
     accelerator.wait_for_everyone()
     return Path(folder)
+
+
+def check_answers_form(recipe: Recipe, answer_ids: bool) -> None:
+    """An id-only cache serves the answer input "embeddings" only: z_al ("hidden") is not a
+    function of the ids."""
+    if answer_ids and recipe.recalibrator.answer_input != "embeddings":
+        raise GenrecalError(f"--answers ids: the recipe's recalibrator.answer_input is "
+                            f"{recipe.recalibrator.answer_input!r}; ids serve \"embeddings\" only (z_al must be stored)")
 
 
 def _anyone(accelerator, value: bool) -> bool:
@@ -152,11 +163,13 @@ def _stand_in(dataset: PairDataset, sides) -> dict:
     return Collator(sides)([item])
 
 
-def plan_size(recipe: Recipe, inputs, *, storage: str = "bf16", sample: int = 64, top_k: int | None = None) -> dict:
+def plan_size(recipe: Recipe, inputs, *, storage: str = "bf16", sample: int = 64, top_k: int | None = None,
+              answer_ids: bool = False) -> dict:
     """The cache's size for the recipe's data, before anything runs: the first `sample` items
     rendered through both processors (no model runs) give the teacher's answer and question
     tokens per item; times the items, times the hidden size and the storage's bytes
-    (cache.size_estimate)."""
+    (cache.size_estimate). `choices`: the same for every storage dtype, rows full and top-K (the
+    chosen K, else 32) and, under answer_input = "embeddings", answers as features and as ids."""
     import itertools
 
     from ...data.loader import Item
@@ -175,8 +188,17 @@ def plan_size(recipe: Recipe, inputs, *, storage: str = "bf16", sample: int = 64
     answer = sum(sum(bool(is_answer(t)) for t in s) for s in segments) / len(usable)
     question = sum(sum(bool(is_question(t)) for t in s) for s in segments) / len(usable)
     items = len(dataset)
-    size = size_estimate(round(answer * items), round(question * items), teacher.hidden_size, storage, top_k)
-    per_token = size_estimate(1, 1, teacher.hidden_size, storage, top_k)
+    hidden, tokens = teacher.hidden_size, (round(answer * items), round(question * items))
+    choices = []
+    for dtype in ("fp32", "bf16", "fp8"):
+        for k in (None, top_k or 32):
+            for ids in ((False, True) if recipe.recalibrator.answer_input == "embeddings" else (False,)):
+                choices.append({"storage": dtype, "rows": rows_form(k), "answers": answers_form(ids),
+                                "bytes": size_estimate(*tokens, hidden, dtype, k, ids),
+                                "bytes_per_token": size_estimate(1, 1, hidden, dtype, k, ids),
+                                "chosen": (dtype, k, ids) == (storage, top_k, answer_ids)})
     return {"items": items, "answer_tokens_per_item": answer, "question_tokens_per_item": question,
-            "hidden_size": teacher.hidden_size, "storage": storage, "rows": rows_form(top_k), "bytes": size,
-            "bytes_per_token": per_token, "sampled": len(usable)}
+            "hidden_size": hidden, "storage": storage, "rows": rows_form(top_k), "answers": answers_form(answer_ids),
+            "bytes": size_estimate(*tokens, hidden, storage, top_k, answer_ids),
+            "bytes_per_token": size_estimate(1, 1, hidden, storage, top_k, answer_ids), "sampled": len(usable),
+            "choices": choices}

@@ -3,18 +3,20 @@ how a cache folder lies on disk.
 
 Per item (a row of the training split, by its index):
     answer        [Ka, d]  the Recalibrator's answer-side input: z_al, or the answer's input
-                           embeddings under recalibrator.answer_input = "embeddings"
+                           embeddings under recalibrator.answer_input = "embeddings"; an id-only
+                           cache (`genrecal teach --answers ids`, embeddings only) keeps none:
+                           the reader looks the answer ids (`targets`) up in the teacher's table
     answer_turn   [Ka]     each answer token's segment (2k+1), answer_pos [Ka] its position
     rows          [Na, d]  the teacher's own rows predicting each answer token (L_kl's teacher);
                            a top-K cache (`genrecal teach --rows topk:K`) keeps instead
     top_ids       [Na, K]  the teacher's K most likely ids at each answer token (int32), and
     top_logprobs  [Na, K]  their log-probabilities at loss.temperature (float16)
-    targets       [Na]     the answer token ids
+    targets       [Na]     the answer token ids (int32)
     question      [Kq, d]  z_ql with question_turn / question_pos, only where L_reg needs it
 
 Layout of a cache folder:
     index.json              format, fingerprint, storage dtype, feature size, whether the
-                            question features are there, the shards (file, item indices, bytes),
+                            question features are there, the rows and answers forms, the shards (file, item indices, bytes),
                             the command that writes it, and once every item is done its
                             completion record (`complete`: items, cached, skipped)
     shard-00000.safetensors every item of a shard, its tensors concatenated along the first
@@ -52,7 +54,7 @@ LOGPROBS = ("top_logprobs",)  # stored as float16 whatever the storage: small nu
 class ItemFeatures:
     """One item's teacher side, as stored (CPU tensors; features in float32 once read)."""
 
-    answer: torch.Tensor
+    answer: torch.Tensor | None  # None in an id-only cache (the answer ids are `targets`)
     answer_turn: torch.Tensor
     answer_pos: torch.Tensor
     rows: torch.Tensor | None
@@ -72,8 +74,15 @@ def rows_form(top_k: int | None) -> str:
     return "full" if top_k is None else f"topk:{top_k}"
 
 
-def split_items(features: TeacherFeatures, with_question: bool) -> list[ItemFeatures]:
-    """A batch's teacher features cut into its items (padding dropped)."""
+def answers_form(answer_ids: bool) -> str:
+    """What a cache keeps of the Recalibrator's answer input: "features" (its rows x) or "ids"
+    (nothing beyond the answer ids it keeps anyway: their embeddings are looked up when read)."""
+    return "ids" if answer_ids else "features"
+
+
+def split_items(features: TeacherFeatures, with_question: bool, answer_ids: bool = False) -> list[ItemFeatures]:
+    """A batch's teacher features cut into its items (padding dropped); with `answer_ids`, without
+    the answer inputs (an id-only cache)."""
     items = []
     counts = features.answer.mask.sum(1).tolist()
     top = features.rows if isinstance(features.rows, TopK) else None
@@ -82,7 +91,7 @@ def split_items(features: TeacherFeatures, with_question: bool) -> list[ItemFeat
         a, q = features.answer.mask[b], features.question.mask[b]
         these = slice(start, start + n)
         items.append(ItemFeatures(
-            answer=features.answer.x[b][a].detach().cpu(), answer_turn=features.answer.segment[b][a].cpu(),
+            answer=None if answer_ids else features.answer.x[b][a].detach().cpu(), answer_turn=features.answer.segment[b][a].cpu(),
             answer_pos=features.answer.pos[b][a].cpu(),
             rows=features.rows[these].detach().cpu() if top is None else None,
             top_ids=top.ids[these].cpu() if top is not None else None,
@@ -96,9 +105,11 @@ def split_items(features: TeacherFeatures, with_question: bool) -> list[ItemFeat
     return items
 
 
-def join_items(items: Sequence[ItemFeatures], device=None) -> TeacherFeatures:
+def join_items(items: Sequence[ItemFeatures], device=None, hidden: int | None = None) -> TeacherFeatures:
     """Items' features as one batch's TeacherFeatures (right-padded, as the online teacher's);
-    without question features, the question Tokens are empty (L_reg off)."""
+    without question features, the question Tokens are empty (L_reg off); from an id-only cache
+    the answer Tokens have no features yet (x [B, Ka, 0]: features.with_answer_embeddings adds
+    them). `hidden`: the features' width (the index's hidden_size; else the first item's)."""
 
     def tokens(xs, turns, poss, d) -> Tokens:
         k = max([len(t) for t in turns] + [1])
@@ -110,8 +121,10 @@ def join_items(items: Sequence[ItemFeatures], device=None) -> TeacherFeatures:
             x[b, :n], turn[b, :n], pos[b, :n] = xb.float(), tb.long(), pb.long()
         return Tokens(x.to(device), turn.to(device), pos.to(device))
 
-    d = items[0].answer.shape[-1]
-    answer = tokens([i.answer for i in items], [i.answer_turn for i in items], [i.answer_pos for i in items], d)
+    ids_only = items[0].answer is None
+    d = hidden if hidden is not None else 0 if ids_only else items[0].answer.shape[-1]
+    answer = tokens([torch.zeros(len(i.answer_turn), 0) if ids_only else i.answer for i in items],
+                    [i.answer_turn for i in items], [i.answer_pos for i in items], 0 if ids_only else d)
     if items[0].question is not None:
         question = tokens([i.question for i in items], [i.question_turn for i in items],
                           [i.question_pos for i in items], d)
@@ -219,15 +232,20 @@ def read_json(path: Path) -> dict:
 
 
 
+INTEGER_BYTES = {"answer": 12, "question": 8}  # per token: segment, position (int32 each), target id (int32)
+
+
 def size_estimate(answer_tokens: int, question_tokens: int, hidden: int, storage: str,
-                  top_k: int | None = None) -> dict[str, int]:
+                  top_k: int | None = None, answer_ids: bool = False) -> dict[str, int]:
     """Bytes of a cache: answer features and the rows predicting them (2 x answer tokens x hidden;
-    a top-K cache: the features and K x (4 + 2) bytes per answer token instead of the rows), the
-    question features separately (question tokens x hidden), per storage dtype; fp8 adds a 4-byte
-    scale per row. Integers (turn, position, target) are small beside them."""
+    a top-K cache: the features and K x (4 + 2) bytes per answer token instead of the rows; an
+    id-only cache: no answer features), the question features separately (question tokens x
+    hidden), per storage dtype; fp8 adds a 4-byte scale per row; and 12 bytes of integers per
+    answer token (segment, position, target id), 8 per question token."""
     per = {"fp32": 4, "bf16": 2, "fp8": 1}[storage]
     row = hidden * per + (4 if storage == "fp8" else 0)
     teacher = row if top_k is None else top_k * 6
-    return {"answer": answer_tokens * (row + teacher) + answer_tokens * 16,
-            "question": question_tokens * row + question_tokens * 8}
+    answer = 0 if answer_ids else row
+    return {"answer": answer_tokens * (answer + teacher + INTEGER_BYTES["answer"]),
+            "question": question_tokens * (row + INTEGER_BYTES["question"])}
 

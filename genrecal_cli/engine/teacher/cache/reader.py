@@ -51,13 +51,14 @@ class CacheReader:
         self.folder = Path(folder)
         index = read_index(self.folder)
         self.rows = index.get("rows", "full")  # caches from before top-K hold rows
+        self.answers = index.get("answers", "features")  # "ids": the answer inputs are looked up when read
         if fingerprint is not None:
             expected = fingerprint(self.rows) if callable(fingerprint) else fingerprint
             changed = fingerprint_changes(index["fingerprint"], expected)
             if changed:
                 raise DataError(f"{self.folder}: this cache was written for another setup: {changed} changed; "
                                 "write it again with `genrecal teach`")
-        self.storage, self.with_question = index["storage"], index["with_question"]
+        self.storage, self.with_question, self.hidden_size = index["storage"], index["with_question"], index.get("hidden_size")
         self.shards = {s["file"]: s for s in index["shards"]}
         self.where = {i: s["file"] for s in index["shards"] for i in s["items"]}
         self._open: dict[str, _Shard] = {}  # the most recently opened shards (each a memory map)
@@ -179,7 +180,7 @@ class _Shard:
             if item_checksum(i, stored) != self.checksums[k]:
                 return None
             self.verified.add(k)
-        fields = {"rows": None}
+        fields = {"rows": None, "answer": None}
         for name in self.offsets:
             if name in FEATURES:
                 fields[name] = from_storage(stored[name], stored.get(f"{name}.scale"))

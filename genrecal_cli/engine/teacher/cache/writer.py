@@ -31,12 +31,13 @@ class CacheWriter:
 
     def __init__(self, folder: str | Path, fingerprint: Mapping[str, str], *, storage: str = "bf16",
                  with_question: bool = True, items_per_shard: int = 1024, hidden_size: int | None = None,
-                 part: int = 0, parts: int = 1, command: str | None = None, rows: str = "full"):
+                 part: int = 0, parts: int = 1, command: str | None = None, rows: str = "full",
+                 answers: str = "features"):
         if storage not in STORAGE:
             raise ValueError(f"storage {storage!r} is not one of {', '.join(STORAGE)}")
         self.folder = Path(folder)
         self.fingerprint, self.storage, self.with_question = dict(fingerprint), storage, with_question
-        self.rows = rows  # format.rows_form: "full" or "topk:K"
+        self.rows, self.answers = rows, answers  # format.rows_form, format.answers_form
         self.items_per_shard, self.hidden_size, self.command = items_per_shard, hidden_size, command
         # one writer of several (process `part` of `parts`): its own shard names and partial index
         self.prefix, self.index_name = ("shard-", INDEX) if parts == 1 else (f"shard-r{part}-", f"index-r{part}.json")
@@ -47,10 +48,11 @@ class CacheWriter:
             if changed:
                 raise DataError(f"{self.folder}: holds a cache for another setup ({changed}); "
                                 "write to another folder or remove it")
-            if (old["storage"], old["with_question"], old.get("rows", "full")) != (storage, with_question, rows):
+            then = (old["storage"], old["with_question"], old.get("rows", "full"), old.get("answers", "features"))
+            if then != (storage, with_question, rows, answers):
                 raise DataError(f"{self.folder}: holds a cache stored as {old['storage']} "
                                 f"{'with' if old['with_question'] else 'without'} question features, "
-                                f"rows {old.get('rows', 'full')}; "
+                                f"rows {then[2]}, answers {then[3]}; "
                                 "resume it with the same settings or write to another folder")
             self.shards = union_shards(self.shards, old["shards"])
             self.hidden_size = old.get("hidden_size", hidden_size)
@@ -111,8 +113,7 @@ class CacheWriter:
             elif name in LOGPROBS:
                 tensors[name] = joined.to(torch.float16).contiguous()
             else:
-                small = name.endswith(("turn", "pos", "ids"))
-                tensors[name] = joined.to(torch.int32 if small else torch.long).contiguous()
+                tensors[name] = joined.to(torch.int32).contiguous()  # segments, positions, token ids
         offsets = shard_offsets(tensors)
         tensors["checksum"] = torch.tensor(
             [item_checksum(key, {name: t[offsets[base_name(name)][k]:offsets[base_name(name)][k + 1]]
@@ -131,7 +132,8 @@ class CacheWriter:
 
     def write_index(self) -> None:
         index = {"format": FORMAT, "fingerprint": self.fingerprint, "storage": self.storage,
-                 "with_question": self.with_question, "rows": self.rows, "hidden_size": self.hidden_size,
+                 "with_question": self.with_question, "rows": self.rows, "answers": self.answers,
+                 "hidden_size": self.hidden_size,
                  "command": self.command, "shards": self.shards}
         write_json(self.folder / self.index_name, index)  # no completion record: `complete` writes it
 
