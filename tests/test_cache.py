@@ -287,3 +287,35 @@ def test_cached_answer_ids_are_compared_with_the_rendered_ones():
     shorter[1, 3] = -1
     with pytest.raises(DataError, match=r"c: item 31 has 3 answer tokens in the cache but 2 as rendered now"):
         check_answers(cached, {"segment": shorter, "input_ids": ids}, [30, 31], "c")
+
+
+def test_a_cache_written_before_top_k_and_ids_still_reads(tmp_path):
+    """A cache from before issue 30 (no `rows` or `answers` in its index, target ids as int64, its
+    checksums over those bytes) reads as rows and answer features, the same batch as before.
+    Break: the reader's defaults for the missing keys."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from genrecal_cli.engine.teacher.cache.format import base_name, is_data, item_checksum, shard_offsets
+
+    folder = tmp_path / "c"
+    _written(folder, storage="fp32")
+    index = json.loads((folder / "index.json").read_text())
+    for shard in index["shards"]:  # as the writer of before stored it
+        path = folder / shard["file"]
+        tensors = load_file(str(path))
+        tensors["targets"] = tensors["targets"].long()
+        offsets = shard_offsets(tensors)
+        tensors["checksum"] = torch.tensor([item_checksum(key, {
+            n: t[offsets[base_name(n)][k]:offsets[base_name(n)][k + 1]] for n, t in tensors.items() if is_data(n)})
+            for k, key in enumerate(tensors["index"].tolist())], dtype=torch.long)
+        save_file(tensors, str(path))
+        shard["bytes"] = path.stat().st_size
+    del index["rows"], index["answers"]
+    (folder / "index.json").write_text(json.dumps(index))
+    reader = CacheReader(folder, FP)
+    assert (reader.rows, reader.answers) == ("full", "features")
+    assert verify(folder)["damaged"] == [] and verify(folder)["form"] == {"storage": "fp32", "rows": "full",
+                                                                          "answers": "features"}
+    _same(join_items(split_items(_features(), True)), join_items(reader.items(range(5))))

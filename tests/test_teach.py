@@ -358,9 +358,20 @@ def test_a_top_k_cache_keeps_k_ids_per_answer_token_and_trains_like_the_rows(wri
         recipe = _toml(tmp, _raw(tmp, cache=tmp / f"cache-top{k}"))
         out = run_cli("teach", recipe, "--storage", "fp32", "--rows", f"topk:{k}", "--batch-size", "5")
         assert out.returncode == 0, out.stderr
-        assert f"(rows topk:{k})" in out.stdout
+        assert f"(rows topk:{k}, answers features)" in out.stdout
     index = json.loads((tmp / "cache-top8" / "index.json").read_text())
     assert index["rows"] == "topk:8" and "loss.temperature" in index["fingerprint"]
+    checked = run_cli("teach", "--verify", str(tmp / "cache-top8"))  # every item's checksum, the form named
+    assert checked.returncode == 0 and "rows topk:8, answers features); complete" in checked.stdout
+    import os
+    import shutil
+
+    from .test_cache import _overwrite_middle
+
+    shutil.copytree(tmp / "cache-top8", tmp / "top8-damaged")
+    _overwrite_middle(tmp / "top8-damaged" / index["shards"][0]["file"], os.urandom(64))  # ids or log-probabilities
+    found = run_cli("teach", "--verify", str(tmp / "top8-damaged"))
+    assert found.returncode == 1 and f"damaged {index['shards'][0]['file']}: " in found.stdout
     shard = load_file(str(tmp / "cache-top8" / index["shards"][0]["file"]))
     assert "rows" not in shard and shard["top_ids"].dtype == torch.int32 and shard["top_ids"].shape[1] == 8
     assert shard["top_logprobs"].dtype == torch.float16 and bool((shard["top_logprobs"] <= 0).all())
@@ -406,6 +417,8 @@ def test_an_id_only_cache_keeps_no_answer_features_and_trains_like_the_embedding
     assert index["answers"] == "ids" and index["fingerprint"]["recalibrator.answer_input"] == "embeddings"
     shard = load_file(str(tmp / "ids" / index["shards"][0]["file"]))
     assert "answer" not in shard and "rows" in shard and shard["targets"].dtype == torch.int32
+    checked = run_cli("teach", "--verify", str(tmp / "ids"))
+    assert checked.returncode == 0 and "(fp32, rows full, answers ids); complete: 12 items" in checked.stdout
     online, cached = Recorder(), Recorder()
     distill(recipe_from_dict(raw("emb-online")), reporter=online)
     distill(recipe_from_dict(raw("emb-ids", tmp / "ids")), reporter=cached)

@@ -114,8 +114,10 @@ def verify_cache(folder: Path, console) -> None:
         found = verify(folder, progress=lambda done, total: bar.update(task, completed=done, total=total))
     state = ("complete: {items:,} items, {cached:,} cached, {skipped:,} skipped".format(**found["complete"])
              if found["complete"] else "UNFINISHED" + (f" (finish it with `{found['command']}`)" if found["command"] else ""))
+    form = found["form"]
     console.print(escape(f"{folder}: {found['shards']:,} shards, {found['items']:,} items, "
-                         f"{found['bytes'] / 1e9:,.3f} GB; {state}"))
+                         f"{found['bytes'] / 1e9:,.3f} GB ({form['storage']}, rows {form['rows']}, answers "
+                         f"{form['answers']}); {state}"))
     for line in found["damaged"]:
         console.print(f"[red]damaged[/] {escape(line)}")
     if found["damaged"]:

@@ -132,7 +132,7 @@ def check_shard(folder: Path, record: Mapping) -> str:
 
 def verify(folder: str | Path, progress=None) -> dict:
     """Every shard of a cache checked in full (`genrecal teach --verify`): what is damaged, one
-    line per shard, and what the index says. `progress(done, total)` after each shard."""
+    line per shard, and what the index says (its form: storage, rows, answers). `progress(done, total)` after each shard."""
     folder = Path(folder)
     indices = read_indices(folder)
     if not indices:
@@ -151,7 +151,9 @@ def verify(folder: str | Path, progress=None) -> dict:
     return {"shards": len(shards), "items": count_items(shards),
             "bytes": sum(s.get("bytes", 0) for s in shards), "damaged": damaged,
             "complete": main.get("complete"), "partial": len(indices) - (1 if main else 0),
-            "command": recorded_command(indices)}
+            "command": recorded_command(indices),
+            "form": {"storage": indices[0]["storage"], "rows": indices[0].get("rows", "full"),
+                     "answers": indices[0].get("answers", "features")}}
 
 
 class _Shard:
