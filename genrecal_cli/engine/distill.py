@@ -149,10 +149,11 @@ def _what_is_left(recipe: Recipe, out: Path, resume: bool, reporter) -> tuple[li
 def _load_student(recipe: Recipe, inputs: Inputs, accelerator):
     """The student in fp32 (master weights) whatever it was stored in, and the dtype it is
     exported back in."""
-    from ..models import load_vlm
+    from ..models import ProcessorSettings, load_vlm
 
     student = load_vlm(inputs.student, revision=recipe.student.revision, dtype=recipe.student.dtype,
-                       trust_remote_code=recipe.student.trust_remote_code)
+                       trust_remote_code=recipe.student.trust_remote_code,
+                       settings=ProcessorSettings.of(recipe, "student"))
     export_dtype = student.model.dtype
     student.model.to(device=accelerator.device, dtype=MASTER_DTYPE)
     if recipe.train.gradient_checkpointing:
@@ -163,13 +164,14 @@ def _load_student(recipe: Recipe, inputs: Inputs, accelerator):
 def _load_teacher(recipe: Recipe, inputs: Inputs, accelerator, student, cached: bool, shard: bool, mesh, reporter):
     """The frozen teacher in its recipe dtype (only its head where its features come from the
     cache), replicated or sharded, and where its features come from: (teacher, source)."""
-    from ..models import load_head_only, load_vlm
+    from ..models import ProcessorSettings, load_head_only, load_vlm
 
     spec = recipe.teacher
     if cached:
         ids_only = read_index(spec.cache).get("answers") == "ids"  # then the input embeddings are needed too
         teacher = load_head_only(inputs.teacher, revision=spec.revision, dtype=spec.dtype,
-                                 trust_remote_code=spec.trust_remote_code, embeddings=ids_only)
+                                 trust_remote_code=spec.trust_remote_code, embeddings=ids_only,
+                                 settings=ProcessorSettings.of(recipe, "teacher"))
         # (after the head loads: a hub teacher's commit is then in this machine's hub cache)
         cache = CacheReader(spec.cache, lambda rows: fingerprint(recipe, inputs.teacher, inputs.held_out, rows))
         teacher.head.to(accelerator.device)
@@ -182,7 +184,8 @@ def _load_teacher(recipe: Recipe, inputs: Inputs, accelerator, student, cached: 
                           + ("" if cache.with_question else "; without question features: L_reg is off") + ")")
     else:  # sharded: only the main process reads the weights, the others receive their shards
         teacher = load_vlm(inputs.teacher, revision=spec.revision, dtype=spec.dtype,
-                           trust_remote_code=spec.trust_remote_code, empty=shard and not accelerator.is_main_process)
+                           trust_remote_code=spec.trust_remote_code, empty=shard and not accelerator.is_main_process,
+                           settings=ProcessorSettings.of(recipe, "teacher"))
         source = OnlineTeacher(teacher, recipe.recalibrator.answer_input)
     teacher.model.requires_grad_(False)
     _warn_if_swapped(teacher, student, reporter)
@@ -242,13 +245,14 @@ def student_sharded(recipe: Recipe, accelerator) -> bool:
 
 def _whole_student(run: Run, inputs: Inputs, recipe: Recipe, accelerator):
     """A plain (unsharded) copy of the sharded student's trained weights on every process."""
-    from ..models import load_vlm
+    from ..models import ProcessorSettings, load_vlm
 
     state = sub_state(full_state(run.module, everywhere=True), "student")
     run.module = run.student = None
     gc.collect()
     plain = load_vlm(inputs.student, revision=recipe.student.revision, dtype="float32",
-                     trust_remote_code=recipe.student.trust_remote_code, empty=True)
+                     trust_remote_code=recipe.student.trust_remote_code, empty=True,
+                     settings=ProcessorSettings.of(recipe, "student"))
     plain.model.load_state_dict(state, assign=True)
     plain.model.tie_weights()
     plain.model.to(accelerator.device)

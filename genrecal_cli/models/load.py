@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor,
 
 from ..errors import ModelLoadError, first_line
 from .families import FAMILIES, Family
+from .processor_settings import ProcessorSettings, apply_settings
 from .view import VLM
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -26,11 +27,14 @@ def load_vlm(
     trust_remote_code: bool = False,
     device: str | torch.device | None = None,
     empty: bool = False,
+    settings: ProcessorSettings | None = None,
 ) -> VLM:
     """Load model (safetensors only) and processor from a local folder or a hub id.
 
     `empty`: build the model from its config with its parameters on the meta device (no
     storage, no weights read; buffers are real), for a process that will receive its shard.
+    `settings`: the recipe's [teacher.processor] / [student.processor], set on the processor
+    (processor_settings.apply_settings; a bad key is a RecipeError naming it).
     Raises ModelLoadError with one line naming `path` for anything the user can fix.
     """
     if dtype not in DTYPES:
@@ -48,7 +52,7 @@ def load_vlm(
             model = AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, dtype),
                                                             trust_remote_code=trust_remote_code)
         model.eval()
-        return VLM(model, _load_processor(path, family, revision, trust_remote_code), family.name, path, revision)
+        return _with_processor(model, path, family, revision, trust_remote_code, settings)
     try:
         model = AutoModelForImageTextToText.from_pretrained(
             path,
@@ -62,16 +66,25 @@ def load_vlm(
     if device is not None:
         model.to(device)
     model.eval()
-    return VLM(model, _load_processor(path, family, revision, trust_remote_code), family.name, path, revision)
+    return _with_processor(model, path, family, revision, trust_remote_code, settings)
+
+
+def _with_processor(model, path: str, family: Family, revision, trust_remote_code: bool,
+                    settings: ProcessorSettings | None) -> VLM:
+    processor = _load_processor(path, family, revision, trust_remote_code)
+    changed = apply_settings(processor, settings) if settings is not None else {}
+    return VLM(model, processor, family.name, path, revision, processor_settings=changed)
 
 
 def load_head_only(path: str, *, revision: str | None = None, dtype: str = "auto",
-                   trust_remote_code: bool = False, embeddings: bool = False) -> VLM:
+                   trust_remote_code: bool = False, embeddings: bool = False,
+                   settings: ProcessorSettings | None = None) -> VLM:
     """A model as a feature cache's reader needs it: its config, processor and LM head weight (and
     with `embeddings` its input embedding table, for an id-only cache); every other parameter
     stays on the meta device, never read (a 78B teacher costs its head). Features are taken after
     the final norm, so the head alone scores them."""
-    vlm = load_vlm(path, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code, empty=True)
+    vlm = load_vlm(path, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code, empty=True,
+                   settings=settings)
     folder = Path(path).expanduser()
     files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
     if not files:

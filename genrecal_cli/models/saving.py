@@ -3,7 +3,7 @@ with no `auto_map` entry naming a module the folder does not hold."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import ProcessorMixin
@@ -46,6 +46,7 @@ class SourcedProcessor:
     processor: ProcessorMixin
     source: str
     revision: str | None = None
+    settings: dict = field(default_factory=dict)  # the recipe's image settings, written over the copied files
 
     def save_pretrained(self, folder: str | Path) -> None:
         import shutil
@@ -59,8 +60,28 @@ class SourcedProcessor:
                     shutil.copyfile(own[name], folder / name)
                 elif (folder / name).exists():
                     (folder / name).unlink()
+            write_settings(folder, self.settings)
         source_dir = Path(self.source).expanduser()
         drop_dangling_auto_map(folder, source_dir if source_dir.is_dir() else None)
+
+
+def write_settings(folder: Path, settings: dict) -> None:
+    """The recipe's image settings written into a saved processor's image-processor entries
+    (preprocessor_config.json, and processor_config.json's "image_processor"), so that the
+    model loads seeing images as it was trained to."""
+    import json
+
+    if not settings:
+        return
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        config = json.loads(path.read_text())
+        target = config if name == "preprocessor_config.json" else config.get("image_processor")
+        if isinstance(target, dict):
+            target.update(settings)
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def drop_dangling_auto_map(folder: Path, source_dir: Path | None = None) -> None:

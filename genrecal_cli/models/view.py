@@ -3,7 +3,7 @@ final norm, head), plus what data and losses need to know of it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,11 +23,12 @@ class VLM:
     family: str
     path: str
     revision: str | None = None
+    processor_settings: dict[str, Any] = field(default_factory=dict)  # the recipe's, as saved (processor_settings.py)
 
     @property
     def exportable_processor(self) -> "SourcedProcessor":
         """What a checkpoint or the exported student saves as this model's processor."""
-        return SourcedProcessor(self.processor, self.path, self.revision)
+        return SourcedProcessor(self.processor, self.path, self.revision, dict(self.processor_settings))
 
     @property
     def _family(self) -> Family:

@@ -149,6 +149,11 @@ def _convert(hint: Any, value: Any, key: str, problems: list[str]) -> Any:
             return tuple(items)
         problems.append(f"{key}: expected a list of strings, got {_type_name(value)} {value!r}")
         return _BAD
+    if origin is dict:  # a table passed on as it is (a processor's settings: checked where it loads)
+        if isinstance(value, dict):
+            return dict(value)
+        problems.append(f"{key}: expected a table, got {_type_name(value)} {value!r}")
+        return _BAD
     if dataclasses.is_dataclass(hint):
         # A stage table that is present but says nothing about `enabled` means "run it".
         if hint is StageSpec and isinstance(value, dict) and "enabled" not in value:

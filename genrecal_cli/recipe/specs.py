@@ -43,6 +43,7 @@ class ModelSpec:
     trust_remote_code: bool = False  # runs code from the model repo: only for repos you trust
     recipe: Optional[str] = None  # a recipe (relative to this one) whose exported student is this model, run first if `path` is missing
     cache: Optional[str] = None  # [teacher] only: a teacher-feature cache (genrecal teach) read instead of running the teacher
+    processor: dict[str, Any] = field(default_factory=dict)  # [teacher.processor] / [student.processor]: image settings (min_pixels, max_pixels, max_patches, size, ...) set on this side's processor, checked when it loads
 
     def _check(self, key: str, problems: list[str]) -> None:
         if self.recipe is None:

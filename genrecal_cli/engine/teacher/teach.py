@@ -49,7 +49,7 @@ def teach(recipe: Recipe, inputs, accelerator, *, folder: str | Path, storage: s
     from accelerate.utils import send_to_device
 
     from ...data.loader import pair_loader, raise_carried
-    from ...models import load_vlm
+    from ...models import ProcessorSettings, load_vlm
 
     check_answers_form(recipe, answer_ids)
     if not hasattr(inputs.train, "__len__"):
@@ -57,7 +57,8 @@ def teach(recipe: Recipe, inputs, accelerator, *, folder: str | Path, storage: s
     sharded = teacher_sharded(recipe, accelerator)
     teacher = load_vlm(inputs.teacher, revision=recipe.teacher.revision, dtype=recipe.teacher.dtype,
                        trust_remote_code=recipe.teacher.trust_remote_code,
-                       empty=sharded and not accelerator.is_main_process)
+                       empty=sharded and not accelerator.is_main_process,
+                       settings=ProcessorSettings.of(recipe, "teacher"))
     teacher.model.requires_grad_(False)
     vocab = teacher.head.weight.shape[0]
     if top_k is not None and not 1 <= top_k <= vocab:
@@ -67,7 +68,8 @@ def teach(recipe: Recipe, inputs, accelerator, *, folder: str | Path, storage: s
     else:
         teacher.model.to(accelerator.device)
     student = load_vlm(inputs.student, revision=recipe.student.revision,
-                       trust_remote_code=recipe.student.trust_remote_code, empty=True)  # its processor only
+                       trust_remote_code=recipe.student.trust_remote_code, empty=True,  # its processor only
+                       settings=ProcessorSettings.of(recipe, "student"))
     sides = {"teacher": teacher.processor, "student": student.processor}
     dataset = PairDataset(inputs.train, recipe.data, sides)
     dataset.check_start()
@@ -173,13 +175,15 @@ def plan_size(recipe: Recipe, inputs, *, storage: str = "bf16", sample: int = 64
     import itertools
 
     from ...data.loader import Item
-    from ...models import load_vlm
+    from ...models import ProcessorSettings, load_vlm
     from .cache import size_estimate
 
     teacher = load_vlm(inputs.teacher, revision=recipe.teacher.revision,
-                       trust_remote_code=recipe.teacher.trust_remote_code, empty=True)
+                       trust_remote_code=recipe.teacher.trust_remote_code, empty=True,
+                       settings=ProcessorSettings.of(recipe, "teacher"))
     student = load_vlm(inputs.student, revision=recipe.student.revision,
-                       trust_remote_code=recipe.student.trust_remote_code, empty=True)
+                       trust_remote_code=recipe.student.trust_remote_code, empty=True,
+                       settings=ProcessorSettings.of(recipe, "student"))
     dataset = PairDataset(inputs.train, recipe.data, {"teacher": teacher.processor, "student": student.processor})
     usable = [m for m in itertools.islice(dataset.first(), sample) if isinstance(m, Item)]
     if not usable:

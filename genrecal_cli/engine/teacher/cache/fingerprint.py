@@ -17,7 +17,8 @@ def fingerprint(recipe, teacher_path: str, held_out: int = 0, rows: str = "full"
     teacher: its commit), its tokenizer and processor files, the training data (the recipe's
     data table, the rows held out of it for the accuracy table, and the files' sizes and first
     and last MiB; a hub data set: its commit),
-    max_length, the answer input, the teacher's dtype and the compute precision; for a top-K
+    max_length, the answer input, the teacher's dtype and the compute precision, the teacher's
+    processor settings ([teacher.processor]) where set; for a top-K
     cache (`rows` "topk:K") also loss.temperature. Not the student: one cache serves every
     student."""
     import dataclasses
@@ -65,6 +66,8 @@ def fingerprint(recipe, teacher_path: str, held_out: int = 0, rows: str = "full"
         "teacher.dtype": recipe.teacher.dtype,
         "train.precision": mixed_precision(recipe),
     }
+    if recipe.teacher.processor:  # the teacher's image settings change its image tokens (none: as before them)
+        parts["teacher.processor"] = digest([json.dumps(recipe.teacher.processor, sort_keys=True).encode()])
     if rows != "full":  # a top-K cache keeps log-probabilities at the loss temperature
         parts["loss.temperature"] = str(recipe.loss.temperature)
     return parts
