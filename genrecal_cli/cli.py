@@ -57,7 +57,8 @@ def distill(
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete an earlier run in the output folder first."),
     gpus: Optional[int] = typer.Option(None, "--gpus", metavar="N", help="With --dry-run: plan the memory of each of N GPUs (reads the models' configs and safetensors headers, loads nothing)."),
     gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", metavar="GIB", help="With --gpus: the memory of one GPU in GiB, e.g. 80."),
-    json_out: Optional[str] = typer.Option(None, "--json", metavar="PATH|-", help="With --gpus: also write the memory plan as JSON ('-' = stdout only)."),
+    json_out: Optional[str] = typer.Option(None, "--json", metavar="PATH|-", help="With --dry-run: also write the data preflight (and with --gpus the memory plan) as JSON ('-' = stdout only)."),
+    sample: int = typer.Option(256, "--sample", min=0, metavar="N", help="With --dry-run: render N training items (spread over the data) through both processors: token counts, what max_length skips or cuts, padding; 0 skips it."),
 ) -> None:
     """Run the recipe's stages (align -> distill -> finetune) and export the student."""
     from .commands.tables import accuracy_table, plan_table
@@ -69,8 +70,8 @@ def distill(
     # (accelerate launch / torchrun), so --gpus there would promise what it cannot set.
     if (gpus is None) != (gpu_memory is None):
         raise GenrecalError("--gpus N and --gpu-memory GIB go together: the plan needs both (e.g. --gpus 8 --gpu-memory 80)")
-    if json_out is not None and gpus is None:
-        raise GenrecalError("--json writes the memory plan: give --gpus N --gpu-memory GIB with it")
+    if json_out is not None and not dry_run:
+        raise GenrecalError("--json writes the data preflight and the memory plan of a dry run: add --dry-run")
     if gpus is not None and not dry_run:
         raise GenrecalError("--gpus/--gpu-memory plan the memory without training: add --dry-run (a run takes its "
                             "number of processes from its launcher, e.g. accelerate launch --num_processes N)")
@@ -87,8 +88,8 @@ def distill(
         elif gpus is None:
             console.print("[dim]add --gpus N --gpu-memory GIB for the memory each GPU needs[/]")
     if dry_run:
-        if gpus is not None and os.environ.get("RANK", "0") == "0":
-            _memory_plan(loaded, gpus, gpu_memory, json_out, console)
+        if os.environ.get("RANK", "0") == "0":
+            _dry_run(loaded, gpus, gpu_memory, json_out, sample, console)
         return
     _quiet_libraries()
     from .commands.display import Reporter
@@ -156,7 +157,8 @@ def teach(
     shard_items: int = typer.Option(1024, "--shard-items", help="Items per shard file (a killed run keeps its finished shards)."),
     rows: str = typer.Option("full", "--rows", help="What keeps the teacher's distribution per answer token: full (its rows) or topk:K (its K most likely ids and their log-probabilities at loss.temperature, ~6K bytes)."),
     answers: Optional[str] = typer.Option(None, "--answers", help="What keeps the Recalibrator's answer input: features (its rows) or ids (nothing but the answer ids, looked up in the teacher's input embeddings when read; answer_input = \"embeddings\" only). Default: ids under \"embeddings\", else features."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="State the cache's size for the recipe's data in every storage form, and stop."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="State the cache's size for the recipe's data in every storage form, run the data preflight, and stop."),
+    sample: int = typer.Option(256, "--sample", min=0, metavar="N", help="With --dry-run: the data preflight's items (distill --dry-run's)."),
 ) -> None:
     """Run the teacher once over the recipe's training data and write its features into a cache
     that align and distill read instead ([teacher] cache = DIR): one teacher pass, many students."""
@@ -184,7 +186,7 @@ def teach(
     from .commands.teach import write_cache
 
     write_cache(loaded, folder, console, storage=storage, no_question=no_question, batch_size=batch_size,
-                shard_items=shard_items, dry_run=dry_run, rows=rows, answers=answers)
+                shard_items=shard_items, dry_run=dry_run, rows=rows, answers=answers, sample=sample)
 
 
 @app.command("inspect-vocab")
@@ -285,19 +287,40 @@ def chat(
              temperature=temperature, device=device, context=context)
 
 
-def _memory_plan(recipe, gpus: int, gpu_memory: float, json_out: Optional[str], console) -> None:
-    from .commands.plan import make_plan, render
+def _dry_run(recipe, gpus: Optional[int], gpu_memory: Optional[float], json_out: Optional[str], sample: int,
+             console) -> None:
+    """The data preflight (unless --sample 0) and, with --gpus, the memory plan; as JSON too."""
+    import json
+
+    from .commands.preflight_view import preflight_or_reason, show
 
     if any(m is not None and (m.path.startswith("zoo:") or m.recipe) for m in (recipe.teacher, recipe.student)):
         _quiet_libraries()  # a zoo model is built on first use; keep transformers' progress bars out
-    plan = make_plan(recipe, gpus, gpu_memory)
+    out: dict = {}
+    if sample:
+        out["preflight"], why = preflight_or_reason(recipe, sample, quiet=_quiet_libraries)
+        if json_out != "-":
+            if out["preflight"] is not None:
+                show(out["preflight"], console)
+            else:
+                console.print(f"[yellow]data preflight skipped[/]: {_escape(why)}")
+    if gpus is not None:
+        from .commands.plan import make_plan, render
+
+        found = out.get("preflight")
+        measured = None
+        if found and found["usable"]:  # the sample's kept tokens, the longer side's p99
+            p99 = max(side["kept_tokens"]["p99"] for side in found["sides"].values())
+            measured = (p99, f"the data preflight's p99 of {found['items']} sampled items")
+        plan = make_plan(recipe, gpus, gpu_memory, measured)
+        out = {**plan.to_dict(), **out}
+        if json_out != "-":
+            render(plan, console)
     if json_out == "-":
-        typer.echo(plan.to_json())
-        return
-    render(plan, console)
-    if json_out:
-        Path(json_out).write_text(plan.to_json(), encoding="utf-8")
-        console.print(f"plan written to [bold]{json_out}[/]")
+        typer.echo(json.dumps(out, indent=2))
+    elif json_out:
+        Path(json_out).write_text(json.dumps(out, indent=2), encoding="utf-8")
+        console.print(f"dry run written to [bold]{json_out}[/]")
 
 
 def _answers(source: str, spec, samples: int) -> list[str]:

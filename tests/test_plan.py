@@ -264,7 +264,7 @@ def test_cli_errors_are_one_line_exit_1(cli):
     for args, text in [
         (["--gpus", "8", "--gpu-memory", "80"], "add --dry-run"),
         (["--dry-run", "--gpus", "8"], "go together"),
-        (["--dry-run", "--json", "-"], "give --gpus"),
+        (["--json", "-"], "add --dry-run"),
         (["--dry-run", "--gpus", "0", "--gpu-memory", "80"], "at least 1"),
         (["--dry-run", "--gpus", "8", "--gpu-memory", "80"], "OpenGVLab/InternVL3-78B-hf"),  # offline hub id
     ]:

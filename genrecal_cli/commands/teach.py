@@ -10,7 +10,7 @@ from ..errors import GenrecalError
 
 
 def write_cache(loaded, folder, console, *, storage: str, no_question: bool, batch_size: int, shard_items: int,
-                dry_run: bool, rows: str = "full", answers: str | None = None) -> None:
+                dry_run: bool, rows: str = "full", answers: str | None = None, sample: int = 256) -> None:
     """Run the teacher of recipe `loaded` over its training data into the cache `folder`; with
     `dry_run`, state the cache's size only. `answers`: "features" or "ids" (None: ids where the
     recipe's answer input is the embeddings, else features)."""
@@ -41,6 +41,13 @@ def write_cache(loaded, folder, console, *, storage: str, no_question: bool, bat
     if dry_run:
         if main:
             console.print(size_table(size, no_question))
+            from .preflight_view import preflight_or_reason, show
+
+            report, why = preflight_or_reason(loaded, sample, needs_teacher=True)
+            if report is not None:
+                show(report, console)
+            else:
+                console.print(f"[yellow]data preflight skipped[/]: {why}")
         return
     n = accelerator.num_processes
     with Progress("[bold]teach[/]" + (f" (process 1 of {n}'s share)" if n > 1 else ""), BarColumn(bar_width=24),

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 from ..errors import DataError, GenrecalError
 from ..recipe import DataSpec
 from .formats import detect, to_conversation
-from .render import Encoded, encode_pair, is_answer, pad_to_common
+from .render import Encoded, Lengths, encode_pair, is_answer, measure, pad_to_common
 from .sources import SkipItem, columns_of, image_root, open_image
 
 IGNORE_INDEX = -100
@@ -84,6 +84,16 @@ class PairDataset:
         except SkipItem as exc:
             return Skipped(key, str(exc))
         return Item(key, sides, dropped)
+
+    def measure_row(self, row: Mapping, index: int, image_token_ids: Mapping[str, int]) -> "dict[str, Lengths] | Skipped":
+        """One row's token counts on every side before max_length (render.measure), read and
+        rendered as `encode_row` does; a Skipped where it cannot be (an unreadable image)."""
+        conv = to_conversation(row, self.format, self.spec, index)
+        try:
+            images = [open_image(v, self.image_root) for v in conv.images]
+            return {side: measure(proc, conv, images, image_token_ids[side]) for side, proc in self.processors.items()}
+        except SkipItem as exc:
+            return Skipped(index, str(exc))
 
     def first(self) -> Iterator[Item | Skipped]:
         """The rows in stored order (a stream from its start, unshuffled), encoded one by one."""

@@ -120,6 +120,37 @@ def encode_pair(processors: Mapping[str, Any], conv: Conversation, images: list,
     return out, conv.turns - turns
 
 
+@dataclass
+class Lengths:
+    """One side's token counts of one conversation before max_length: each turn's (question and
+    answer) and how many of all its tokens are image tokens."""
+
+    turns: list[int]
+    image: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.turns)
+
+    def fit(self, max_length: int) -> int:
+        """How many leading turns fit in max_length tokens."""
+        total, turns = 0, 0
+        for n in self.turns:
+            total += n
+            if total > max_length:
+                break
+            turns += 1
+        return turns
+
+
+def measure(processor, conv: Conversation, images: list, image_token_id: int) -> Lengths:
+    """`conv` rendered as `encode` renders it, counted: tokens per turn, and image tokens (those
+    with `image_token_id`)."""
+    pieces, _ = _pieces(processor, conv, images)
+    turns = [len(pieces[k].ids) + len(pieces[k + 1].ids) for k in range(0, len(pieces), 2)]
+    return Lengths(turns, sum(i == image_token_id for p in pieces for i in p.ids))
+
+
 def turns_that_fit(pieces: list[_Piece], max_length: int) -> int:
     """How many leading turns (question + answer pairs) fit in max_length tokens."""
     total, turns = 0, 0

@@ -83,6 +83,8 @@ class Job:
     reg: dict  # stage -> the L_reg path runs (a second Recalibrator pass)
     train_projector: dict  # stage -> distill also trains the projector
     probe_items: int  # 0: no reliance probe
+    lengths_from: str = ""  # where max_length comes from when it is measured (the data preflight), else ""
+    recipe_max_length: int = 0  # data.max_length, the worst case, when max_length is measured
 
 
 @dataclass(frozen=True)

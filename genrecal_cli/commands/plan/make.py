@@ -33,6 +33,7 @@ class Plan:
     stages: list
     suggestion: Optional[dict] = None  # {"changes": [...], "set": [...], "gpus": N, "needed_gib": x}
     notes: list = field(default_factory=list)
+    worst_needed: Optional[int] = None  # with measured lengths: what every item at data.max_length needs
 
     @property
     def peak(self) -> StageMemory:
@@ -58,7 +59,10 @@ class Plan:
                                  "needed_bytes": needed(m.total), "student_activations_other_checkpointing": m.other_checkpointing}
                        for m in self.stages},
             "peak_stage": self.peak.stage, "peak_bytes": self.peak.total, "needed_bytes": self.needed,
-            "fits": self.fits, "suggestion": self.suggestion, "assumptions": assumptions(self.job), "notes": self.notes,
+            "fits": self.fits, "suggestion": self.suggestion, "assumptions": assumptions(self.job, self.worst_needed),
+            "notes": self.notes,
+            "lengths": {"used": "measured" if self.job.lengths_from else "max_length", "tokens": self.job.max_length,
+                        "from": self.job.lengths_from or "data.max_length", "worst_case_needed_bytes": self.worst_needed},
         }
 
     def to_json(self) -> str:
@@ -70,10 +74,16 @@ def needed(total: int) -> int:
     return int(total * (1 + MARGIN) + CONTEXT_GIB * GIB)
 
 
-def assumptions(job: Job) -> list[str]:
+def assumptions(job: Job, worst_needed: int | None = None) -> list[str]:
+    if job.lengths_from:
+        lengths = (f"items of {job.max_length} tokens on each side ({job.lengths_from}); the worst case, every item "
+                   f"at data.max_length ({job.recipe_max_length}), needs {(worst_needed or 0) / GIB:.1f} GiB per GPU "
+                   "(a batch holding a longer item needs up to that)")
+    else:
+        lengths = (f"every item fills data.max_length ({job.max_length}) tokens on each side; the vision tower sees "
+                   "up to max_length image tokens' worth of patches")
     return [
-        f"every item fills data.max_length ({job.max_length}) tokens on each side; the vision tower sees up to "
-        "max_length image tokens' worth of patches",
+        lengths,
         f"answers of up to {ANSWER_TOKENS} tokens per item (the loss rows; the logits chunk is at most {CHUNK} rows)",
         ("fp32 compute (train.precision fp32)" if job.act_bytes == 4 else "bf16 autocast (train.precision auto on GPU, "
          "bf16, fp16)") + ", SDPA attention (no s x s scores kept)",
@@ -84,9 +94,11 @@ def assumptions(job: Job) -> list[str]:
     ]
 
 
-def make_plan(recipe, gpus: int, gpu_memory_gib: float) -> Plan:
+def make_plan(recipe, gpus: int, gpu_memory_gib: float, measured: tuple[int, str] | None = None) -> Plan:
     """The memory plan of `recipe` on `gpus` GPUs of `gpu_memory_gib` each, with a suggestion
-    when it does not fit. Reads configs (and safetensors headers); loads no weights."""
+    when it does not fit. Reads configs (and safetensors headers); loads no weights. `measured`:
+    (tokens per item, where from), the data preflight's p99, planned instead of data.max_length
+    when shorter; the worst case is stated beside it."""
     if gpus < 1:
         raise GenrecalError(f"--gpus {gpus}: give at least 1")
     if gpu_memory_gib <= 0:
@@ -114,7 +126,12 @@ def make_plan(recipe, gpus: int, gpu_memory_gib: float) -> Plan:
                         recipe.train.gradient_checkpointing,
                         tuple((stage, getattr(recipe.stages, stage).batch_size) for stage in stages),
                         tuple((stage, getattr(recipe.stages, stage).grad_accum) for stage in stages))
-    plan = Plan(recipe.origin, gpu_memory_gib, job, settings, [estimate(job, settings, stage) for stage in stages])
+    worst = None
+    if measured is not None and measured[0] < job.max_length:
+        worst = needed(max(estimate(job, settings, stage).total for stage in stages))
+        job = replace(job, max_length=measured[0], lengths_from=measured[1], recipe_max_length=job.max_length)
+    plan = Plan(recipe.origin, gpu_memory_gib, job, settings, [estimate(job, settings, stage) for stage in stages],
+                worst_needed=worst)
     if gpus > 1 and (par.teacher == "shard" or par.student == "shard") and settings.group(True) == 1:
         plan.notes.append("parallel.shard_group = 1: sharding over 1 process changes nothing")
     if par.shard_group and gpus % par.shard_group:
@@ -269,7 +286,7 @@ def render(plan: Plan, console) -> None:
         console.print(f"[bold green]fits[/]: {head}")
     else:
         console.print(f"[bold red]does not fit[/]: {head}; smallest change that fits: {plan.suggestion['text']}")
-    console.print(f"[dim]assumes {'; '.join(assumptions(plan.job)[:2])}[/]", soft_wrap=True)
+    console.print(f"[dim]assumes {'; '.join(assumptions(plan.job, plan.worst_needed)[:2])}[/]", soft_wrap=True)
 
 
 def _count(n: int) -> str:
