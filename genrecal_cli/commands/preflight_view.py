@@ -1,6 +1,6 @@
-"""The data preflight of `genrecal distill --dry-run` and `genrecal teach --dry-run`: a sample of
-the recipe's training data through both processors (data/preflight.py), no weights loaded, shown
-as a table per side with what max_length would skip or cut and the `--set` line that fits 99%."""
+"""The data preflight of `genrecal distill --dry-run` (also `teach --dry-run`): a sample of the
+recipe's training data through both processors (data/preflight.py), no weights loaded, shown as a
+table per side with what max_length would skip or cut, then the `--set` line that fits 99%."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""A data preflight: a sample of the training data rendered through both sides' processors, as
-the loader renders it, before any weight loads: the token counts per side (text and image), what
-data.max_length would skip or cut, and the padding with and without length grouping.
+"""A data preflight: a sample of the training data rendered through both sides' processors as the
+loader renders it, before any weight loads. It gives each side's token counts (text, image), what
+data.max_length would skip or cut, the padding shuffled or grouped by length.
 
 `genrecal distill --dry-run` and `genrecal teach --dry-run` print it (commands/preflight_view.py).
 """

@@ -1,6 +1,6 @@
-"""`[teacher.processor]` / `[student.processor]`: one side's image settings (resolution, tiling)
-set on its loaded processor, checked against what that processor accepts, and written into the
-processor files its checkpoints and exported student save.
+"""`[teacher.processor]` / `[student.processor]`: one side's image settings (resolution, tiling),
+set on its loaded processor once checked against what that processor accepts, then written into
+the processor files its checkpoints (the exported student too) save.
 
 Each key is one of the image processor's own settings (transformers lists them in its
 `valid_kwargs`: Qwen2-VL's `min_pixels` / `max_pixels`, InternVL's `max_patches`, Idefics3's
