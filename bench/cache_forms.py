@@ -1,6 +1,6 @@
 """The teacher-feature cache in its small forms against the full one (issue 30): does a student
 distilled from the teacher's top K per answer token, or from answer ids alone, learn what a
-student from the full rows learns, and how many bytes and how much step time does each cost?
+student from the full rows learns? At what cost in bytes per token, in step time?
 
 The world is section 8's (bench/transfer.py): the cross-tokenizer student, the noisy transfer
 set, the budget SFT's ladder chose, GenRecal's three stages. Only the cache changes:

@@ -383,3 +383,25 @@ def test_the_budget_is_where_doubling_stops_raising_validation_accuracy():
     assert choose_budget([(500, 0.30), (1000, 0.305), (2000, 0.5)], 0.01)[0] == 500  # the first pair that stops
     assert choose_budget([(500, 0.307), (1000, 0.477), (2000, 0.547), (4000, 0.62)], 0.01) == (4000, STILL_RISING)
     assert choose_budget([(500, 0.5), (1000, 0.45)], 0.01)[0] == 500  # falling counts as stopped
+
+
+def test_cache_forms_smoke(tmp_path):
+    """bench/cache_forms.py --preset smoke: every cache form (full rows, top 8 / 32 / 128, fp8 z_al,
+    answer ids) written and trained from once, evaluated, its bytes per token read from the shards
+    and its step time taken; the bytes are the size arithmetic's."""
+    cmd = [sys.executable, str(ROOT / "bench" / "cache_forms.py"), "--preset", "smoke", "--work", str(tmp_path),
+           "--jobs", "2"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "results" / "cache-forms-smoke.json").read_text())
+    rows = {r["form"]: r for r in result["rows"]}
+    assert set(rows) == {"full", "topk8", "topk32", "topk128", "fp8-topk32", "emb-full", "ids-topk32", "full-again"}
+    from genrecal_cli.engine.teacher.cache import size_estimate
+
+    width = json.loads((ROOT / "genrecal_cli" / "world" / "assets" / "shapes-teacher" / "config.json").read_text())
+    d = width.get("text_config", width).get("hidden_size")  # the shipped teacher's hidden size
+    assert rows["ids-topk32"]["bytes"]["answer"] == size_estimate(1, 0, d, "fp32", 32, answer_ids=True)["answer"]
+    assert rows["topk8"]["bytes"]["answer"] == size_estimate(1, 0, d, "fp32", 8)["answer"]
+    assert rows["full"]["bytes"]["answer"] == size_estimate(1, 0, d, "fp32")["answer"]
+    assert all(r["step_s"] > 0 for name, r in rows.items() if name != "full-again")
+    assert all({"ar", "kl", "reg", "sft"} <= set(r["terms"]) for r in rows.values())
