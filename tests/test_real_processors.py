@@ -137,3 +137,32 @@ def test_max_length_2048_skips_what_does_not_fit_and_the_settings_make_it_fit(wo
     assert [m.sides["student"].image for m in measured][0] == QWEN["chart"]  # 480,000 pixels: unchanged
     # 2,073,600 pixels scaled under 1,003,520, then to multiples of 28: 728 x 1,316, 26 x 47 tokens
     assert [m.sides["student"].image for m in measured][1] == 26 * 47
+
+
+def test_dry_run_on_real_processors_warns_before_anything_loads(world, tmp_path):
+    """`genrecal distill RECIPE --dry-run` as a user meets it: the published processors, the three
+    real-sized images, the shipped max_length 2,048: two of three items would be skipped, named by
+    side, with a warning and the max_length that fits; with the recipe's settings nothing is."""
+    from .conftest import run_cli
+
+    models, data = world
+
+    def recipe(extra: str) -> str:
+        path = tmp_path / f"r{len(extra)}.toml"
+        path.write_text(f'[teacher]\npath = "{models["internvl"]}"\n[student]\npath = "{models["qwen2_vl"]}"\n'
+                        f'[data]\nsource = "{data}"\nmax_length = 2048\n[stages.distill]\nsteps = 1\n'
+                        f'batch_size = 1\n[train]\neval_items = 0\n{extra}')
+        return str(path)
+
+    out = run_cli("distill", recipe(""), "--dry-run")
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())
+    assert "data preflight: 3 items of 3" in text and "warning: 2 of 3 sampled items would be skipped" in text
+    assert "skipped: 1 of 3 (33%): first turn longer than max_length on the teacher side" in text
+    assert "skipped: 1 of 3 (33%): first turn longer than max_length on the student and teacher sides" in text
+    assert "--set data.max_length=" in text
+    fitted = run_cli("distill", recipe("[teacher.processor]\nmax_patches = 6\n[student.processor]\nmax_pixels = 1003520\n"),
+                     "--dry-run")
+    assert fitted.returncode == 0, fitted.stderr
+    text = " ".join(fitted.stdout.split())
+    assert "skipped" not in text and "99% of the sample fits whole" in text
