@@ -300,3 +300,21 @@ def test_estimate_is_a_pure_function_of_the_settings():
     plan = make_plan(fixture_recipe(*INTERNVL), 8, 80)
     again = estimate(plan.job, plan.settings, "distill")
     assert again.total == stage(plan, "distill").total
+
+
+def test_a_cached_teacher_is_planned_as_its_head_alone(tmp_path):
+    """[teacher] cache: the run loads the teacher's LM head only (its input embeddings too for an
+    id-only cache) and runs no teacher forward; the plan counts that, and suggests no teacher
+    sharding. InternVL3-78B's untied head: 151,674 x 8,192 parameters in bf16."""
+    online = make_plan(fixture_recipe(*INTERNVL), 8, 80)
+    cached = make_plan(fixture_recipe(*INTERNVL, f"teacher.cache={tmp_path / 'c'}"), 8, 80)
+    head = 151_674 * 8192 * 2
+    distill = stage(cached, "distill")
+    assert distill.static["teacher LM head (features from the cache)"] == head
+    assert not any(k.startswith("teacher weights") for k in distill.static)
+    assert "teacher forward" not in distill.phases and "teacher forward" in stage(online, "distill").phases
+    assert cached.needed < online.needed
+    assert "only its LM head loaded" in " ".join(cached.to_dict()["assumptions"])
+    ids = make_plan(fixture_recipe(*INTERNVL, f"teacher.cache={tmp_path / 'c'}",
+                                   "recalibrator.answer_input=embeddings"), 8, 80)
+    assert stage(ids, "distill").static["teacher LM head + input embeddings (features from the cache)"] == 2 * head

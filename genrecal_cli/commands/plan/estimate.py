@@ -84,6 +84,8 @@ class Job:
     train_projector: dict  # stage -> distill also trains the projector
     probe_items: int  # 0: no reliance probe
     lengths_from: str = ""  # where max_length comes from when it is measured (the data preflight), else ""
+    teacher_cached: bool = False  # [teacher] cache: only the teacher's head is loaded, no teacher forward
+    teacher_embeddings: bool = False  # an id-only cache: its input embeddings too (answer_input = "embeddings")
     recipe_max_length: int = 0  # data.max_length, the worst case, when max_length is measured
 
 
@@ -135,7 +137,13 @@ def estimate(job: Job, s: Settings, stage: str) -> StageMemory:
     trains = _trained(student_shape, stage, job.train_projector.get(stage, False))
     static: dict[str, float] = {}
     phases: dict[str, dict[str, float]] = {}
-    if with_teacher:
+    if with_teacher and job.teacher_cached:  # the cache's reader: the head (+ the embeddings), whole
+        b = job.teacher_bytes
+        tables = teacher_shape.head_whole + (teacher_shape.parts["embed"] if job.teacher_embeddings
+                                             and not teacher_shape.tied else 0)
+        static["teacher LM head" + (" + input embeddings" if job.teacher_embeddings else "")
+               + " (features from the cache)"] = b * tables
+    elif with_teacher:
         b = job.teacher_bytes
         if gt > 1:
             sharded_part = (teacher_shape.total - teacher_shape.parts["head"]) / gt
@@ -171,9 +179,12 @@ def estimate(job: Job, s: Settings, stage: str) -> StageMemory:
         text_ws = _working_set(d_l, teacher_shape.text.intermediate, te) + 2 * d_l
         vision_ws = teacher_shape.patches_per_token * _working_set(teacher_shape.vision_hidden,
                                                                    teacher_shape.vision_intermediate, te)
-        phases["teacher forward"] = {"teacher gathered (FSDP: root + 2 units)": gathered,
-                                     "teacher working set (one layer at a time)": max(text_ws, vision_ws) * tokens,
-                                     "teacher features (fp32, this + last batch)": 2 * features}
+        if job.teacher_cached:  # no teacher forward: the features arrive with the batch
+            gathered = text_ws = vision_ws = 0
+        else:
+            phases["teacher forward"] = {"teacher gathered (FSDP: root + 2 units)": gathered,
+                                         "teacher working set (one layer at a time)": max(text_ws, vision_ws) * tokens,
+                                         "teacher features (fp32, this + last batch)": 2 * features}
         student["teacher features (fp32)"] = features
         if rec:
             paths = 1 + job.reg.get(stage, False)

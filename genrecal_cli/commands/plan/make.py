@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Optional
 
 from ...errors import GenrecalError
@@ -82,8 +83,11 @@ def assumptions(job: Job, worst_needed: int | None = None) -> list[str]:
     else:
         lengths = (f"every item fills data.max_length ({job.max_length}) tokens on each side; the vision tower sees "
                    "up to max_length image tokens' worth of patches")
+    cached = (["the teacher's features from its cache (teacher.cache): only its LM head"
+               + (" and input embeddings" if job.teacher_embeddings else "") + " loaded, no teacher forward"]
+              if job.teacher_cached else [])
     return [
-        lengths,
+        lengths, *cached,
         f"answers of up to {ANSWER_TOKENS} tokens per item (the loss rows; the logits chunk is at most {CHUNK} rows)",
         ("fp32 compute (train.precision fp32)" if job.act_bytes == 4 else "bf16 autocast (train.precision auto on GPU, "
          "bf16, fp16)") + ", SDPA attention (no s x s scores kept)",
@@ -120,6 +124,8 @@ def make_plan(recipe, gpus: int, gpu_memory_gib: float, measured: tuple[int, str
         reg={"align": True, "distill": recipe.stages.distill.reg},  # objective.py: align always runs the L_reg pass
         train_projector={"distill": recipe.stages.distill.train_projector},
         probe_items=recipe.train.probe_items if recipe.train.probe_every else 0,
+        teacher_cached=bool(needs_teacher and recipe.teacher.cache),
+        teacher_embeddings=bool(needs_teacher and recipe.teacher.cache and _id_only(recipe)),
     )
     par = recipe.parallel
     settings = Settings(gpus, par.teacher == "shard", par.student == "shard", par.shard_group,
@@ -141,6 +147,18 @@ def make_plan(recipe, gpus: int, gpu_memory_gib: float, measured: tuple[int, str
     return plan
 
 
+def _id_only(recipe) -> bool:
+    """Whether the recipe's teacher cache keeps answer ids (its index says; a cache not written
+    yet: what `genrecal teach` writes by default, ids under answer_input = "embeddings")."""
+    index = Path(recipe.teacher.cache).expanduser() / "index.json"
+    if index.is_file():
+        try:
+            return json.loads(index.read_text()).get("answers") == "ids"
+        except ValueError:
+            pass
+    return recipe.recalibrator.answer_input == "embeddings"
+
+
 def _fits(job: Job, s: Settings, gib: float) -> bool:
     return all(needed(estimate(job, s, stage).total) <= gib * GIB for stage in job.stages)
 
@@ -151,7 +169,7 @@ def _peak(job: Job, s: Settings) -> int:
 
 def _shard_teacher(job, s, gib):
     uses_teacher = any(stage in job.stages for stage in ("align", "distill"))
-    if job.teacher is not None and not s.teacher_shard and s.gpus > 1 and uses_teacher:
+    if job.teacher is not None and not s.teacher_shard and s.gpus > 1 and uses_teacher and not job.teacher_cached:
         return replace(s, teacher_shard=True), ["parallel.teacher=shard"]
 
 
