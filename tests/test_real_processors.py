@@ -161,6 +161,9 @@ def test_dry_run_on_real_processors_warns_before_anything_loads(world, tmp_path)
     assert "skipped: 1 of 3 (33%): first turn longer than max_length on the teacher side" in text
     assert "skipped: 1 of 3 (33%): first turn longer than max_length on the student and teacher sides" in text
     assert "--set data.max_length=" in text
+    # the largest resolution at which the sample fits max_length, found by rendering it again:
+    # the shipped recipe's settings (InternVL at 9 tiles still gives the screenshot 2,304 tokens)
+    assert "--set teacher.processor.max_patches=6" in text and "--set student.processor.max_pixels=1003520" in text
     fitted = run_cli("distill", recipe("[teacher.processor]\nmax_patches = 6\n[student.processor]\nmax_pixels = 1003520\n"),
                      "--dry-run")
     assert fitted.returncode == 0, fitted.stderr

@@ -33,10 +33,46 @@ def run_preflight(recipe, sample: int, *, needs_teacher: bool | None = None) -> 
         image_tokens = max(m.image_tokens_per_image() for m in models.values())
         estimates = length_estimates(rows, recipe.data, image_tokens)
     report = summarise(measured, recipe.data.max_length, stage.batch_size, recipe.train.seed, estimates)
+    report["resolution"] = _resolution(recipe, models, rows, measured, sample)
     report["models"] = {r: spec_path for r, spec_path in ((r, getattr(recipe, r).path) for r in roles)}
     report["source"] = recipe.data.source
     report["rows"] = len(rows) if hasattr(rows, "__len__") else None
     return report
+
+
+def _resolution(recipe, models: dict, rows, measured: list, sample: int) -> dict:
+    """For each side whose own items do not fit 99% at max_length, the largest value of its
+    family's resolution key (data.preflight.RESOLUTION) at which they do, found by rendering the
+    sample again at each value: {side: {"key", "value", "set"}} (value None: none fits)."""
+    from ..data.loader import PairDataset
+    from ..data.preflight import RESOLUTION, fits_whole, measure_sample
+    from ..models import ProcessorSettings, load_vlm
+    from ..models.processor_settings import current_value
+    from ..world.zoo import resolve_source
+
+    max_length, out = recipe.data.max_length, {}
+    for role, vlm in models.items():
+        mine = [m.sides[role] for m in measured if m.sides]
+        if vlm.family not in RESOLUTION or fits_whole(mine, max_length) >= 0.99:
+            continue
+        key, candidates = RESOLUTION[vlm.family]
+        now = current_value(vlm.processor.image_processor, key)
+        spec, found = getattr(recipe, role), None
+        for value in candidates:
+            if now is not None and not isinstance(value, bool) and value >= now:
+                continue  # not lower than what it is now
+            if isinstance(value, bool) and now is not None and value == now:
+                continue
+            settings = ProcessorSettings({**spec.processor, key: value}, f"{role}.processor", recipe.origin)
+            processor = load_vlm(resolve_source(spec.path), revision=spec.revision, empty=True,
+                                 trust_remote_code=spec.trust_remote_code, settings=settings).processor
+            again = measure_sample(PairDataset(rows, recipe.data, {role: processor}), {role: vlm.image_token_id}, sample)
+            if fits_whole([m.sides[role] for m in again if m.sides], max_length) >= 0.99:
+                found = value
+                break
+        out[role] = {"key": key, "value": found,
+                     "set": None if found is None else f"--set {role}.processor.{key}={str(found).lower()}"}
+    return out
 
 
 def _roles(recipe, needs_teacher: bool | None) -> list[str]:
@@ -102,7 +138,12 @@ def show(report: dict, console) -> None:
     if report["fits_99"] is None:
         return
     if (skipped + report["cut"]) / max(1, n) > 0.01:
-        console.print(f"  99% of the sample fits whole with [bold]--set data.max_length={report['fits_99']}[/] "
-                      "(or lower the image resolution: \\[teacher.processor] / \\[student.processor])")
+        lines = [r["set"] for r in report.get("resolution", {}).values() if r["set"]]
+        console.print(f"  99% of the sample fits whole with [bold]--set data.max_length={report['fits_99']}[/]"
+                      + (f", or at this max_length with a lower image resolution: [bold]{' '.join(lines)}[/]" if lines
+                         else " (or lower the image resolution: \\[teacher.processor] / \\[student.processor])"))
+        for side, r in report.get("resolution", {}).items():
+            if r["set"] is None:
+                console.print(f"  no {r['key']} of the {side}'s makes 99% of its items fit max_length {max_length:,}")
     else:
         console.print(f"  99% of the sample fits whole (the longer side's p99: {report['fits_99']:,} tokens)")

@@ -14,6 +14,14 @@ from .loader import PairDataset, Skipped
 from .render import Lengths
 
 PERCENTILES = (50, 90, 99)
+# The image-resolution key a preflight may lower per family, and the values it tries, largest first
+# (Qwen2-VL: pixels, in units of one 28 x 28 token; InternVL: tiles; Idefics3: splitting off).
+RESOLUTION = {
+    "qwen2_vl": ("max_pixels", tuple(n * 784 for n in (1280, 1024, 768, 512, 384, 256, 128))),
+    "qwen2_5_vl": ("max_pixels", tuple(n * 784 for n in (1280, 1024, 768, 512, 384, 256, 128))),
+    "internvl": ("max_patches", (9, 6, 4, 2, 1)),
+    "idefics3": ("do_image_splitting", (False,)),
+}
 
 
 @dataclass
@@ -124,3 +132,10 @@ def _padding(lengths: list[int], batch_size: int, seed: int, estimate) -> float 
         real += sum(lengths[i] for i in batch)
         padded += longest * len(batch)
     return 1 - real / padded if padded else 0.0
+
+
+def fits_whole(lengths: list[Lengths], max_length: int) -> float:
+    """The share of items whose every turn fits in max_length tokens (1.0 for none)."""
+    if not lengths:
+        return 1.0
+    return sum(x.fit(max_length) == len(x.turns) for x in lengths) / len(lengths)

@@ -102,3 +102,11 @@ def _get(size, key: str):
 
 def _replace(size, key: str, value):
     return {**size, key: value} if isinstance(size, dict) else dataclasses.replace(size, **{key: value})
+
+
+def current_value(image_processor, key: str):
+    """What `key` is on an image processor now (Qwen2-VL's pixel bounds: from its `size`)."""
+    bound = PIXEL_BOUNDS.get(key)
+    if bound is not None and _get(getattr(image_processor, "size", None), bound) is not None:
+        return _get(image_processor.size, bound)
+    return getattr(image_processor, key, None)
