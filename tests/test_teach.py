@@ -145,6 +145,7 @@ def test_dry_run_states_the_size_and_writes_nothing(tmp_path, tiny_pair):
     out = run_cli("teach", recipe, "--dry-run", "--no-question")
     assert out.returncode == 0, out.stderr
     assert "12 items x" in out.stdout and "in bf16: answers" in out.stdout and "L_reg off" in out.stdout
+    assert "data preflight: 12 items" in " ".join(out.stdout.split())  # the data preflight, both sides
     assert not (tmp_path / "c").exists()
     table = out.stdout[out.stdout.index("in each form"):]
     for form in ("fp32", "bf16", "fp8", "full", "topk:32"):
@@ -429,3 +430,9 @@ def test_an_id_only_cache_keeps_no_answer_features_and_trains_like_the_embedding
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), k
     with pytest.raises(DataError, match="recalibrator.answer_input changed"):
         distill(recipe_from_dict(_raw(tmp, out="hidden-from-ids", cache=tmp / "ids")))
+    worker = raw("emb-ids-worker", tmp / "ids")  # read in a loader worker: it gets the reader, not the table
+    worker["data"]["num_workers"] = 1
+    worker["stages"] = {"align": {"steps": 1, "batch_size": 4, "lr": 1e-3}}
+    in_worker = Recorder()
+    distill(recipe_from_dict(worker), reporter=in_worker)
+    assert in_worker.rows[0][2]["ar"] == pytest.approx(online.rows[0][2]["ar"], rel=1e-5)
