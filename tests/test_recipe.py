@@ -228,3 +228,39 @@ def test_a_teacher_recipe_is_needed_only_when_the_teacher_is_missing(tmp_path):
     teacher.rmdir()
     assert any(p.startswith("teacher.recipe: recipe file not found") and "does not exist" in p
                for p in problems_of(raw))
+
+
+def _problems(raw, *overrides) -> list[str]:
+    with pytest.raises(RecipeError) as caught:
+        recipe_from_dict(raw, overrides)
+    return caught.value.problems
+
+
+def test_one_teachers_table_is_a_teacher_table_and_several_are_refused_naming_the_teacher(tmp_path):
+    """[[teachers]] (issue 31, part 1: the recipe): one table means exactly what [teacher] means
+    (its own [teachers.recalibrator] over the recipe's); errors name the teacher by position;
+    several teachers are refused in one line until the engine runs them."""
+    stages = {"distill": {"steps": 1}}
+    one = recipe_from_dict({"student": {"path": "zoo:tiny-student"}, "stages": stages, "recalibrator": {"num_blocks": 3},
+                            "teachers": [{"name": "charts", "path": "zoo:tiny-teacher", "dtype": "bfloat16",
+                                          "recalibrator": {"answer_input": "embeddings"}}]})
+    plain = recipe_from_dict({"student": {"path": "zoo:tiny-student"}, "stages": stages,
+                              "recalibrator": {"num_blocks": 3, "answer_input": "embeddings"},
+                              "teacher": {"path": "zoo:tiny-teacher", "dtype": "bfloat16"}})
+    assert one == plain and one.to_dict() == plain.to_dict() and "teachers" not in one.to_dict()
+    two = {"student": {"path": "zoo:tiny-student"}, "stages": stages,
+           "teachers": [{"name": "a", "path": "zoo:tiny-teacher"}, {"name": "b", "path": str(tmp_path / "nowhere")}]}
+    found = _problems(two)
+    assert f"teachers[1].path: path not found: {tmp_path / 'nowhere'}" in found
+    assert any(p.startswith("teachers: 2 teachers in one run are not supported yet") for p in found)
+    fixed = _problems(two, "teachers.1.path=zoo:tiny-teacher", "teachers.1.weight=-1", "teachers.0.name=a b")
+    assert "teachers[1].weight: -1.0 must be >= 0" in fixed and any(p.startswith("teachers[0].name: 'a b'") for p in fixed)
+    assert not any("path not found" in p for p in fixed)  # --set reached the second table
+    same = _problems({**two, "teachers": [{"name": "a", "path": "zoo:tiny-teacher"}] * 2})
+    assert "teachers: the name 'a' is given to 2 teachers; names must differ" in same
+    both = _problems({**two, "teacher": {"path": "zoo:tiny-teacher"}, "teachers": two["teachers"][:1]})
+    assert "teachers: a recipe has one [teacher] table or [[teachers]] tables, not both" in both
+    lone = _problems({**two, "teachers": {"name": "a", "path": "zoo:tiny-teacher"}})
+    assert "teachers: expected an array of tables ([[teachers]]), got one table [teachers]" in lone
+    out_of_range = _problems(two, "teachers.5.weight=1")
+    assert any("`5` is not one of the 2 tables' positions" in p for p in out_of_range)

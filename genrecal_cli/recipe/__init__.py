@@ -15,12 +15,13 @@ from .specs import (
     Recipe,
     StageSpec,
     StagesSpec,
+    TeacherSpec,
     TrainSpec,
     looks_like_hub_id,
 )
 
 __all__ = [
     "BUILT_IN_DATA", "TRACKERS", "ZOO_PREFIX", "DataSpec", "LossSpec", "ModelSpec", "ParallelSpec", "RecalibratorSpec",
-    "Recipe", "StageSpec", "StagesSpec", "TrainSpec", "load_recipe", "looks_like_hub_id", "parse_override",
+    "Recipe", "StageSpec", "StagesSpec", "TeacherSpec", "TrainSpec", "load_recipe", "looks_like_hub_id", "parse_override",
     "recipe_from_dict",
 ]

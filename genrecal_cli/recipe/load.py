@@ -32,8 +32,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except UnicodeDecodeError as exc:
         raise RecipeError(str(path), [f"not a UTF-8 text file ({exc.reason})"]) from None
     # A recipe that names another recipe (to build its teacher, say) names it relative to itself.
-    for role in ("teacher", "student"):
-        table = raw.get(role)
+    tables = [raw.get("teacher"), raw.get("student"), *(raw.get("teachers") if isinstance(raw.get("teachers"), list) else [])]
+    for table in tables:
         if isinstance(table, dict) and isinstance(table.get("recipe"), str) and not Path(table["recipe"]).is_absolute():
             table["recipe"] = str(path.parent / table["recipe"])
     return recipe_from_dict(raw, overrides, source=str(path))
@@ -43,10 +43,25 @@ def recipe_from_dict(raw: dict[str, Any], overrides=(), *, source: str = "<memor
     """Validate plain data (as read from TOML) into a Recipe; used by load_recipe and tests."""
     problems: list[str] = []
     raw = _apply_overrides(raw, overrides, problems)
+    raw = _teachers_recalibrator(raw)
     recipe = _build(Recipe, raw, "", problems)
     if problems or recipe is None:
         raise RecipeError(source, problems)
+    if len(recipe.teachers) == 1:  # one [[teachers]] table is a [teacher] table
+        only = recipe.teachers[0]
+        recipe = dataclasses.replace(recipe, teacher=only.as_model(), recalibrator=only.recalibrator, teachers=())
     return dataclasses.replace(recipe, origin=source)
+
+
+def _teachers_recalibrator(raw: dict[str, Any]) -> dict[str, Any]:
+    """Each [[teachers]] table's recalibrator: the recipe's [recalibrator] with its own
+    [teachers.recalibrator] over it."""
+    teachers, base = raw.get("teachers"), raw.get("recalibrator", {})
+    if not isinstance(teachers, list) or not isinstance(base, dict):
+        return raw
+    merged = [{**t, "recalibrator": {**base, **t.get("recalibrator", {})}}
+              if isinstance(t, dict) and isinstance(t.get("recalibrator", {}), dict) else t for t in teachers]
+    return {**raw, "teachers": merged}
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -71,13 +86,22 @@ def _apply_overrides(raw: dict[str, Any], overrides, problems: list[str]) -> dic
             continue
         node = raw
         for k in keys[:-1]:
+            if isinstance(node, list):  # an array of tables by position: teachers.1.weight
+                if not (k.isdigit() and int(k) < len(node)):
+                    problems.append(f"--set {text}: `{k}` is not one of the {len(node)} tables' positions (0-based)")
+                    break
+                node = node[int(k)]
+                continue
             child = node.setdefault(k, {})
-            if not isinstance(child, dict):
+            if not isinstance(child, (dict, list)):
                 problems.append(f"--set {text}: `{k}` is a value, not a table")
                 break
             node = child
         else:
-            node[keys[-1]] = value  # unknown keys are reported by validation, with did-you-mean
+            if isinstance(node, dict):
+                node[keys[-1]] = value  # unknown keys are reported by validation, with did-you-mean
+            else:
+                problems.append(f"--set {text}: give a key inside one of the tables (e.g. {'.'.join(keys)}.0.KEY)")
     return raw
 
 
@@ -143,6 +167,15 @@ def _convert(hint: Any, value: Any, key: str, problems: list[str]) -> Any:
             problems.append(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}{hint_txt}")
             return _BAD
         return value
+    if origin is tuple and dataclasses.is_dataclass(typing.get_args(hint)[0]):  # an array of tables
+        if isinstance(value, dict):
+            problems.append(f"{key}: expected an array of tables ([[{key}]]), got one table [{key}]")
+            return _BAD
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            problems.append(f"{key}: expected an array of tables ([[{key}]]), got {_type_name(value)} {value!r}")
+            return _BAD
+        built = [_build(typing.get_args(hint)[0], v, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+        return _BAD if any(b is None for b in built) else tuple(built)
     if origin is tuple:  # a list of strings (a single string is a list of one)
         items = [value] if isinstance(value, str) else value
         if isinstance(items, (list, tuple)) and all(isinstance(v, str) for v in items):

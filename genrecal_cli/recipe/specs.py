@@ -261,6 +261,33 @@ class ParallelSpec:
             _positive(self.shard_group, f"{key}.shard_group", problems)
 
 
+_TEACHER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
+@dataclass(frozen=True)
+class TeacherSpec(ModelSpec):
+    """One of the recipe's `[[teachers]]`: a [teacher] table's keys, its `name` (for metrics and
+    files) and the `weight` of its loss terms, with its own `[teachers.recalibrator]` over the
+    recipe's [recalibrator]. One [[teachers]] table means what a [teacher] table means; several
+    teachers in one run are refused until the engine runs them (issue 31)."""
+
+    name: str = ""
+    weight: float = 1.0
+    recalibrator: RecalibratorSpec = field(default_factory=RecalibratorSpec)
+
+    def _check(self, key: str, problems: list[str]) -> None:
+        super()._check(key, problems)
+        if not _TEACHER_NAME.match(self.name) or self.name == "student":
+            problems.append(f"{key}.name: {self.name!r} must start with a letter and hold only letters, digits, "
+                            "'-' and '_' (and not be 'student')")
+        if self.weight < 0:
+            problems.append(f"{key}.weight: {self.weight} must be >= 0")
+
+    def as_model(self) -> ModelSpec:
+        """The [teacher] table this one stands for."""
+        return ModelSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelSpec)})
+
+
 @dataclass(frozen=True)
 class Recipe:
     """A whole distillation recipe. `teacher` may be absent for finetune-only recipes."""
@@ -273,13 +300,22 @@ class Recipe:
     stages: StagesSpec = field(default_factory=StagesSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     parallel: ParallelSpec = field(default_factory=ParallelSpec)
+    teachers: tuple[TeacherSpec, ...] = ()  # [[teachers]]; one is read as [teacher] (recipe_from_dict)
     origin: str = field(default="<memory>", compare=False)  # the file it came from
 
     def _check(self, key: str, problems: list[str]) -> None:
         if not self.stages.enabled():
             problems.append("stages: every stage is disabled; enable at least one of align, distill, finetune")
+        if self.teachers and self.teacher is not None:
+            problems.append("teachers: a recipe has one [teacher] table or [[teachers]] tables, not both")
+        names = [t.name for t in self.teachers]
+        for name in sorted({n for n in names if names.count(n) > 1}):
+            problems.append(f"teachers: the name {name!r} is given to {names.count(name)} teachers; names must differ")
+        if len(self.teachers) > 1:
+            problems.append(f"teachers: {len(self.teachers)} teachers in one run are not supported yet (issue 31: "
+                            "one Recalibrator per teacher); keep one [[teachers]] table")
         needs_teacher = [s for s in ("align", "distill") if getattr(self.stages, s).enabled]
-        if needs_teacher and self.teacher is None:
+        if needs_teacher and self.teacher is None and not self.teachers:
             problems.append(
                 f"teacher: stage{'s' if len(needs_teacher) > 1 else ''} {', '.join(needs_teacher)} "
                 "need a teacher; add a [teacher] table with a `path`"
@@ -291,9 +327,11 @@ class Recipe:
                                     "epoch's, is not known in advance)")
         if self.student.cache is not None:
             problems.append("student.cache: only [teacher] has a feature cache")
-        if self.teacher is not None and self.teacher.cache is not None and self.data.streaming:
-            problems.append("teacher.cache: the cache finds items by their row number, which a stream does not have; "
-                            "set data.streaming = false")
+        sides = [("teacher", self.teacher)] + [(f"teachers[{i}]", t) for i, t in enumerate(self.teachers)]
+        for key_, spec in sides:
+            if spec is not None and spec.cache is not None and self.data.streaming:
+                problems.append(f"{key_}.cache: the cache finds items by their row number, which a stream does not "
+                                "have; set data.streaming = false")
         if self.loss.kd and not self.stages.distill.enabled:
             problems.append("loss.kd: the teacher's distribution reaches the student in the distill stage, which is "
                             "disabled; enable stages.distill or set loss.kd = 0")
@@ -317,6 +355,8 @@ class Recipe:
         """The resolved recipe as plain data (stored with every checkpoint)."""
         out = dataclasses.asdict(self)
         out.pop("origin")
+        if not out["teachers"]:  # (a recipe of one teacher reads as it did before [[teachers]])
+            out.pop("teachers")
         return _drop_none(out)
 
 
