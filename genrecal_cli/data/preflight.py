@@ -7,6 +7,7 @@ data.max_length would skip or cut, the padding shuffled or grouped by length.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -16,9 +17,10 @@ from .render import Lengths
 PERCENTILES = (50, 90, 99)
 # The image-resolution key a preflight may lower per family, and the values it tries, largest first
 # (Qwen2-VL: pixels, in units of one 28 x 28 token; InternVL: tiles; Idefics3: splitting off).
+_QWEN_PIXELS = ("max_pixels", tuple(n * 784 for n in (1280, 1024, 768, 512, 384, 256, 128)))
 RESOLUTION = {
-    "qwen2_vl": ("max_pixels", tuple(n * 784 for n in (1280, 1024, 768, 512, 384, 256, 128))),
-    "qwen2_5_vl": ("max_pixels", tuple(n * 784 for n in (1280, 1024, 768, 512, 384, 256, 128))),
+    "qwen2_vl": _QWEN_PIXELS,
+    "qwen2_5_vl": _QWEN_PIXELS,
     "internvl": ("max_patches", (9, 6, 4, 2, 1)),
     "idefics3": ("do_image_splitting", (False,)),
 }
@@ -78,24 +80,25 @@ def summarise(measured: list[Measured], max_length: int, batch_size: int, seed: 
     - fits_99: the max_length at which 99% of the sample fits whole (no turn dropped)."""
     sides = sorted(next((m.sides for m in measured if m.sides), {}) or {})
     readable = [m for m in measured if m.sides]
-    report: dict = {"items": len(measured), "max_length": max_length, "sides": {}, "skipped": {}, "cut": 0}
-    usable, kept = [], {s: [] for s in sides}
+    report: dict = {"items": len(measured), "max_length": max_length, "sides": {}, "cut": 0}
+    usable, kept, skipped = [], {s: [] for s in sides}, Counter()
     for m in measured:
         if m.sides is None:
-            report["skipped"][f"unreadable ({m.unreadable})"] = report["skipped"].get(f"unreadable ({m.unreadable})", 0) + 1
+            skipped[f"unreadable ({m.unreadable})"] += 1
             continue
         fits = {s: m.sides[s].fit(max_length) for s in sides}
         turns = min(fits.values())
         if turns == 0:
             short = [s for s in sides if fits[s] == 0]
-            reason = f"first turn longer than max_length on the {' and '.join(short)} side{'s' if len(short) > 1 else ''}"
-            report["skipped"][reason] = report["skipped"].get(reason, 0) + 1
+            skipped[f"first turn longer than max_length on the {' and '.join(short)} side{'s' if len(short) > 1 else ''}"] += 1
             continue
         if turns < len(m.sides[sides[0]].turns):
             report["cut"] += 1
         usable.append(m)
         for s in sides:
             kept[s].append(sum(m.sides[s].turns[:turns]))
+    report["skipped"] = dict(skipped)
+    grouped = (lambda idx: estimates([usable[i].index for i in idx])) if estimates else None
     for s in sides:
         total = [m.sides[s].total for m in readable]
         image = [m.sides[s].image for m in readable]
@@ -104,9 +107,7 @@ def summarise(measured: list[Measured], max_length: int, batch_size: int, seed: 
             "tokens": _spread(total), "image_tokens": _spread(image), "text_tokens": _spread(text),
             "kept_tokens": _spread(kept[s]),
             "padding": _padding(kept[s], batch_size, seed, None),
-            "padding_grouped": _padding(kept[s], batch_size, seed,
-                                        (lambda idx: estimates([usable[i].index for i in idx])) if estimates else None)
-            if estimates else None,
+            "padding_grouped": _padding(kept[s], batch_size, seed, grouped) if grouped else None,
         }
     whole = [max(m.sides[s].total for s in sides) for m in readable]
     report["usable"] = len(usable)

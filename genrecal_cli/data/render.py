@@ -134,32 +134,35 @@ class Lengths:
 
     def fit(self, max_length: int) -> int:
         """How many leading turns fit in max_length tokens."""
-        total, turns = 0, 0
-        for n in self.turns:
-            total += n
-            if total > max_length:
-                break
-            turns += 1
-        return turns
+        return _leading_fit(self.turns, max_length)
 
 
 def measure(processor, conv: Conversation, images: list, image_token_id: int) -> Lengths:
     """`conv` rendered as `encode` renders it, counted: tokens per turn, and image tokens (those
     with `image_token_id`)."""
     pieces, _ = _pieces(processor, conv, images)
-    turns = [len(pieces[k].ids) + len(pieces[k + 1].ids) for k in range(0, len(pieces), 2)]
-    return Lengths(turns, sum(i == image_token_id for p in pieces for i in p.ids))
+    return Lengths(_turn_lengths(pieces), sum(i == image_token_id for p in pieces for i in p.ids))
 
 
 def turns_that_fit(pieces: list[_Piece], max_length: int) -> int:
     """How many leading turns (question + answer pairs) fit in max_length tokens."""
-    total, turns = 0, 0
-    for k in range(0, len(pieces), 2):
-        total += len(pieces[k].ids) + len(pieces[k + 1].ids)
+    return _leading_fit(_turn_lengths(pieces), max_length)
+
+
+def _turn_lengths(pieces: list[_Piece]) -> list[int]:
+    """Each turn's tokens (its question piece and its answer piece)."""
+    return [len(pieces[k].ids) + len(pieces[k + 1].ids) for k in range(0, len(pieces), 2)]
+
+
+def _leading_fit(turns: list[int], max_length: int) -> int:
+    """How many of the leading turns of these lengths fit in max_length tokens together."""
+    total, fit = 0, 0
+    for n in turns:
+        total += n
         if total > max_length:
             break
-        turns += 1
-    return turns
+        fit += 1
+    return fit
 
 
 def _pieces(processor, conv: Conversation, images: list) -> tuple[list[_Piece], list[Answer]]:
