@@ -81,8 +81,10 @@ def distill(
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if os.environ.get("RANK", "0") == "0" and json_out != "-":
         console.print(plan_table(loaded))
-        teacher = loaded.teacher.path if loaded.teacher else "-"
-        console.print(f"teacher [bold]{teacher}[/]\nstudent [bold]{loaded.student.path}[/]\ndata    {loaded.data.source}\noutput  {loaded.train.output_dir}")
+        teachers = [f"teacher [bold]{t.path}[/]" + (f" ({t.name}, weight {t.weight:g})" if loaded.several_teachers else "")
+                    for t in (loaded.teachers if loaded.several_teachers else [loaded.teacher] if loaded.teacher else [])]
+        console.print("\n".join(teachers or ["teacher -"])
+                      + f"\nstudent [bold]{loaded.student.path}[/]\ndata    {loaded.data.source}\noutput  {loaded.train.output_dir}")
         if not dry_run:
             console.print(f"processes {processes}: global batch = batch per process x accum x {processes}")
         elif gpus is None:
@@ -159,6 +161,7 @@ def teach(
     answers: Optional[str] = typer.Option(None, "--answers", help="What keeps the Recalibrator's answer input: features (its rows) or ids (nothing but the answer ids, looked up in the teacher's input embeddings when read; answer_input = \"embeddings\" only). Default: ids under \"embeddings\", else features."),
     dry_run: bool = typer.Option(False, "--dry-run", help="State the cache's size for the recipe's data in every storage form, run the data preflight, and stop."),
     sample: int = typer.Option(256, "--sample", min=0, metavar="N", help="With --dry-run: the data preflight's items (distill --dry-run's)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", metavar="NAME", help="With several [[teachers]]: the one whose cache to write (its `cache` is the default folder)."),
 ) -> None:
     """Run the teacher once over the recipe's training data and write its features into a cache
     that align and distill read instead ([teacher] cache = DIR): one teacher pass, many students."""
@@ -171,9 +174,9 @@ def teach(
     if recipe is None:
         raise GenrecalError("genrecal teach: give a RECIPE (or --verify DIR to check a cache)")
 
-    loaded = load_recipe(recipe, overrides or [])
-    if loaded.teacher is None:
-        raise GenrecalError(f"{recipe}: no [teacher] table: nothing to cache")
+    from .commands.teach import one_teacher
+
+    loaded = one_teacher(load_recipe(recipe, overrides or []), teacher)
     folder = output if output is not None else loaded.teacher.cache
     if folder is None:
         raise GenrecalError(f"{recipe}: where should the cache go? set teacher.cache in the recipe or give --output DIR")
@@ -294,7 +297,7 @@ def _dry_run(recipe, gpus: Optional[int], gpu_memory: Optional[float], json_out:
 
     from .commands.preflight_view import preflight_or_reason, show
 
-    if any(m is not None and (m.path.startswith("zoo:") or m.recipe) for m in (recipe.teacher, recipe.student)):
+    if any(m is not None and (m.path.startswith("zoo:") or m.recipe) for m in (recipe.teacher, recipe.student, *recipe.teachers)):
         _quiet_libraries()  # a zoo model is built on first use; keep transformers' progress bars out
     out: dict = {}
     if sample:

@@ -283,3 +283,42 @@ def test_probe_steps_are_always_logged_and_shown_in_line_and_panel(tmp_path):
     assert "reliance on the student" in out and "first answer token" in out and "40%" in out
     lines = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out).splitlines()
     assert max(len(line) for line in lines) <= 80
+
+
+def test_several_teachers_show_each_teachers_terms_alignment_and_probe_under_its_name(tmp_path):
+    """Several [[teachers]]: `NAME/key` metrics read as that teacher's, in the line, the panel and
+    metrics.jsonl's order; a step with any teacher's probe is logged."""
+    from genrecal_cli.commands.metrics_view import ordered_keys, split_key
+
+    two = {"loss": 2.5, "sft": 0.3}
+    for name, shift in (("charts", 0.0), ("ocr", 0.5)):
+        two.update({f"{name}/ar": 1.0 + shift, f"{name}/kl": 0.4 + shift, f"{name}/top1": 0.6 + shift / 10,
+                    f"{name}/teacher_a_tokens": 30.0 + shift, f"{name}/student_a_tokens": 24.0,
+                    f"{name}/boundary_agreement": 0.7})
+    two["grad_norm"] = 0.5
+    assert split_key("ocr/ar") == ("ocr", "ar") and split_key("ocr/extra") == (None, "ocr/extra")
+    assert ordered_keys(two)[:4] == ["loss", "sft", "charts/ar", "charts/kl"] and ordered_keys(two)[-1] == "grad_norm"
+    console = plain_console()
+    with Reporter(tmp_path, console=console, log_every=10) as r:
+        r.stage_start("distill", 20)
+        for step in range(1, 11):
+            probe = {"ocr/rely_first_top1_real": 0.9, "ocr/rely_first_top1_other": 0.2,
+                     "ocr/rely_first_top1_zero": 0.1} if step == 3 else {}
+            r.step("distill", step, {**two, **probe})
+    lines = step_lines(console.file.getvalue(), "distill")
+    assert [re.search(r"(\d+)/20", line).group(1) for line in lines] == ["3", "10"]  # 3: ocr's probe
+    assert "(sft 0.30 | charts: ar 1.00 kl 0.40 | ocr: ar 1.50 kl 0.90)" in lines[0]
+    assert "charts top1 0.60" in lines[0] and "ocr top1 0.65" in lines[0] and "ocr rely first 0.90/0.20/0.10" in lines[0]
+    assert "grad_norm 0.5" in lines[0] and "charts/ar" not in lines[0]  # a teacher's key is not an extra
+    rows = [json.loads(x) for x in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    assert list(rows[0])[3:7] == ["loss", "sft", "charts/ar", "charts/kl"] and rows[0]["ocr/ar"] == 1.5
+
+    live = Console(file=io.StringIO(), force_terminal=True, width=80, color_system=None)
+    with Reporter(None, console=live, log_every=1) as r:
+        run_stage(r, "distill", 1, {**two, "ocr/rely_first_top1_real": 0.9, "ocr/rely_first_top1_other": 0.2,
+                                     "ocr/rely_first_top1_zero": 0.1})
+    out = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", live.file.getvalue())
+    assert "charts ar" in out and "ocr kl" in out  # each teacher's terms
+    assert re.search(r"top-1 agreement\s+60%\s+65%", out)  # a column per teacher
+    assert "ocr first answer token" in out and "charts first answer token" not in out
+    assert max(len(line) for line in out.splitlines()) <= 80

@@ -318,3 +318,30 @@ def test_a_cached_teacher_is_planned_as_its_head_alone(tmp_path):
     ids = make_plan(fixture_recipe(*INTERNVL, f"teacher.cache={tmp_path / 'c'}",
                                    "recalibrator.answer_input=embeddings"), 8, 80)
     assert stage(ids, "distill").static["teacher LM head + input embeddings (features from the cache)"] == 2 * head
+
+
+def test_several_teachers_are_each_planned(tmp_path):
+    """[[teachers]]: InternVL3-78B online and Qwen2-VL-72B from its cache into Qwen2-VL-2B. Each
+    teacher's weights (or head) and Recalibrator stay; the online one's forward is planned with
+    the other's features held; the plan needs more than the InternVL teacher alone."""
+    import tomllib
+
+    raw = tomllib.loads((ROOT / INTERNVL[0]).read_text())
+    intern = {**raw.pop("teacher"), "name": "intern", "path": str(CONFIGS / INTERNVL[1])}
+    raw["teachers"] = [intern, {"name": "qwen", "path": str(CONFIGS / QWEN72[1]), "dtype": "bfloat16",
+                                "cache": str(tmp_path / "c")}]
+    raw["student"]["path"] = str(CONFIGS / INTERNVL[2])
+    from genrecal_cli.recipe import recipe_from_dict
+
+    two = make_plan(recipe_from_dict(raw), 8, 80)
+    alone = make_plan(fixture_recipe(*INTERNVL), 8, 80)
+    d2, d1 = stage(two, "distill"), stage(alone, "distill")
+    weights = next(k for k in d1.static if k.startswith("teacher weights"))
+    assert d2.static[weights.replace("teacher", "teacher intern", 1)] == d1.static[weights]
+    assert d2.static["teacher qwen LM head (features from the cache)"] == 152_064 * 8192 * 2  # its vocab x hidden, bf16
+    rec = d2.static["Recalibrators: weights, grads, states"]
+    assert rec > d1.static["Recalibrator: weights, grads, states"]
+    assert rec == 16 * sum(t.rec_params for t in two.job.teachers()) / 8  # (the student is sharded over 8)
+    assert d2.phases["teacher forward"]["the other teachers' features (fp32)"] > 0
+    assert two.needed > alone.needed
+    assert set(two.to_dict()["models"]["teachers"]) == {"intern", "qwen"}

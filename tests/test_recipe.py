@@ -236,10 +236,11 @@ def _problems(raw, *overrides) -> list[str]:
     return caught.value.problems
 
 
-def test_one_teachers_table_is_a_teacher_table_and_several_are_refused_naming_the_teacher(tmp_path):
-    """[[teachers]] (issue 31, part 1: the recipe): one table means exactly what [teacher] means
-    (its own [teachers.recalibrator] over the recipe's); errors name the teacher by position;
-    several teachers are refused in one line until the engine runs them."""
+def test_one_teachers_table_is_a_teacher_table_and_errors_name_the_teacher(tmp_path):
+    """[[teachers]] (issue 31): one table means exactly what [teacher] means (its own
+    [teachers.recalibrator] over the recipe's); errors name the teacher by position; what
+    several teachers cannot do (all weights 0, loss.kd / loss.uld) is refused in one line; each
+    teacher's view is the recipe as a run of it alone."""
     stages = {"distill": {"steps": 1}}
     one = recipe_from_dict({"student": {"path": "zoo:tiny-student"}, "stages": stages, "recalibrator": {"num_blocks": 3},
                             "teachers": [{"name": "charts", "path": "zoo:tiny-teacher", "dtype": "bfloat16",
@@ -252,7 +253,7 @@ def test_one_teachers_table_is_a_teacher_table_and_several_are_refused_naming_th
            "teachers": [{"name": "a", "path": "zoo:tiny-teacher"}, {"name": "b", "path": str(tmp_path / "nowhere")}]}
     found = _problems(two)
     assert f"teachers[1].path: path not found: {tmp_path / 'nowhere'}" in found
-    assert any(p.startswith("teachers: 2 teachers in one run are not supported yet") for p in found)
+    assert not any(p.startswith("teachers:") for p in found)  # two teachers are a run
     fixed = _problems(two, "teachers.1.path=zoo:tiny-teacher", "teachers.1.weight=-1", "teachers.0.name=a b")
     assert "teachers[1].weight: -1.0 must be >= 0" in fixed and any(p.startswith("teachers[0].name: 'a b'") for p in fixed)
     assert not any("path not found" in p for p in fixed)  # --set reached the second table
@@ -264,3 +265,16 @@ def test_one_teachers_table_is_a_teacher_table_and_several_are_refused_naming_th
     assert "teachers: expected an array of tables ([[teachers]]), got one table [teachers]" in lone
     out_of_range = _problems(two, "teachers.5.weight=1")
     assert any("`5` is not one of the 2 tables' positions" in p for p in out_of_range)
+    silent = _problems(two, "teachers.1.path=zoo:tiny-teacher", "teachers.0.weight=0", "teachers.1.weight=0", "loss.kd=1")
+    assert any(p.startswith("teachers: every teacher's weight is 0") for p in silent)
+    assert any(p.startswith("loss.kd: scores the student against one teacher's rows") for p in silent)
+    ok = recipe_from_dict({**two, "recalibrator": {"num_blocks": 3}, "teachers": [
+        {"name": "a", "path": "zoo:tiny-teacher", "weight": 0.25, "cache": str(tmp_path)},
+        {"name": "b", "path": "zoo:internvl", "recalibrator": {"answer_input": "embeddings"}}]})
+    assert ok.several_teachers and ok.teacher is None and one.several_teachers is False
+    a, b = ok.teacher_views()
+    assert (a.name, a.weight, b.name, b.weight) == ("a", 0.25, "b", 1.0)
+    assert a.recipe.teacher.cache == str(tmp_path) and b.recipe.teacher.path == "zoo:internvl" and not a.recipe.teachers
+    assert (a.recipe.recalibrator.answer_input, b.recipe.recalibrator.answer_input) == ("hidden", "embeddings")
+    assert b.recipe.recalibrator.num_blocks == 3
+    assert [(v.name, v.weight, v.recipe) for v in one.teacher_views()] == [("teacher", 1.0, one)]

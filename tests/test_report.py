@@ -57,6 +57,28 @@ def test_the_picture_shows_each_stage_on_one_axis_and_the_accuracy(tmp_path):
     assert [t.get_text() for t in acc.get_xticklabels()] == ["teacher", "student before", "student after"]
 
 
+def test_several_teachers_are_drawn_each_under_its_name(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"stage": "distill", "step": s, "loss": 2.0 / s, "sft": 1.0 / s, "A/ar": 0.3, "A/kl": 0.2, "B/ar": 0.6,
+             "B/kl": 0.5, "A/top1": 0.7, "B/top1": 0.4, "B/rely_first_top1_real": 0.8} for s in (10, 20)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "student").mkdir()
+    (run / "student" / "genrecal.json").write_text(json.dumps(
+        {"recipe": {"teachers": [{"name": "A", "path": "TA"}, {"name": "B", "path": "TB"}], "student": {"path": "S"}},
+         "accuracy": {"teacher A": {"accuracy": 0.8}, "teacher B": {"accuracy": 0.6},
+                      "student before": {"accuracy": 0.1}, "student after": {"accuracy": 0.5}}}))
+    record = read_run(run)
+    assert record.teachers == ["A", "B"]
+    fig = figure(record)
+    losses, _, align, probe, _, acc = fig.axes
+    assert list(_line(losses, "B: ar").get_ydata()) == pytest.approx([0.6, 0.6]) and _line(losses, "sft")
+    assert list(_line(align, "A: top-1 agreement with the teacher").get_ydata()) == pytest.approx([0.7, 0.7])
+    assert _line(probe, "B: first answer token, student features real").get_ydata()[0] == pytest.approx(0.8)
+    assert [t.get_text() for t in acc.get_xticklabels()] == ["teacher A", "teacher B", "student before", "student after"]
+    assert "teachers A TA, B TB -> student S" in fig._suptitle.get_text()
+
+
 def test_a_run_still_going_is_drawn_as_far_as_it_got(tmp_path):
     from PIL import Image
 

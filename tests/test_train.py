@@ -418,6 +418,8 @@ def test_distill_stage_leaves_the_teacher_bit_identical(tmp_path, tiny_pair):
     from genrecal_cli.models import load_vlm
     from genrecal_cli.engine.recalibrator import Recalibrator
     from genrecal_cli.engine.stages import Run, run_stage
+    from genrecal_cli.engine.teacher.part import TeacherPart
+    from genrecal_cli.engine.teacher.source import OnlineTeacher
     from genrecal_cli.commands.distill import load_rows
     from genrecal_cli.world.zoo import resolve_source
 
@@ -428,7 +430,9 @@ def test_distill_stage_leaves_the_teacher_bit_identical(tmp_path, tiny_pair):
     before_s = {k: v.clone() for k, v in student.model.state_dict().items()}
     rec = Recalibrator(teacher.hidden_size, student.text_config, student.decoder_layer_class)
     recipe = _recipe(tmp_path, stages=("distill",), steps=2)
-    run_stage(Run(recipe, Accelerator(cpu=True), student, teacher, rec, load_rows(recipe.data, "train")), "distill")
+    part = TeacherPart.of(recipe.teacher_views()[0], teacher, OnlineTeacher(teacher, "hidden"), several=False)
+    part.recalibrator = rec
+    run_stage(Run(recipe, Accelerator(cpu=True), student, [part], load_rows(recipe.data, "train")), "distill")
     after_t, after_s = teacher.model.state_dict(), student.model.state_dict()
     assert all(torch.equal(before_t[k], after_t[k]) for k in before_t)
     assert all(torch.equal(before_s[k], after_s[k]) for k in before_s if "vision_tower" in k)

@@ -18,13 +18,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 from .metrics_view import (
-    PROBE_KEYS,
     RESERVED,
     clean,
     duration,
     general,
     number,
     ordered_keys,
+    probed,
     progress_line,
     step_line,
     step_panel,
@@ -169,7 +169,7 @@ class Reporter:
         tracked.last_step = step
         last = tracked.total is not None and step >= tracked.total
         # A step that carries the reliance probe is always logged: the probe is rare and costly.
-        logged = step % self.log_every == 0 or last or any(k in metrics for k in PROBE_KEYS)
+        logged = step % self.log_every == 0 or last or probed(metrics)
         if self.live:
             assert self._progress is not None
             self._progress.update(tracked.task_id, completed=step)

@@ -93,7 +93,11 @@ def resolve(recipe: Recipe, reporter=None, accelerator=None, needs_teacher: bool
 
     if needs_teacher is None:
         needs_teacher = any(getattr(recipe.stages, s).enabled for s in ("align", "distill"))
-    teacher = resolve_model(recipe.teacher, "teacher", reporter, accelerator) if needs_teacher else None
+    teacher, teachers = None, {}
+    if needs_teacher and recipe.several_teachers:  # each [[teachers]] table's model, by name
+        teachers = {t.name: resolve_model(t, f"teachers[{i}]", reporter, accelerator) for i, t in enumerate(recipe.teachers)}
+    elif needs_teacher:
+        teacher = resolve_model(recipe.teacher, "teacher", reporter, accelerator)
     student = resolve_model(recipe.student, "student", reporter, accelerator)
     data, n_eval = recipe.data, recipe.train.eval_items
     validation, score = None, None
@@ -122,7 +126,7 @@ def resolve(recipe: Recipe, reporter=None, accelerator=None, needs_teacher: bool
             from ..world.shapes import scorer as score
         elif (Path(data.source) / "chats.json").is_file():  # a folder the chats builder wrote
             from ..world.chats import scorer as score
-    return Inputs(student=student, teacher=teacher, train=train, validation=validation, score=score,
+    return Inputs(student=student, teacher=teacher, teachers=teachers, train=train, validation=validation, score=score,
                   held_out=held, validation_title=f"{len(validation)} items held out of the training data" if held
                   else f"the {data.eval_split} split")
 

@@ -39,6 +39,8 @@ RUN_KEYS = ("processes", "global_batch")
 # Known keys first, in this order, then any others sorted: every line of metrics.jsonl lists its
 # keys in the same order, so the file reads well with `tail -f` and diffs cleanly.
 KNOWN_KEYS = ("loss", *LOSS_TERMS, *SPEED_KEYS, *DATA_KEYS, *ALIGN_KEYS, *PROBE_KEYS, *RUN_KEYS)
+# With several [[teachers]] each teacher's terms, alignment statistics and probe are `NAME/key`.
+TEACHER_KEYS = (*LOSS_TERMS, *ALIGN_KEYS, *PROBE_KEYS)
 RESERVED = ("stage", "step", "time")
 
 _PANEL_WIDTH = 80
@@ -117,9 +119,48 @@ def _value_text(v: float | int, formatted: str) -> Text:
     return Text(formatted, style="bold red" if bad else "")
 
 
+def split_key(key: str) -> tuple[str | None, str]:
+    """`NAME/ar` -> ("NAME", "ar") (one of several teachers' keys); `ar` -> (None, "ar")."""
+    name, sep, base = key.partition("/")
+    return (name, base) if sep and base in TEACHER_KEYS else (None, key)
+
+
+def teacher_names(metrics: Mapping[str, Any]) -> list[str]:
+    """The teachers whose keys `metrics` holds (several teachers), in the order they first appear."""
+    names: dict[str, None] = {}
+    for key in metrics:
+        name = split_key(key)[0]
+        if name is not None:
+            names.setdefault(name)
+    return list(names)
+
+
+def of_teacher(metrics: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """One teacher's keys of `metrics`, without its `NAME/`."""
+    cut = len(name) + 1
+    return {k[cut:]: v for k, v in metrics.items() if split_key(k)[0] == name}
+
+
+def is_known(key: str) -> bool:
+    return key in KNOWN_KEYS or split_key(key)[0] is not None
+
+
 def ordered_keys(metrics: Mapping[str, Any]) -> list[str]:
     known = [k for k in KNOWN_KEYS if k in metrics]
-    return known + sorted(k for k in metrics if k not in KNOWN_KEYS)
+    for name in teacher_names(metrics):  # each teacher's keys after the run's, in the known order
+        known += [f"{name}/{k}" for k in TEACHER_KEYS if f"{name}/{k}" in metrics]
+    return known + sorted(k for k in metrics if k not in known)
+
+
+def probed(metrics: Mapping[str, Any]) -> bool:
+    """Whether the step carries the reliance probe (any teacher's)."""
+    return any(split_key(k)[1] in PROBE_KEYS for k in metrics)
+
+
+def _per_teacher(m: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, its keys) for the teacher (label "") or each of several teachers (label "NAME ")."""
+    names = teacher_names(m)
+    return [(f"{n} ", of_teacher(m, n)) for n in names] if names else [("", dict(m))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,6 +175,9 @@ def step_line(tracked: _Stage, step: int, metrics: Mapping[str, Any]) -> str:
     else:
         parts = [f"{tracked.name}  {step}"]
     terms = " ".join(f"{k} {_fixed(m[k], 2)}" for k in LOSS_TERMS if k in m)
+    for name in teacher_names(m):  # several teachers: `sft 0.41 | A: ar 1.10 kl 0.41`
+        t = of_teacher(m, name)
+        terms += (" | " if terms else "") + f"{name}: " + " ".join(f"{k} {_fixed(t[k], 2)}" for k in LOSS_TERMS if k in t)
     if "loss" in m:
         parts.append(f"loss {_fixed(m['loss'], 3)}" + (f" ({terms})" if terms else ""))
     elif terms:
@@ -148,15 +192,16 @@ def step_line(tracked: _Stage, step: int, metrics: Mapping[str, Any]) -> str:
         parts.append(f"pad {_percent(m['pad_share'])}")
     if m.get("skipped_items"):
         parts.append(f"skipped {m['skipped_items']:,}")
-    if "top1" in m:
-        parts.append(f"top1 {_fixed(m['top1'], 2)}")
-    if "boundary_agreement" in m:
-        parts.append(f"boundaries {_percent(m['boundary_agreement'])}")
-    for part in ("first", "later"):
-        values = [m.get(f"rely_{part}_top1_{v}") for v in PROBE_VARIANTS]
-        if all(v is not None for v in values):
-            parts.append(f"rely {part} " + "/".join(_fixed(v, 2) for v in values))
-    extras = [k for k in ordered_keys(m) if k not in KNOWN_KEYS and k not in RESERVED]
+    for label, t in _per_teacher(m):
+        if "top1" in t:
+            parts.append(f"{label}top1 {_fixed(t['top1'], 2)}")
+        if "boundary_agreement" in t:
+            parts.append(f"{label}boundaries {_percent(t['boundary_agreement'])}")
+        for part in ("first", "later"):
+            values = [t.get(f"rely_{part}_top1_{v}") for v in PROBE_VARIANTS]
+            if all(v is not None for v in values):
+                parts.append(f"{label}rely {part} " + "/".join(_fixed(v, 2) for v in values))
+    extras = [k for k in ordered_keys(m) if not is_known(k) and k not in RESERVED]
     parts.extend(f"{k} {general(m[k])}" for k in extras)
     elapsed = time.monotonic() - tracked.t0
     done = step - tracked.start_step
@@ -182,7 +227,7 @@ def step_panel(tracked: _Stage, step: int, metrics: Mapping[str, Any], width: in
     m = {k: n for k in metrics if (n := number(metrics[k])) is not None}
 
     left = Table.grid(padding=(0, 1))
-    left.add_column()
+    left.add_column(no_wrap=True)
     left.add_column(justify="right", min_width=7)
     left.add_column(style="dim")
     left.add_column(justify="right")
@@ -191,6 +236,10 @@ def step_panel(tracked: _Stage, step: int, metrics: Mapping[str, Any], width: in
         losses.append((Text("loss", style="bold"), _value_text(m["loss"], _fixed(m["loss"], 3))))
     indent = "  " if "loss" in m else ""
     losses += [(Text(f"{indent}{k}", style="dim"), _value_text(m[k], _fixed(m[k], 3))) for k in LOSS_TERMS if k in m]
+    for name in teacher_names(m):  # several teachers: each one's terms under its name
+        t = of_teacher(m, name)
+        losses += [(Text(f"{indent}{name} {k}", style="dim"), _value_text(t[k], _fixed(t[k], 3)))
+                   for k in LOSS_TERMS if k in t]
     speeds = []
     if "lr" in m:
         speeds.append(("lr", Text(f"{m['lr']:.1e}")))
@@ -207,36 +256,39 @@ def step_panel(tracked: _Stage, step: int, metrics: Mapping[str, Any], width: in
         b = speeds[i] if i < len(speeds) else ("", "")
         left.add_row(a[0], a[1], (" " + b[0]) if b[0] else "", b[1])
 
+    groups = _per_teacher(m)
     right = None
-    if any(k in m for k in ALIGN_KEYS):
+    if any(k in t for _, t in groups for k in ALIGN_KEYS):
         right = Table(box=None, padding=(0, 1), show_edge=False, header_style="bold")
         right.add_column("token alignment", style="dim")
-        right.add_column("teacher", justify="right")
+        for label, _ in groups:  # the teacher, or each of several
+            right.add_column(label.strip() or "teacher", justify="right")
         right.add_column("student", justify="right")
+        student = groups[0][1]  # (the student's counts are the same beside every teacher)
         for label, t_key, s_key in (
             ("question", "teacher_q_tokens", "student_q_tokens"),
             ("answer", "teacher_a_tokens", "student_a_tokens"),
         ):
-            if t_key in m or s_key in m:
-                cells = [general(m[k]) if k in m else "–" for k in (t_key, s_key)]
-                right.add_row(f"{label} tokens", *cells)
-        if "a_token_ratio" in m:
-            right.add_row("answer t/s ratio", _fixed(m["a_token_ratio"], 2), "")
-        if "boundary_agreement" in m:
-            right.add_row("shared boundaries", _percent(m["boundary_agreement"]), "")
-        if "top1" in m:
-            right.add_row("top-1 agreement", _percent(m["top1"]), "")
+            if any(t_key in t for _, t in groups) or s_key in student:
+                cells = [general(t[t_key]) if t_key in t else "–" for _, t in groups]
+                right.add_row(f"{label} tokens", *cells, general(student[s_key]) if s_key in student else "–")
+        for label, key, show in (("answer t/s ratio", "a_token_ratio", lambda v: _fixed(v, 2)),
+                                 ("shared boundaries", "boundary_agreement", _percent),
+                                 ("top-1 agreement", "top1", _percent)):
+            if any(key in t for _, t in groups):
+                right.add_row(label, *(show(t[key]) if key in t else "–" for _, t in groups), "")
 
     probe = None
-    if any(k in m for k in PROBE_KEYS):
+    if probed(m):
         probe = Table(box=None, padding=(0, 1), show_edge=False, header_style="bold")
         probe.add_column("reliance on the student (top-1)", style="dim")
         for v in PROBE_VARIANTS:
             probe.add_column(v, justify="right")
-        for part, label in (("first", "first answer token"), ("later", "later answer tokens")):
-            cells = [m.get(f"rely_{part}_top1_{v}") for v in PROBE_VARIANTS]
-            if any(c is not None for c in cells):
-                probe.add_row(label, *(_percent(c) if c is not None else "–" for c in cells))
+        for name, t in groups:
+            for part, label in (("first", "first answer token"), ("later", "later answer tokens")):
+                cells = [t.get(f"rely_{part}_top1_{v}") for v in PROBE_VARIANTS]
+                if any(c is not None for c in cells):
+                    probe.add_row(name + label, *(_percent(c) if c is not None else "–" for c in cells))
 
     body = Table.grid(padding=(0, 3))
     body.add_column()
@@ -249,7 +301,7 @@ def step_panel(tracked: _Stage, step: int, metrics: Mapping[str, Any], width: in
     if probe is not None:
         rows.append(probe)
 
-    extras = [k for k in ordered_keys(m) if k not in KNOWN_KEYS and k not in RESERVED]
+    extras = [k for k in ordered_keys(m) if not is_known(k) and k not in RESERVED]
     if extras:
         line = Text()
         for k in extras:

@@ -1,5 +1,5 @@
 """The data preflight of `genrecal distill --dry-run` (also `teach --dry-run`): a sample of the
-recipe's training data through both processors (data/preflight.py), no weights loaded, shown as a
+recipe's training data through every side's processor (data/preflight.py), no weights loaded, shown as a
 table per side with what max_length would skip or cut, then the `--set` line that fits 99%."""
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ def run_preflight(recipe, sample: int, *, needs_teacher: bool | None = None) -> 
     from ..world.zoo import resolve_source
     from .distill import built_in_data, held_out, load_rows
 
-    roles = _roles(recipe, needs_teacher)
+    sides = _sides(recipe, needs_teacher)
     recipe = built_in_data(recipe)
     models = {}
-    for role in roles:
-        spec = getattr(recipe, role)
-        models[role] = load_vlm(resolve_source(spec.path), revision=spec.revision, empty=True,
-                                trust_remote_code=spec.trust_remote_code, settings=ProcessorSettings.of(recipe, role))
+    for side, (key, spec) in sides.items():
+        settings = ProcessorSettings(dict(spec.processor), f"{key}.processor", recipe.origin)
+        models[side] = load_vlm(resolve_source(spec.path), revision=spec.revision, empty=True,
+                                trust_remote_code=spec.trust_remote_code, settings=settings)
     rows = load_rows(recipe.data, recipe.data.train_split, seed=recipe.train.seed, held_out=held_out(recipe))
     dataset = PairDataset(rows, recipe.data, {r: m.processor for r, m in models.items()})
     measured = measure_sample(dataset, {r: m.image_token_id for r, m in models.items()}, sample)
@@ -33,14 +33,14 @@ def run_preflight(recipe, sample: int, *, needs_teacher: bool | None = None) -> 
         image_tokens = max(m.image_tokens_per_image() for m in models.values())
         estimates = length_estimates(rows, recipe.data, image_tokens)
     report = summarise(measured, recipe.data.max_length, stage.batch_size, recipe.train.seed, estimates)
-    report["resolution"] = _resolution(recipe, models, rows, measured, sample)
-    report["models"] = {r: spec_path for r, spec_path in ((r, getattr(recipe, r).path) for r in roles)}
+    report["resolution"] = _resolution(recipe, sides, models, rows, measured, sample)
+    report["models"] = {side: spec.path for side, (_, spec) in sides.items()}
     report["source"] = recipe.data.source
     report["rows"] = len(rows) if hasattr(rows, "__len__") else None
     return report
 
 
-def _resolution(recipe, models: dict, rows, measured: list, sample: int) -> dict:
+def _resolution(recipe, sides: dict, models: dict, rows, measured: list, sample: int) -> dict:
     """For each side whose own items do not fit 99% at max_length, the largest value of its
     family's resolution key (data.preflight.RESOLUTION) at which they do, found by rendering the
     sample again at each value: {side: {"key", "value", "set"}} (value None: none fits)."""
@@ -57,13 +57,13 @@ def _resolution(recipe, models: dict, rows, measured: list, sample: int) -> dict
             continue
         key, candidates = RESOLUTION[vlm.family]
         now = current_value(vlm.processor.image_processor, key)
-        spec, found = getattr(recipe, role), None
+        (table, spec), found = sides[role], None
         for value in candidates:
             if now is not None and not isinstance(value, bool) and value >= now:
                 continue  # not lower than what it is now
             if isinstance(value, bool) and now is not None and value == now:
                 continue
-            settings = ProcessorSettings({**spec.processor, key: value}, f"{role}.processor", recipe.origin)
+            settings = ProcessorSettings({**spec.processor, key: value}, f"{table}.processor", recipe.origin)
             processor = load_vlm(resolve_source(spec.path), revision=spec.revision, empty=True,
                                  trust_remote_code=spec.trust_remote_code, settings=settings).processor
             again = measure_sample(PairDataset(rows, recipe.data, {role: processor}), {role: vlm.image_token_id}, sample)
@@ -71,14 +71,26 @@ def _resolution(recipe, models: dict, rows, measured: list, sample: int) -> dict
                 found = value
                 break
         out[role] = {"key": key, "value": found,
-                     "set": None if found is None else f"--set {role}.processor.{key}={str(found).lower()}"}
+                     "set": None if found is None else f"--set {_dotted(table)}.processor.{key}={str(found).lower()}"}
     return out
 
 
-def _roles(recipe, needs_teacher: bool | None) -> list[str]:
+def _sides(recipe, needs_teacher: bool | None) -> dict[str, tuple[str, object]]:
+    """side -> (its recipe table, its ModelSpec): "teacher" and "student", or with several
+    teachers "teacher:NAME" for each (table "teachers[i]") and "student"."""
     if needs_teacher is None:
         needs_teacher = any(getattr(recipe.stages, s).enabled for s in ("align", "distill"))
-    return ["teacher", "student"] if needs_teacher and recipe.teacher is not None else ["student"]
+    teachers = {}
+    if needs_teacher and recipe.several_teachers:
+        teachers = {f"teacher:{t.name}": (f"teachers[{i}]", t) for i, t in enumerate(recipe.teachers)}
+    elif needs_teacher and recipe.teacher is not None:
+        teachers = {"teacher": ("teacher", recipe.teacher)}
+    return {**teachers, "student": ("student", recipe.student)}
+
+
+def _dotted(table: str) -> str:
+    """A table's key as --set takes it: teachers[1] -> teachers.1."""
+    return table.replace("[", ".").replace("]", "")
 
 
 PROCESSOR_MARKERS = ("tokenizer_config.json", "tokenizer.json", "processor_config.json", "preprocessor_config.json")
@@ -93,11 +105,10 @@ def preflight_or_reason(recipe, sample: int, needs_teacher: bool | None = None,
     transformers)."""
     from pathlib import Path
 
-    for role in _roles(recipe, needs_teacher):
-        path = getattr(recipe, role).path
-        folder = Path(path).expanduser()
+    for table, spec in _sides(recipe, needs_teacher).values():
+        folder = Path(spec.path).expanduser()
         if folder.is_dir() and not any((folder / name).is_file() for name in PROCESSOR_MARKERS):
-            return None, f"{role}.path {path} holds no processor files (a folder of configs only)"
+            return None, f"{table}.path {spec.path} holds no processor files (a folder of configs only)"
     if quiet is not None:  # (transformers is imported from here on)
         quiet()
     try:

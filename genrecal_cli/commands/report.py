@@ -39,6 +39,25 @@ class RunRecord:
         pts = [(r["x"], r[key]) for r in self.rows if isinstance(r.get(key), (int, float))]
         return [p[0] for p in pts], [float(p[1]) for p in pts]
 
+    @property
+    def teachers(self) -> list[str]:
+        """The names of several teachers whose keys (`NAME/ar`) the run logged; [] with one teacher."""
+        from .metrics_view import teacher_names
+
+        names: dict[str, None] = {}
+        for row in self.rows:
+            names.update(dict.fromkeys(teacher_names(row)))
+        return list(names)
+
+    def each_teacher(self, keys, labels: dict | None = None) -> tuple[tuple, dict]:
+        """`keys` (and their labels) as logged: as they are with one teacher, once per teacher
+        (`NAME/key`, labelled "NAME: label") with several."""
+        labels = labels or {}
+        if not self.teachers:
+            return tuple(keys), labels
+        out = {f"{t}/{k}": f"{t}: {labels.get(k, k)}" for t in self.teachers for k in keys}
+        return tuple(out), out
+
 
 def read_run(folder: str | Path) -> RunRecord:
     """The run in `folder` (a genrecal distill output_dir), finished or still going."""
@@ -94,7 +113,10 @@ def figure(record: RunRecord):
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.5), layout="constrained")
     title = f"genrecal run: {record.folder}"
     if record.recipe:
-        title += f"\nteacher {record.recipe.get('teacher', {}).get('path', '?')} -> student " \
+        several = record.recipe.get("teachers") or []
+        teacher = (", ".join(f"{t.get('name')} {t.get('path', '?')}" for t in several) if several
+                   else record.recipe.get("teacher", {}).get("path", "?"))
+        title += f"\nteacher{'s' if several else ''} {teacher} -> student " \
                  f"{record.recipe.get('student', {}).get('path', '?')}, data {record.recipe.get('data', {}).get('source', '?')}"
     fig.suptitle(title, fontsize=11)
 
@@ -126,25 +148,32 @@ def figure(record: RunRecord):
         ax.tick_params(labelsize=7)
         return drawn
 
-    lines(axes[0, 0], LOSS_KEYS, title="loss terms", ylabel="loss", log=True)
+    per_teacher, labels = record.each_teacher(("ar", "kl", "reg"))
+    lines(axes[0, 0], ("loss", "sft", *per_teacher) if record.teachers else LOSS_KEYS, labels, title="loss terms",
+          ylabel="loss", log=True)
     lines(axes[0, 1], ("lr",), title="learning rate", ylabel="lr")
-    lines(axes[0, 2], ("boundary_agreement", "top1"),
-          {"boundary_agreement": "answer-token boundaries shared", "top1": "top-1 agreement with the teacher"},
+    lines(axes[0, 2], *record.each_teacher(("boundary_agreement", "top1"), {
+          "boundary_agreement": "answer-token boundaries shared", "top1": "top-1 agreement with the teacher"}),
           title="token alignment (teacher stages)", ylabel="share")
-    probe = {f"rely_{part}_top1_{v}": f"{part} answer token, student features {v}"
-             for part in ("first", "later") for v in ("real", "other", "zero")}
+    variants = ("real", "other") if record.teachers else ("real", "other", "zero")  # (fewer lines for several)
+    probe_keys, probe = record.each_teacher(
+        [f"rely_{part}_top1_{v}" for part in ("first", "later") for v in variants],
+        {f"rely_{part}_top1_{v}": f"{part} answer token, student features {v}" for part in ("first", "later")
+         for v in variants})
     styles = {k: ("-o" if k.endswith("real") else "--" if k.endswith("other") else ":") for k in probe}
-    lines(axes[1, 0], tuple(probe), probe, title="reliance probe: Recalibrator top-1 with the student's features",
+    lines(axes[1, 0], probe_keys, probe, title="reliance probe: Recalibrator top-1 with the student's features",
           ylabel="top-1 agreement", styles=styles)
     lines(axes[1, 1], ("items_per_s",), {"items_per_s": "items/s"}, title="throughput", ylabel="items/s")
 
     ax = axes[1, 2]
     ax.set_title(f"accuracy on {record.accuracy_on}", fontsize=10, pad=14)
     table = record.accuracy or {}
-    names = [n for n in ("teacher", "student before", "student after") if isinstance(table.get(n), dict)]
+    teachers = [n for n in table if n == "teacher" or n.startswith("teacher ")]  # one, or one row per teacher
+    names = [n for n in (*teachers, "student before", "student after") if isinstance(table.get(n), dict)]
     if names:
         values = [100 * float(table[n]["accuracy"]) for n in names]
-        bars = ax.bar(names, values, color=["0.55", "#c9a227", "#2a7ab9"][: len(names)])
+        colours = {"student before": "#c9a227", "student after": "#2a7ab9"}
+        bars = ax.bar(names, values, color=[colours.get(n, "0.55") for n in names])
         for bar, v in zip(bars, values):
             ax.text(bar.get_x() + bar.get_width() / 2, v + 1, f"{v:.1f}%", ha="center", fontsize=9)
         ax.set_ylim(0, 105)

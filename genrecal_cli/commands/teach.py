@@ -64,6 +64,25 @@ def write_cache(loaded, folder, console, *, storage: str, no_question: bool, bat
                       + f"; recipes read them with \\[teacher] cache = \"{out}\"")
 
 
+def one_teacher(recipe, name: str | None):
+    """The recipe as a run of the teacher whose cache `teach` writes: its one teacher, or the
+    [[teachers]] table named `name` (what a distill run reads that teacher's cache with)."""
+    views = recipe.teacher_views()
+    if not views:
+        raise GenrecalError(f"{recipe.origin}: no [teacher] table: nothing to cache")
+    names = ", ".join(v.name for v in views)
+    if not recipe.several_teachers:
+        if name is not None:
+            raise GenrecalError(f"--teacher {name}: {recipe.origin} has one [teacher]; leave --teacher out")
+        return recipe
+    chosen = [v.recipe for v in views if v.name == name]
+    if name is None or not chosen:
+        raise GenrecalError(f"{recipe.origin} has {len(views)} [[teachers]] ({names}): "
+                            + ("choose whose cache to write with --teacher NAME" if name is None
+                               else f"--teacher {name} is not one of them"))
+    return chosen[0]
+
+
 def parse_rows(rows: str) -> int | None:
     """`--rows`: "full" (the teacher's rows) -> None, "topk:K" -> K."""
     if rows == "full":

@@ -113,9 +113,12 @@ def encode_pair(processors: Mapping[str, Any], conv: Conversation, images: list,
     rendered = {side: _pieces(proc, conv, images) for side, proc in processors.items()}
     # Truncation at data.max_length drops whole trailing turns, the same number on every side: it
     # never cuts inside a turn (so never inside image tokens). The loader counts drops and skips.
-    turns = min(turns_that_fit(pieces, max_length) for pieces, _ in rendered.values())
+    fits = {side: turns_that_fit(pieces, max_length) for side, (pieces, _) in rendered.items()}
+    turns = min(fits.values())
     if turns == 0:
-        raise SkipItem(f"first turn longer than max_length {max_length}")
+        several = any(":" in side for side in fits)  # several teachers (side "teacher:NAME"): say whose
+        short = ", ".join(side for side, n in fits.items() if n == 0)
+        raise SkipItem(f"first turn longer than max_length {max_length}" + (f" ({short})" if several else ""))
     out = {side: assemble(pieces, answers, turns, _batched_images(pieces)) for side, (pieces, answers) in rendered.items()}
     return out, conv.turns - turns
 

@@ -3,7 +3,8 @@ the export of the plain student.
 
 Layout of a run's output folder:
     OUTPUT/<stage>/                      a finished stage: student/ (save_pretrained),
-                                         recalibrator.safetensors, recipe.json, meta.json
+                                         recalibrator.safetensors (several teachers:
+                                         recalibrators/NAME.safetensors), recipe.json, meta.json
     OUTPUT/checkpoints/<stage>-<step>/   a stage in progress (train.save_every, Ctrl-C, SIGTERM):
                                          the same plus optimizer.pt, scheduler.pt and
                                          rng/rank-<r>.pt for every process; the newest
@@ -35,6 +36,8 @@ from ..errors import GenrecalError
 
 STAGES = ("align", "distill", "finetune")
 CHECKPOINTS = "checkpoints"
+# a run's Recalibrators as a checkpoint holds them: file -> (their names in the trained module's state, the module)
+Recalibrators = dict[str, tuple[str, Any]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,18 +142,21 @@ def _finite(x):
     return x
 
 
-def _write_common(folder: Path, stage: str, student, processor, recalibrator, recipe: dict, meta: dict,
-                  student_state: dict | None = None, recalibrator_state: dict | None = None) -> None:
-    """`student_state` / `recalibrator_state`: whole state dicts gathered from sharded modules
-    (gathered_states), written instead of the modules' own (sharded) ones."""
+def _write_common(folder: Path, stage: str, student, processor, recalibrators: Recalibrators | None, recipe: dict,
+                  meta: dict, student_state: dict | None = None, recalibrator_states: dict | None = None) -> None:
+    """`recalibrators`: file -> (state prefix, module), each written to its file
+    (recalibrator.safetensors; with several teachers recalibrators/NAME.safetensors).
+    `student_state` / `recalibrator_states` (by file): whole state dicts gathered from sharded
+    modules (gathered_states), written instead of the modules' own (sharded) ones."""
     from safetensors.torch import save_file
 
     if student is not None:
         student.save_pretrained(folder / "student", safe_serialization=True, state_dict=student_state)
         processor.save_pretrained(folder / "student")
-    if recalibrator is not None:
-        state = recalibrator_state if recalibrator_state is not None else recalibrator.state_dict()
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(folder / "recalibrator.safetensors"))
+    for file, (_, recalibrator) in (recalibrators or {}).items():
+        state = recalibrator_states[file] if recalibrator_states is not None else recalibrator.state_dict()
+        (folder / file).parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(folder / file))
     (folder / "recipe.json").write_text(json.dumps(recipe, indent=2))
     full_meta = {"stage": stage, "saved_at": time.time(), "versions": versions(), **meta}
     (folder / "meta.json").write_text(json.dumps(_finite(full_meta), indent=2, default=str))
@@ -160,25 +166,35 @@ def _write_common(folder: Path, stage: str, student, processor, recalibrator, re
 # saving
 
 
-def save_stage(output_dir: Path, stage: str, *, student, processor, recalibrator, recipe: dict, meta: dict,
-               student_state: dict | None = None, recalibrator_state: dict | None = None) -> Path:
+def save_stage(output_dir: Path, stage: str, *, student, processor, recalibrators: Recalibrators | None, recipe: dict,
+               meta: dict, student_state: dict | None = None, recalibrator_states: dict | None = None) -> Path:
     """OUTPUT/<stage>/ for a finished stage, atomically. Call on the main process only."""
     target = Path(output_dir) / stage
     with atomic_dir(target) as tmp:
-        _write_common(tmp, stage, student, processor, recalibrator, recipe, meta, student_state, recalibrator_state)
+        _write_common(tmp, stage, student, processor, recalibrators, recipe, meta, student_state, recalibrator_states)
     return target
 
 
-def gathered_states(module, *, with_recalibrator: bool) -> dict[str, dict | None]:
-    """A sharded objective.GenRecal's student and Recalibrator as whole state dicts on the main
-    process (save_stage's student_state / recalibrator_state). Every process must call it."""
+def gathered_states(module, recalibrators: Recalibrators) -> dict[str, dict | None]:
+    """A sharded objective.StudentAndRecalibrator's student and Recalibrators as whole state
+    dicts on the main process (save_stage's student_state / recalibrator_states). Every process
+    must call it."""
     from .parallel import full_state, sub_state
 
     state = full_state(module)
     if not state:  # not the main process
         return {}
     return {"student_state": sub_state(state, "student"),
-            "recalibrator_state": sub_state(state, "recalibrator") if with_recalibrator else None}
+            "recalibrator_states": {file: sub_state(state, prefix) for file, (prefix, _) in recalibrators.items()}}
+
+
+def load_recalibrators(folder: Path, recalibrators: Recalibrators) -> None:
+    """Each Recalibrator's weights from its file in a checkpoint folder, where it is there."""
+    from safetensors.torch import load_file
+
+    for file, (_, recalibrator) in recalibrators.items():
+        if (Path(folder) / file).exists():
+            recalibrator.load_state_dict(load_file(str(Path(folder) / file)))
 
 
 def checkpoint_dir(output_dir: Path, stage: str, step: int) -> Path:
@@ -187,7 +203,8 @@ def checkpoint_dir(output_dir: Path, stage: str, step: int) -> Path:
 
 def save_checkpoint(
     accelerator, output_dir: Path, stage: str, step: int, *, module=None,
-    student, processor, recalibrator, optimizer, scheduler, recipe: dict, meta: dict, keep: int, data: dict | None = None,
+    student, processor, recalibrators: Recalibrators | None, optimizer, scheduler, recipe: dict, meta: dict, keep: int,
+    data: dict | None = None,
 ) -> Path:
     """OUTPUT/checkpoints/<stage>-<step>/ for a stage in progress, atomically; every process calls
     it (each writes its own RNG state, and its shards when `module` is sharded), the main one
@@ -214,7 +231,7 @@ def save_checkpoint(
             if sharded:  # the student and Recalibrator are in state/
                 _write_common(tmp, stage, None, processor, None, recipe, meta)
             else:
-                _write_common(tmp, stage, student, processor, recalibrator, recipe, meta)
+                _write_common(tmp, stage, student, processor, recalibrators, recipe, meta)
                 torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             replace_dir(target, tmp)

@@ -19,17 +19,19 @@ from typing import Any
 import torch
 
 from ..data.loader import DataReport
-from ..recipe import Recipe
+from ..errors import GenrecalError
+from ..recipe import Recipe, TeacherView
 from . import checkpoint as ckpt
 from .accuracy import Scorer, accuracy
 from .teacher.cache import CacheReader, fingerprint, read_index
+from .teacher.part import TeacherPart, saved_names, side_of
 from .teacher.source import CachedTeacher, OnlineTeacher
 from .faults import StopRequests
-from .objective import TEACHER_STAGES, StudentAndRecalibrator
+from .objective import TEACHER_STAGES
 from .parallel import (MASTER_DTYPE, compute_dtype, device_mesh, full_state, make_accelerator, shard_teacher,
                        shard_trainable, sub_state, teacher_sharded)
 from .recalibrator import Recalibrator
-from .stages import Run, run_stage
+from .stages import Run, run_stage, trained_module
 from .trackers import tracking
 
 
@@ -38,12 +40,13 @@ class Inputs:
     """What the edge resolved from a recipe."""
 
     student: str  # local folder or hub id
-    teacher: str | None  # None when no stage needs one
+    teacher: str | None  # None when no stage needs one, or with several teachers
     train: Any  # training rows (datasets.Dataset; an IterableDataset under data.streaming)
     validation: Any | None = None  # rows for the before/after accuracy table; None: no table
     score: Scorer | None = None  # how validation answers are scored; None: exact match
     held_out: int = 0  # the training data's first rows, left out of train for the table (no validation split)
     validation_title: str = "the validation split"  # what the table's rows are, as its title says
+    teachers: dict[str, str] = field(default_factory=dict)  # several [[teachers]]: name -> local folder or hub id
 
 
 @dataclass
@@ -51,7 +54,7 @@ class RunResult:
     output_dir: Path
     student_dir: Path
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
-    accuracy: dict[str, Any] = field(default_factory=dict)  # "teacher", "student before", "student after"
+    accuracy: dict[str, Any] = field(default_factory=dict)  # "teacher" ("teacher NAME" each), "student before", "student after"
     accuracy_on: str = "the validation split"  # the table's rows (Inputs.validation_title)
     data: dict[str, Any] = field(default_factory=dict)  # items skipped and turns dropped (loader.DataReport)
 
@@ -89,36 +92,41 @@ def _run(recipe: Recipe, inputs: Inputs, accelerator, out: Path, *, resume: bool
         check_kd_pair(recipe, inputs)
     student, export_dtype = _load_student(recipe, inputs, accelerator)
     needs_teacher = any(s in TEACHER_STAGES for s in remaining)
-    cached = needs_teacher and recipe.teacher.cache is not None
-    shard_t, shard_s = teacher_sharded(recipe, accelerator) and not cached, student_sharded(recipe, accelerator)
+    views = recipe.teacher_views() if needs_teacher else []
+    online = [v for v in views if v.recipe.teacher.cache is None]
+    shard_t, shard_s = teacher_sharded(recipe, accelerator) and bool(online), student_sharded(recipe, accelerator)
     mesh = device_mesh(accelerator, recipe.parallel.shard_group) if shard_t or shard_s else None
-    teacher, source, rec = None, None, None
-    if needs_teacher:
-        teacher, source = _load_teacher(recipe, inputs, accelerator, student, cached, shard_t, mesh, reporter)
-        set_seed(recipe.train.seed)
-        rec = _recalibrator(recipe, teacher, student, accelerator) if recipe.uses_recalibrator else None
+    parts = [_load_teacher(v, recipe.several_teachers, inputs, accelerator, student, shard_t, mesh, reporter) for v in views]
+    if parts:
+        if found is not None:
+            check_teachers(found, parts)
+        set_seed(recipe.train.seed)  # each Recalibrator starts from the seed, in the recipe's order of teachers
+        for part in parts if recipe.uses_recalibrator else ():
+            part.recalibrator = _recalibrator(part.recipe, part.vlm, student, accelerator)
     if found is not None and (found.path / "student").is_dir():  # a sharded checkpoint loads in its stage
-        _load_state(found.path, student, rec)
+        _load_state(found.path, student, parts)
 
     result = RunResult(out, out / "student", accuracy_on=inputs.validation_title)
     if inputs.validation is not None:
-        if cached:
-            if reporter is not None:
-                reporter.note("teacher accuracy skipped: its features come from a cache (teacher.cache)", style="yellow")
-        elif teacher is not None:  # sharded: every process generates in step (each forward gathers)
-            result.accuracy["teacher"] = _accuracy(teacher, inputs, recipe, accelerator, synced=shard_t)
+        for part in parts:
+            if part.cached:
+                if reporter is not None:
+                    reporter.note(f"{part.title} accuracy skipped: its features come from a cache "
+                                  f"({part.recipe.teacher.cache})", style="yellow")
+            else:  # sharded: every process generates in step (each forward gathers)
+                result.accuracy[part.title] = _accuracy(part.vlm, inputs, recipe, accelerator, synced=part.sharded)
         if found is None:  # the student as it came in, before any stage of this run
             result.accuracy["student before"] = _accuracy(student, inputs, recipe, accelerator)
 
     blank = ({k: v.to(accelerator.device) for k, v in student.blank_image_inputs().items()}
              if accelerator.num_processes > 1 else None)
-    module = StudentAndRecalibrator(student.model, rec, recipe.loss, blank_images=blank)
+    module = trained_module(student, parts, recipe, blank)
     if shard_s:
         shard_trainable(module, mesh, compute_dtype(recipe))
     with StopRequests() as stop:
-        run = Run(recipe, accelerator, student, teacher, rec, inputs.train, module=module, reporter=reporter, stop=stop,
-                  data_report=DataReport(), source=source)
-        teacher = rec = module = None  # the run owns them now, and drops them when no later stage needs them
+        run = Run(recipe, accelerator, student, parts, inputs.train, module=module, reporter=reporter, stop=stop,
+                  data_report=DataReport())
+        parts = module = None  # the run owns them now, and drops them when no later stage needs them
         _train_stages(run, remaining, found, result, prefix, shard_s)
     result.data = run.data_report.to_dict()
     note = run.data_report.summary(len(inputs.train) if hasattr(inputs.train, "__len__") else None,
@@ -161,39 +169,51 @@ def _load_student(recipe: Recipe, inputs: Inputs, accelerator):
     return student, export_dtype
 
 
-def _load_teacher(recipe: Recipe, inputs: Inputs, accelerator, student, cached: bool, shard: bool, mesh, reporter):
-    """The frozen teacher in its recipe dtype (only its head where its features come from the
-    cache), replicated or sharded, and where its features come from: (teacher, source)."""
+def _load_teacher(view: TeacherView, several: bool, inputs: Inputs, accelerator, student, shard: bool, mesh,
+                  reporter) -> TeacherPart:
+    """One frozen teacher in its recipe dtype (only its head where its features come from the
+    cache), replicated or sharded, with the source of its features."""
     from ..models import ProcessorSettings, load_head_only, load_vlm
 
-    spec = recipe.teacher
-    if cached:
+    recipe = view.recipe
+    spec, path = recipe.teacher, inputs.teachers.get(view.name, inputs.teacher)
+    side, settings = side_of(view.name, several), ProcessorSettings.of(recipe, "teacher")
+    shard = shard and spec.cache is None
+    if spec.cache is not None:
         ids_only = read_index(spec.cache).get("answers") == "ids"  # then the input embeddings are needed too
-        teacher = load_head_only(inputs.teacher, revision=spec.revision, dtype=spec.dtype,
-                                 trust_remote_code=spec.trust_remote_code, embeddings=ids_only,
-                                 settings=ProcessorSettings.of(recipe, "teacher"))
+        teacher = load_head_only(path, revision=spec.revision, dtype=spec.dtype,
+                                 trust_remote_code=spec.trust_remote_code, embeddings=ids_only, settings=settings)
         # (after the head loads: a hub teacher's commit is then in this machine's hub cache)
-        cache = CacheReader(spec.cache, lambda rows: fingerprint(recipe, inputs.teacher, inputs.held_out, rows))
+        cache = CacheReader(spec.cache, lambda rows: fingerprint(recipe, path, inputs.held_out, rows))
         teacher.head.to(accelerator.device)
         if ids_only:
             teacher.input_embeddings.to(accelerator.device)
-        source = CachedTeacher(cache, teacher.input_embeddings if ids_only else None)
+        source = CachedTeacher(cache, teacher.input_embeddings if ids_only else None, side)
         if reporter is not None:
-            reporter.note(f"teacher features from the cache {spec.cache} (stored as {cache.storage}, "
+            reporter.note(f"{'teacher ' + view.name if several else 'teacher'} features from the cache {spec.cache} (stored as {cache.storage}, "
                           f"rows {cache.rows}, answers {cache.answers}"
                           + ("" if cache.with_question else "; without question features: L_reg is off") + ")")
     else:  # sharded: only the main process reads the weights, the others receive their shards
-        teacher = load_vlm(inputs.teacher, revision=spec.revision, dtype=spec.dtype,
-                           trust_remote_code=spec.trust_remote_code, empty=shard and not accelerator.is_main_process,
-                           settings=ProcessorSettings.of(recipe, "teacher"))
-        source = OnlineTeacher(teacher, recipe.recalibrator.answer_input)
+        teacher = load_vlm(path, revision=spec.revision, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
+                           empty=shard and not accelerator.is_main_process, settings=settings)
+        source = OnlineTeacher(teacher, recipe.recalibrator.answer_input, side)
     teacher.model.requires_grad_(False)
     _warn_if_swapped(teacher, student, reporter)
     if shard:
         shard_teacher(teacher, accelerator, mesh)
-    elif not cached:
+    elif spec.cache is None:
         teacher.model.to(accelerator.device)
-    return teacher, source
+    return TeacherPart.of(view, teacher, source, several, shard)
+
+
+def check_teachers(found: ckpt.Found, parts: list[TeacherPart]) -> None:
+    """A resumed run has the checkpoint's teachers, in its order (each Recalibrator is its teacher's)."""
+    saved = found.meta.get("teachers", ["teacher"])  # (one teacher: no names saved)
+    now = saved_names(parts).get("teachers", ["teacher"])
+    if saved != now:
+        raise GenrecalError(f"the checkpoint {found.path} was written with the teachers {', '.join(saved)}; this "
+                            f"recipe has {', '.join(now)}. Resume with the same [[teachers]], or start over with "
+                            "--overwrite")
 
 
 def _recalibrator(recipe: Recipe, teacher, student, accelerator) -> Recalibrator:
@@ -217,9 +237,9 @@ def _train_stages(run: Run, remaining: list[str], found, result: RunResult, pref
         # stage needs them) the teacher and the Recalibrator.
         accelerator.free_memory()
         if not any(s in TEACHER_STAGES for s in remaining[remaining.index(stage) + 1 :]):
-            run.teacher = run.source = run.recalibrator = None
+            run.teachers = []
             if not shard_s:  # a sharded Recalibrator stays registered with the sharded root
-                run.module.recalibrator = None
+                run.module.drop_recalibrators()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -271,14 +291,12 @@ def _accuracy(vlm, inputs: Inputs, recipe: Recipe, accelerator, synced: bool = F
     return result.to_dict()
 
 
-def _load_state(folder: Path, student, rec) -> None:
-    from safetensors.torch import load_file
+def _load_state(folder: Path, student, parts: list[TeacherPart]) -> None:
     from transformers import AutoModelForImageTextToText
 
     saved = AutoModelForImageTextToText.from_pretrained(folder / "student", use_safetensors=True, dtype=MASTER_DTYPE)
     student.model.load_state_dict(saved.state_dict())
-    if rec is not None and (folder / "recalibrator.safetensors").exists():
-        rec.load_state_dict(load_file(str(folder / "recalibrator.safetensors")))
+    ckpt.load_recalibrators(folder, {p.file: (p.state_prefix, p.recalibrator) for p in parts if p.recalibrator is not None})
 
 
 def _checkpoint_activations(model) -> None:

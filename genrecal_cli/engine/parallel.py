@@ -204,9 +204,9 @@ def _gather_vision_everywhere(teacher, vision_units: list) -> None:
 
 
 def shard_trainable(module: torch.nn.Module, mesh, compute_dtype: torch.dtype | None = None) -> None:
-    """Shard what trains (objective.GenRecal: the student and the Recalibrator) with FSDP2:
-    weights, gradients and AdamW states split over the mesh. Units: the student's decoder
-    layers and vision blocks, the Recalibrator's blocks and the Recalibrator; the root is the
+    """Shard what trains (objective.StudentAndRecalibrator: the student and each Recalibrator)
+    with FSDP2: weights, gradients and AdamW states split over the mesh. Units: the student's
+    decoder layers and vision blocks, each Recalibrator's blocks and the Recalibrator; the root is the
     module whose forward the loop calls, so parameters it owns directly (embeddings, heads,
     norms, projectors; a head tied to the embeddings stays one parameter) are gathered for the
     whole forward, whichever submodule uses them.
@@ -217,10 +217,9 @@ def shard_trainable(module: torch.nn.Module, mesh, compute_dtype: torch.dtype | 
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    rec = getattr(module, "recalibrator", None)
     for unit in shard_units(module.student):
         fully_shard(unit, mesh=mesh, mp_policy=policy)
-    if rec is not None:
+    for rec in module.named_recalibrators().values():  # each teacher's
         for unit in shard_units(rec):
             fully_shard(unit, mesh=mesh, mp_policy=policy)
         fully_shard(rec, mesh=mesh, mp_policy=policy)

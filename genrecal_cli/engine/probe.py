@@ -20,14 +20,16 @@ from .turns import first_of_turn
 
 
 def reliance(module: StudentAndRecalibrator, sbatch: dict, features: TeacherFeatures,
-             head: Callable) -> dict[str, float]:
+             head: Callable, teacher: str = "teacher") -> dict[str, float]:
     """The Recalibrator's loss (L_ar) and teacher top-1 agreement on one batch with the student's
     question features real, another item's (each item gets its neighbour's, turns included) and
     zeroed; separately for the first token of each answer turn (predicted from the last student
     position of the question before it) and the later ones. Equal numbers across the three mean the output ignores the
-    student. Keys `rely_{first|later}_{top1|ar}_{real|other|zero}`."""
+    student. Keys `rely_{first|later}_{top1|ar}_{real|other|zero}`. `teacher`: whose Recalibrator
+    (its name with several teachers)."""
     import torch.nn.functional as F
 
+    recalibrator = module.named_recalibrators()[teacher]
     with torch.no_grad():
         q = student_question(module.student.model(**model_inputs(sbatch)).last_hidden_state, sbatch)
         first = first_of_turn(features.answer)
@@ -35,7 +37,7 @@ def reliance(module: StudentAndRecalibrator, sbatch: dict, features: TeacherFeat
         variants = {"real": q, "other": q.roll(1), "zero": q.with_x(torch.zeros_like(q.x))}
         out = {}
         for name, question in variants.items():
-            logits = head(module.recalibrator(question, features.answer)).float()
+            logits = head(recalibrator(question, features.answer)).float()
             ar = F.cross_entropy(logits, features.targets, reduction="none")
             agree = (logits.argmax(-1) == teacher_top1).float()
             for part, sel in (("first", first), ("later", ~first)):
@@ -46,14 +48,14 @@ def reliance(module: StudentAndRecalibrator, sbatch: dict, features: TeacherFeat
 
 
 def alignment_stats(batch: dict, features: TeacherFeatures, recalibrated: torch.Tensor | None,
-                    head: Callable) -> dict[str, float]:
-    """Token-alignment statistics of one batch ({"teacher": ..., "student": ...} as collated) for
+                    head: Callable, side: str = "teacher") -> dict[str, float]:
+    """Token-alignment statistics of one batch ({side: ..., "student": ...} as collated) for
     the live display and metrics.jsonl: tokens per item and side (all turns), shared answer-token
     boundaries over every answer turn and, given the Recalibrator's rows, their top-1 agreement
     with the teacher's own rows."""
     from ..data.splits import SplitStats, split_stats
 
-    t, s = batch["teacher"], batch["student"]
+    t, s = batch[side], batch["student"]
 
     def mean_count(side: dict, answer: bool) -> float:
         seg = side["segment"]
@@ -98,8 +100,8 @@ def probe_batch(dataset, sides, recipe: Recipe, accelerator, attach=None) -> dic
     return send_to_device(batch, accelerator.device)
 
 
-def run_probe(accelerator, module, probe: dict, source: TeacherSource, head) -> dict[str, float]:
-    """The reliance probe on its fixed batch, the module in eval mode for it."""
+def run_probe(accelerator, module, probe: dict, source: TeacherSource, head, teacher: str = "teacher") -> dict[str, float]:
+    """The reliance probe of one teacher's Recalibrator on its fixed batch, the module in eval mode for it."""
     module = accelerator.unwrap_model(module)
     was_training = module.training
     module.eval()
@@ -107,6 +109,6 @@ def run_probe(accelerator, module, probe: dict, source: TeacherSource, head) -> 
         with accelerator.autocast():  # the same precision as the training forward
             features = source.features(probe)
             with gathered(module):  # the probe calls the parts directly, outside the root's forward
-                return reliance(module, probe["student"], features, head)
+                return reliance(module, probe["student"], features, head, teacher)
     finally:
         module.train(was_training)

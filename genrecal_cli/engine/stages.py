@@ -31,7 +31,8 @@ from .parallel import (after_trainable_changed, gather_objects, gather_rows, is_
 from .probe import alignment_stats, probe_batch, run_probe
 from .recalibrator import Recalibrator
 from .teacher import TeacherFeatures, head_fn
-from .teacher.source import OnlineTeacher, TeacherSource
+from .teacher.part import TeacherPart, saved_names
+from .teacher.source import Attach
 from .trainable import lr_lambda, set_trainable
 
 
@@ -42,18 +43,12 @@ class Run:
     recipe: Recipe
     accelerator: Any
     student: Any  # models.VLM, its parameters fp32 (the masters)
-    teacher: Any | None  # models.VLM, frozen, in its recipe dtype; None once no stage needs it
-    recalibrator: Recalibrator | None
+    teachers: list[TeacherPart]  # each teacher, its features' source and its Recalibrator; [] once no stage needs them
     train_rows: Any  # the training split (a datasets.Dataset)
     module: StudentAndRecalibrator | None = None  # what trains, sharded when the recipe says so
     reporter: Any | None = None
     stop: StopRequests | None = None
     data_report: DataReport | None = None  # what the stages skipped or cut, every process's, once per row
-    source: TeacherSource | None = None  # where the teacher's features come from (default: its forward)
-
-    def __post_init__(self):
-        if self.source is None and self.teacher is not None:
-            self.source = OnlineTeacher(self.teacher, self.recipe.recalibrator.answer_input)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,9 +63,7 @@ class Stage:
     name: str  # align, distill or finetune
     label: str  # as the display names it ("teacher/distill" for a prerequisite run)
     spec: StageSpec
-    teacher: Any | None  # the teacher (its head, its processor) where the stage uses it
-    source: TeacherSource | None  # and its features
-    recalibrator: Recalibrator | None
+    teachers: list[TeacherPart]  # where the stage uses them: each teacher, its source, its Recalibrator
     sides: dict  # side -> processor
     batches: Any  # Batches or StreamBatches: this process's micro-batches from its data position
     module: nn.Module  # what trains (StudentAndRecalibrator), wrapped for DDP or sharded
@@ -80,8 +73,8 @@ class Stage:
     layout: dict  # data_layout: what a resume must match
     total: int  # updates
     step: int  # updates done
-    head: Any | None  # the teacher's head as the losses call it
-    use_reg: bool
+    heads: dict[str, Any]  # each teacher's head as the losses call it, by teacher name
+    use_reg: dict[str, bool]  # whether L_reg is on, by teacher name
     probe: dict | None  # the reliance probe's fixed batch
     stop: StopRequests
     peak: PeakMemory
@@ -109,7 +102,7 @@ class Update:
     skipped: int
     truncated: int
     batch: dict
-    features: TeacherFeatures | None
+    features: dict[str, TeacherFeatures]  # by teacher name
     out: Any  # objective.Output of the last micro-batch
 
 
@@ -141,19 +134,16 @@ def _start(run: Run, stage: str, resume: ckpt.Found | None, label: str) -> Stage
     """The stage's data, what trains and its optimizer and schedule, from a checkpoint if given."""
     recipe, accelerator = run.recipe, run.accelerator
     spec: StageSpec = getattr(recipe.stages, stage)
-    teacher = run.teacher if stage in TEACHER_STAGES else None
-    source = run.source if teacher is not None else None
-    rec = run.recalibrator if stage in TEACHER_STAGES else None
+    parts = run.teachers if stage in TEACHER_STAGES else []
     peak = PeakMemory()
     # data: every process deals its own slice of each global micro-batch (data/sampler.py),
-    # encoded in loader workers; unusable items are skipped where they are met
-    sides = {"student": run.student.processor}
-    if teacher is not None:
-        sides = {"teacher": teacher.processor, **sides}
+    # encoded in loader workers (every teacher's side and the student's); unusable items are
+    # skipped where they are met
+    sides = {**{p.side: p.vlm.processor for p in parts}, "student": run.student.processor}
     dataset = PairDataset(run.train_rows, recipe.data, sides)
     dataset.check_start()
     seed = recipe.train.seed + ckpt.STAGES.index(stage)
-    sampler = None if recipe.data.streaming else _sampler(run, dataset, spec, seed, teacher)
+    sampler = None if recipe.data.streaming else _sampler(run, dataset, spec, seed, parts)
     total = spec.steps if sampler is None else total_updates(spec, len(sampler))  # a stream counts steps
     workers = recipe.data.num_workers
     if workers is None:
@@ -161,8 +151,8 @@ def _start(run: Run, stage: str, resume: ckpt.Found | None, label: str) -> Stage
     layout = data_layout(recipe, spec, seed, accelerator.num_processes, workers)
 
     # what trains, with which optimizer and schedule
-    params = set_trainable(stage, run.student, rec, spec)
-    module = run.module if run.module is not None else StudentAndRecalibrator(run.student.model, rec, recipe.loss)
+    params = set_trainable(stage, run.student, [p.recalibrator for p in parts if p.recalibrator is not None], spec)
+    module = run.module if run.module is not None else trained_module(run.student, parts, recipe)
     sharded = is_sharded(module)  # FSDP2 (parallel.student = "shard"); else DDP through accelerate
     if sharded:
         after_trainable_changed(module)
@@ -172,27 +162,38 @@ def _start(run: Run, stage: str, resume: ckpt.Found | None, label: str) -> Stage
     if resume is not None:
         _check_layout(resume, layout, sharded, label, stage)
         step, data_state = _resume(resume, accelerator, module, optimizer, scheduler, sharded)
-    attach = source.collate if source is not None else None
+    attach = Attach.of([p.source for p in parts])
     batches = _batches(run, dataset, sampler, sides, spec, seed, workers, data_state, step, attach)
     # L_reg: always in align, in distill unless stages.distill.reg = false; never without the
     # teacher's question features (a cache written without them)
-    use_reg = (stage == "align" or spec.reg) and (source is None or source.with_question)
-    probe = probe_batch(dataset, sides, recipe, accelerator, attach) if rec is not None else None
+    use_reg = {p.name: (stage == "align" or spec.reg) and p.source.with_question for p in parts}
+    with_rec = any(p.recalibrator is not None for p in parts)
+    probe = probe_batch(dataset, sides, recipe, accelerator, attach) if with_rec else None
     if not sharded:
         module, optimizer = accelerator.prepare(module, optimizer)
     module.train()
-    s = Stage(run, stage, label, spec, teacher, source, rec, sides, batches, module, sharded, optimizer, scheduler, layout,
-              total, step, head_fn(teacher.head) if teacher is not None else None, use_reg, probe,
+    s = Stage(run, stage, label, spec, parts, sides, batches, module, sharded, optimizer, scheduler, layout,
+              total, step, {p.name: head_fn(p.vlm.head) for p in parts}, use_reg, probe,
               run.stop or StopRequests(), peak, Counts(time.perf_counter()))
     _announce(s, sampler)
     return s
 
 
-def _sampler(run: Run, dataset, spec: StageSpec, seed: int, teacher) -> RankBatches:
+def trained_module(student, parts: list[TeacherPart], recipe: Recipe, blank_images: dict | None = None):
+    """What trains: the student and each teacher's Recalibrator (the one teacher's, as
+    `recalibrator`; several, as `recalibrators` by name), the loss weighted per teacher."""
+    recs = {p.name: p.recalibrator for p in parts if p.recalibrator is not None}
+    if not any(p.several for p in parts):
+        return StudentAndRecalibrator(student.model, recs.get("teacher"), recipe.loss, blank_images=blank_images)
+    return StudentAndRecalibrator(student.model, recs, recipe.loss, blank_images=blank_images,
+                                  teacher_weights={p.name: p.weight for p in parts})
+
+
+def _sampler(run: Run, dataset, spec: StageSpec, seed: int, parts: list[TeacherPart]) -> RankBatches:
     recipe, accelerator = run.recipe, run.accelerator
     lengths = None
     if recipe.data.group_by_length:
-        image_tokens = max(vlm.image_tokens_per_image() for vlm in (run.student, teacher) if vlm is not None)
+        image_tokens = max(vlm.image_tokens_per_image() for vlm in (run.student, *(p.vlm for p in parts)))
         lengths = length_estimates(run.train_rows, recipe.data, image_tokens)
     return RankBatches(len(dataset), spec.batch_size, accelerator.num_processes, accelerator.process_index, seed,
                        lengths=lengths)
@@ -257,12 +258,11 @@ def _update(s: Stage) -> Update:
         except Exception as exc:
             failure = exc
         stop_together(accelerator, failure, s.label)
-        if s.source is not None:
-            with accelerator.autocast():  # collective when the teacher is sharded
-                features = s.source.features(batch)
+        with accelerator.autocast():  # collective where a teacher is sharded: every process, in order
+            features = {p.name: p.source.features(batch) for p in s.teachers}
         with _grad_sync(accelerator, s.module, s.sharded, i == spec.grad_accum - 1):
             with accelerator.autocast():
-                out = s.module(batch["student"], features, s.head, stage=s.name, reg=s.use_reg)
+                out = s.module(batch["student"], features, s.heads, stage=s.name, reg=s.use_reg)
             shared = _shared(s, batch, out)  # every process's, before backward: all see a bad loss
             accelerator.backward(out.loss / spec.grad_accum)
         for name in ("loss", *out.terms):
@@ -315,12 +315,16 @@ def _log(s: Stage, update: Update) -> dict:
                "tokens_per_s": c.tokens / dt, "pad_share": 1 - c.real / max(c.slots, 1),
                "skipped_items": update.skipped, "truncated_items": update.truncated, **s.layout}
     if probe_now:  # every process runs it: a sharded teacher's forward is collective
-        metrics.update(run_probe(accelerator, s.module, s.probe, s.source, s.head))
+        for p in s.teachers:
+            found = run_probe(accelerator, s.module, s.probe, p.source, s.heads[p.name], p.name)
+            metrics.update({p.key + k: v for k, v in found.items()})
     if run.reporter is not None and accelerator.is_main_process:
         due = s.step % run.recipe.train.log_every == 0 or s.step == s.total or probe_now
-        if update.features is not None and due:
+        for p in s.teachers if due else ():
             with accelerator.autocast():
-                metrics.update(alignment_stats(update.batch, update.features, update.out.recalibrated, s.head))
+                found = alignment_stats(update.batch, update.features[p.name], update.out.recalibrated.get(p.name),
+                                        s.heads[p.name], side=p.side)
+            metrics.update({p.key + k: v for k, v in found.items()})
         run.reporter.step(s.label, s.step, metrics)
     return metrics
 
@@ -337,16 +341,23 @@ def _finish(s: Stage, metrics: dict, terms: tuple[str, ...]) -> dict:
                "peak_rss_mb": s.peak.rss_mb(), **s.peak.device()}
     accelerator.wait_for_everyone()
     module = accelerator.unwrap_model(s.module)
-    states = ckpt.gathered_states(module, with_recalibrator=s.recalibrator is not None) if s.sharded else {}
+    recs = _recalibrators(s)
+    states = ckpt.gathered_states(module, recs) if s.sharded else {}
     if accelerator.is_main_process:
         ckpt.save_stage(Path(run.recipe.train.output_dir), s.name, student=module.student,
-                        processor=run.student.exportable_processor, recalibrator=s.recalibrator,
+                        processor=run.student.exportable_processor, recalibrators=recs,
                         recipe=run.recipe.to_dict(),
-                        meta={"step": s.step, "total_steps": s.total, "finished": True, **summary}, **states)
+                        meta={"step": s.step, "total_steps": s.total, "finished": True, **summary,
+                              **saved_names(s.teachers)}, **states)
     accelerator.wait_for_everyone()
     if run.reporter is not None:
         run.reporter.stage_end(s.label, {k: v for k, v in metrics.items() if k in terms})
     return summary
+
+
+def _recalibrators(s: Stage) -> dict[str, tuple[str, Recalibrator]]:
+    """The stage's Recalibrators as a checkpoint holds them: file -> (state prefix, module)."""
+    return {p.file: (p.state_prefix, p.recalibrator) for p in s.teachers if p.recalibrator is not None}
 
 
 def _padding(batch: dict, sides) -> tuple[float, float]:
@@ -404,9 +415,10 @@ def _save_progress(s: Stage, metrics: dict) -> None:
     module = accelerator.unwrap_model(s.module)
     ckpt.save_checkpoint(
         accelerator, Path(recipe.train.output_dir), s.name, s.step, module=module, student=module.student,
-        processor=run.student.exportable_processor, recalibrator=s.recalibrator,
+        processor=run.student.exportable_processor, recalibrators=_recalibrators(s),
         optimizer=s.optimizer, scheduler=s.scheduler, recipe=recipe.to_dict(),
-        meta={"step": s.step, "total_steps": s.total, "finished": False, "metrics": metrics, **s.layout},
+        meta={"step": s.step, "total_steps": s.total, "finished": False, "metrics": metrics, **s.layout,
+              **saved_names(s.teachers)},
         keep=recipe.train.keep_checkpoints,
         # this process's data position and what it skipped so far, saved with its RNG state
         data={"position": s.batches.state(), "report": {"skipped": report.skipped, "truncated": report.truncated}},

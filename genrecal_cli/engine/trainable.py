@@ -12,10 +12,11 @@ from .objective import TEACHER_STAGES
 from .recalibrator import Recalibrator
 
 
-def set_trainable(stage: str, student, recalibrator: Recalibrator | None, spec: StageSpec) -> list[nn.Parameter]:
-    """Freeze everything, then unfreeze what `stage` trains; returns the trainable parameters."""
+def set_trainable(stage: str, student, recalibrators: list[Recalibrator], spec: StageSpec) -> list[nn.Parameter]:
+    """Freeze everything, then unfreeze what `stage` trains (of the student, and each teacher's
+    Recalibrator in align and distill); returns the trainable parameters, the student's first."""
     student.model.requires_grad_(False)
-    if recalibrator is not None:
+    for recalibrator in recalibrators:
         recalibrator.requires_grad_(stage in TEACHER_STAGES)
     if stage == "distill":
         student.language_model.requires_grad_(True)
@@ -27,7 +28,7 @@ def set_trainable(stage: str, student, recalibrator: Recalibrator | None, spec: 
         student.vision_encoder.requires_grad_(False)
         student.vision_projector.requires_grad_(True)  # Qwen's projector sits inside its vision encoder
     params = [p for p in student.model.parameters() if p.requires_grad]
-    if recalibrator is not None and stage in TEACHER_STAGES:
+    for recalibrator in recalibrators if stage in TEACHER_STAGES else ():
         params += [p for p in recalibrator.parameters() if p.requires_grad]
     return params
 

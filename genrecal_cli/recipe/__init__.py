@@ -16,12 +16,13 @@ from .specs import (
     StageSpec,
     StagesSpec,
     TeacherSpec,
+    TeacherView,
     TrainSpec,
     looks_like_hub_id,
 )
 
 __all__ = [
     "BUILT_IN_DATA", "TRACKERS", "ZOO_PREFIX", "DataSpec", "LossSpec", "ModelSpec", "ParallelSpec", "RecalibratorSpec",
-    "Recipe", "StageSpec", "StagesSpec", "TeacherSpec", "TrainSpec", "load_recipe", "looks_like_hub_id", "parse_override",
+    "Recipe", "StageSpec", "StagesSpec", "TeacherSpec", "TeacherView", "TrainSpec", "load_recipe", "looks_like_hub_id", "parse_override",
     "recipe_from_dict",
 ]

@@ -268,8 +268,7 @@ _TEACHER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 class TeacherSpec(ModelSpec):
     """One of the recipe's `[[teachers]]`: a [teacher] table's keys, its `name` (for metrics and
     files) and the `weight` of its loss terms, with its own `[teachers.recalibrator]` over the
-    recipe's [recalibrator]. One [[teachers]] table means what a [teacher] table means; several
-    teachers in one run are refused until the engine runs them (issue 31)."""
+    recipe's [recalibrator]. One [[teachers]] table means what a [teacher] table means."""
 
     name: str = ""
     weight: float = 1.0
@@ -312,8 +311,7 @@ class Recipe:
         for name in sorted({n for n in names if names.count(n) > 1}):
             problems.append(f"teachers: the name {name!r} is given to {names.count(name)} teachers; names must differ")
         if len(self.teachers) > 1:
-            problems.append(f"teachers: {len(self.teachers)} teachers in one run are not supported yet (issue 31: "
-                            "one Recalibrator per teacher); keep one [[teachers]] table")
+            self._check_several(problems)
         needs_teacher = [s for s in ("align", "distill") if getattr(self.stages, s).enabled]
         if needs_teacher and self.teacher is None and not self.teachers:
             problems.append(
@@ -344,6 +342,30 @@ class Recipe:
             problems.append("stages.align: trains the Recalibrator on loss.ar, loss.kl and loss.reg, which are all 0; "
                             "give one a weight or disable the stage (enabled = false)")
 
+    def _check_several(self, problems: list[str]) -> None:
+        if not any(t.weight for t in self.teachers):
+            problems.append("teachers: every teacher's weight is 0; give one a weight > 0 (or drop the [[teachers]] "
+                            "tables and run a finetune-only recipe)")
+        for name in ("kd", "uld"):
+            if getattr(self.loss, name):
+                problems.append(f"loss.{name}: scores the student against one teacher's rows; with several "
+                                f"[[teachers]] set loss.{name} = 0 (their terms are ar, kl and reg, per teacher)")
+
+    @property
+    def several_teachers(self) -> bool:
+        """Whether the run has more than one teacher (then each has its own Recalibrator)."""
+        return len(self.teachers) > 1
+
+    def teacher_views(self) -> list["TeacherView"]:
+        """Each teacher with the recipe as a run of that teacher alone (its table as [teacher], its
+        [recalibrator]): what its cache, its processor settings and its Recalibrator are read
+        from. A recipe of one teacher: itself, under the name "teacher", weight 1."""
+        if not self.several_teachers:
+            return [TeacherView("teacher", 1.0, self)] if self.teacher is not None else []
+        return [TeacherView(t.name, t.weight, dataclasses.replace(self, teacher=t.as_model(),
+                                                                   recalibrator=t.recalibrator, teachers=()))
+                for t in self.teachers]
+
     @property
     def uses_recalibrator(self) -> bool:
         """Whether any enabled stage trains or reads the Recalibrator (not a ULD-only distill)."""
@@ -358,6 +380,15 @@ class Recipe:
         if not out["teachers"]:  # (a recipe of one teacher reads as it did before [[teachers]])
             out.pop("teachers")
         return _drop_none(out)
+
+
+@dataclass(frozen=True)
+class TeacherView:
+    """One teacher of a run: its name, its loss weight, and the recipe as a run of it alone."""
+
+    name: str
+    weight: float
+    recipe: Recipe
 
 
 def _check_source(source: str, key: str, problems: list[str]) -> None:

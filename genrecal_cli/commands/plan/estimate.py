@@ -68,6 +68,20 @@ def _working_set(hidden: int, intermediate: int, e: int) -> int:
 
 
 @dataclass(frozen=True)
+class TeacherJob:
+    """One more teacher of a run of several [[teachers]] (the first is Job.teacher): the same
+    facts, with its own Recalibrator."""
+
+    name: str
+    shape: ModelShape
+    bytes: int  # its weight dtype
+    exact_bytes: Optional[int]
+    cached: bool
+    embeddings: bool
+    rec_params: int
+
+
+@dataclass(frozen=True)
 class Job:
     """What the plan knows of a recipe, apart from the settings a suggestion may change."""
 
@@ -87,6 +101,16 @@ class Job:
     teacher_cached: bool = False  # [teacher] cache: only the teacher's head is loaded, no teacher forward
     teacher_embeddings: bool = False  # an id-only cache: its input embeddings too (answer_input = "embeddings")
     recipe_max_length: int = 0  # data.max_length, the worst case, when max_length is measured
+    first_name: str = ""  # the first teacher's name with several [[teachers]] ("" with one)
+    others: tuple = ()  # TeacherJob of every other teacher, in the recipe's order
+
+    def teachers(self) -> list[TeacherJob]:
+        """Every teacher, the first from the Job's own fields."""
+        if self.teacher is None:
+            return []
+        first = TeacherJob(self.first_name, self.teacher, self.teacher_bytes, self.teacher_exact_bytes,
+                           self.teacher_cached, self.teacher_embeddings, self.rec_params)
+        return [first, *self.others]
 
 
 @dataclass(frozen=True)
@@ -125,35 +149,26 @@ class StageMemory:
 
 
 def estimate(job: Job, s: Settings, stage: str) -> StageMemory:
-    """Bytes one GPU holds in `stage` under settings `s` (see the module docstring)."""
-    teacher_shape, student_shape, e, S = job.teacher, job.student, job.act_bytes, job.max_length
+    """Bytes one GPU holds in `stage` under settings `s` (see the module docstring). Several
+    teachers: each one's weights, Recalibrator, features and loss chunks are held at once; their
+    forwards and reliance probes run one after another (the largest counts)."""
+    student_shape, e, S = job.student, job.act_bytes, job.max_length
     batch = dict(s.batch)[stage]
     tokens = batch * S
     rows = batch * min(S, ANSWER_TOKENS)
     chunk = min(rows, CHUNK)
     gt, gs = s.group(s.teacher_shard), s.group(s.student_shard)
-    with_teacher = teacher_shape is not None and stage in ("align", "distill")
-    rec = job.rec_params if with_teacher else 0
+    teachers = job.teachers() if stage in ("align", "distill") else []
+    rec = sum(t.rec_params for t in teachers)
     trains = _trained(student_shape, stage, job.train_projector.get(stage, False))
     static: dict[str, float] = {}
     phases: dict[str, dict[str, float]] = {}
-    if with_teacher and job.teacher_cached:  # the cache's reader: the head (+ the embeddings), whole
-        b = job.teacher_bytes
-        tables = teacher_shape.head_whole + (teacher_shape.parts["embed"] if job.teacher_embeddings
-                                             and not teacher_shape.tied else 0)
-        static["teacher LM head" + (" + input embeddings" if job.teacher_embeddings else "")
-               + " (features from the cache)"] = b * tables
-    elif with_teacher:
-        b = job.teacher_bytes
-        if gt > 1:
-            sharded_part = (teacher_shape.total - teacher_shape.parts["head"]) / gt
-            static[f"teacher weights (1/{gt} + LM head whole)"] = b * (sharded_part + teacher_shape.head_whole)
-        else:
-            static["teacher weights"] = job.teacher_exact_bytes or b * teacher_shape.total
+    for t in teachers:
+        static.update(_teacher_static(t, gt))
     static["student weights (fp32 masters)"] = 4 * student_shape.total / gs
     static["student grads + AdamW states (fp32)"] = 12 * trains / gs
     if rec:
-        static["Recalibrator: weights, grads, states"] = 16 * rec / gs
+        static["Recalibrator" + ("s" if len(teachers) > 1 else "") + ": weights, grads, states"] = 16 * rec / gs
     if s.gpus > 1 and not s.student_shard and trains + rec:
         static["DDP gradient buckets"] = 4 * (trains + rec)
 
@@ -171,26 +186,32 @@ def estimate(job: Job, s: Settings, stage: str) -> StageMemory:
     if e == 2 and trains + rec and not sharded_student:  # sharded: FSDP gathers in bf16 instead (below)
         student["autocast bf16 copies of trained weights"] = 2 * (trains + rec)
     logits = K_SFT * chunk * V_s if stage != "align" else 0
-    if with_teacher:
+    features = [4 * t.shape.text.hidden * (tokens + 2 * rows) for t in teachers]
+    forwards, probes, kept, work = [], [], 0, []
+    for i, t in enumerate(teachers):
+        teacher_shape = t.shape
         d_l, V_t = teacher_shape.text.hidden, teacher_shape.text.vocab
-        te = 2 if (e == 2 or job.teacher_bytes == 2) else 4  # the teacher computes in bf16 either way
-        features = 4 * d_l * (tokens + 2 * rows)
-        gathered = job.teacher_bytes * (teacher_shape.root + 2 * teacher_shape.unit) if gt > 1 else 0
+        te = 2 if (e == 2 or t.bytes == 2) else 4  # the teacher computes in bf16 either way
+        gathered = t.bytes * (teacher_shape.root + 2 * teacher_shape.unit) if gt > 1 else 0
         text_ws = _working_set(d_l, teacher_shape.text.intermediate, te) + 2 * d_l
         vision_ws = teacher_shape.patches_per_token * _working_set(teacher_shape.vision_hidden,
                                                                    teacher_shape.vision_intermediate, te)
-        if job.teacher_cached:  # no teacher forward: the features arrive with the batch
+        if t.cached:  # no teacher forward: the features arrive with the batch
             gathered = text_ws = vision_ws = 0
         else:
-            phases["teacher forward"] = {"teacher gathered (FSDP: root + 2 units)": gathered,
-                                         "teacher working set (one layer at a time)": max(text_ws, vision_ws) * tokens,
-                                         "teacher features (fp32, this + last batch)": 2 * features}
-        student["teacher features (fp32)"] = features
-        if rec:
+            forward = {"teacher gathered (FSDP: root + 2 units)": gathered,
+                       "teacher working set (one layer at a time)": max(text_ws, vision_ws) * tokens,
+                       "teacher features (fp32, this + last batch)": 2 * features[i]}
+            if len(teachers) > 1:  # the other teachers' features of this micro-batch are held meanwhile
+                forward["the other teachers' features (fp32)"] = sum(features) - features[i]
+            forwards.append(forward)
+        if t.rec_params:
             paths = 1 + job.reg.get(stage, False)
             per_token = job.num_blocks * (a_layer + (e * S if e == 2 else 0)) + 4 * S + 2 * d_s + 4 * d_l
-            student["Recalibrator activations"] = paths * tokens * per_token
-            logits = max(logits, K_REC[te] * chunk * V_t + (paths * rows - chunk) * V_t * te)
+            student["Recalibrator activations"] = student.get("Recalibrator activations", 0) + paths * tokens * per_token
+            # every teacher's loss chunks keep their logits for backward; one chunk is worked on at a time
+            kept += paths * rows * V_t * te
+            work.append(K_REC[te] * chunk * V_t - chunk * V_t * te)
             if job.probe_items:
                 n = job.probe_items * S
                 r = job.probe_items * min(S, ANSWER_TOKENS)
@@ -199,18 +220,39 @@ def estimate(job: Job, s: Settings, stage: str) -> StageMemory:
                             + 6 * d_l * n)
                 if s.student_shard and gs > 1:  # the probe gathers the sharded root first (probe.run_probe)
                     rec_side += 4 * (student_shape.root + student_shape.parts["head"]) + 2 * 4 * student_shape.unit
-                phases["reliance probe"] = {"probe: teacher features (fp32)": 4 * d_l * n,
-                                            "probe: teacher pass or Recalibrator + logits":
-                                                max(teacher_side, rec_side + 10 * r * V_t)}
+                probes.append({"probe: teacher features (fp32)": 4 * d_l * n,
+                               "probe: teacher pass or Recalibrator + logits": max(teacher_side, rec_side + 10 * r * V_t)})
+    if forwards:
+        phases["teacher forward"] = max(forwards, key=lambda f: sum(f.values()))
+    if teachers:
+        student["teacher features (fp32)"] = sum(features)
+    if work:
+        logits = max(logits, max(work) + kept)
+    if probes:
+        phases["reliance probe"] = max(probes, key=lambda f: sum(f.values()))
     student["logits chunk (losses)"] = logits
     if sharded_student:  # gathered in the compute dtype (parallel.shard_trainable's mixed precision)
-        rec_root = 2 * teacher_shape.text.hidden * d_s + 2 * teacher_shape.text.hidden if rec else 0
+        rec_root = sum(2 * t.shape.text.hidden * d_s + 2 * t.shape.text.hidden for t in teachers if t.rec_params)
         student["student gathered (FSDP: root, 2 units, grads)"] = \
             e * (student_shape.root + student_shape.parts["head"] + rec_root) + 3 * e * student_shape.unit
     phases["student forward + backward"] = student
     phases["optimizer step"] = {"AdamW step buffer (foreach sqrt(v))": 4 * (trains + rec) / gs}
     as_int = lambda d: {k: int(v) for k, v in d.items()}  # noqa: E731
     return StageMemory(stage, as_int(static), {p: as_int(c) for p, c in phases.items()}, int(other))
+
+
+def _teacher_static(t: TeacherJob, gt: int) -> dict[str, float]:
+    """What stays of one teacher: its weights in its dtype (sharded: the inner model / group
+    size + its LM head whole), or where its features come from the cache its head (+ embeddings)."""
+    shape, b, who = t.shape, t.bytes, f"teacher {t.name}" if t.name else "teacher"
+    if t.cached:  # the cache's reader: the head (+ the embeddings), whole
+        tables = shape.head_whole + (shape.parts["embed"] if t.embeddings and not shape.tied else 0)
+        return {f"{who} LM head" + (" + input embeddings" if t.embeddings else "") + " (features from the cache)":
+                b * tables}
+    if gt > 1:
+        sharded_part = (shape.total - shape.parts["head"]) / gt
+        return {f"{who} weights (1/{gt} + LM head whole)": b * (sharded_part + shape.head_whole)}
+    return {f"{who} weights": t.exact_bytes or b * shape.total}
 
 
 def _trained(student: ModelShape, stage: str, train_projector: bool) -> int:

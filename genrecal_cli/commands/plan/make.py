@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ...errors import GenrecalError
-from .estimate import ANSWER_TOKENS, CHUNK, Job, Settings, StageMemory, estimate, recalibrator_params
+from .estimate import ANSWER_TOKENS, CHUNK, Job, Settings, StageMemory, TeacherJob, estimate, recalibrator_params
 from .model_shape import DTYPE_BYTES, ModelShape, read_shape
 
 GIB = 2**30
@@ -50,7 +50,10 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         models = {"student": _model_dict(self.job.student)}
-        if self.job.teacher is not None:
+        if self.job.others:  # several [[teachers]]: each by name
+            models["teachers"] = {t.name: {**_model_dict(t.shape), "recalibrator_params": t.rec_params}
+                                  for t in self.job.teachers()}
+        elif self.job.teacher is not None:
             models["teacher"] = _model_dict(self.job.teacher)
         return {
             "recipe": self.recipe, "gpus": self.settings.gpus, "gpu_memory_gib": self.gpu_memory_gib,
@@ -109,23 +112,25 @@ def make_plan(recipe, gpus: int, gpu_memory_gib: float, measured: tuple[int, str
         raise GenrecalError(f"--gpu-memory {gpu_memory_gib}: give the memory of one GPU in GiB, e.g. 80")
     stages = tuple(recipe.stages.enabled())
     needs_teacher = any(stage in ("align", "distill") for stage in stages)
-    teacher = read_shape(recipe.teacher, "teacher") if needs_teacher else None
     student = read_shape(recipe.student, "student")
-    auto = recipe.teacher is not None and recipe.teacher.dtype == "auto"
-    tdtype = (teacher.dtype if auto else recipe.teacher.dtype) if teacher else "bfloat16"
+    views = recipe.teacher_views() if needs_teacher else []
+    keys = [f"teachers[{i}]" for i in range(len(views))] if recipe.several_teachers else ["teacher"]
+    teachers = [_teacher_job(v, key, student, recipe.several_teachers) for v, key in zip(views, keys)]
+    first = teachers[0] if teachers else None
     job = Job(
-        teacher=teacher, student=student, stages=stages, max_length=recipe.data.max_length,
+        teacher=first.shape if first else None, student=student, stages=stages, max_length=recipe.data.max_length,
         act_bytes=4 if recipe.train.precision == "fp32" else 2,
-        teacher_bytes=DTYPE_BYTES.get(tdtype, 4),
-        teacher_exact_bytes=teacher.weight_bytes if (teacher and auto) else None,
-        rec_params=recalibrator_params(teacher, student, recipe.recalibrator.num_blocks)
-        if (teacher and recipe.uses_recalibrator) else 0,
+        teacher_bytes=first.bytes if first else DTYPE_BYTES["bfloat16"],
+        teacher_exact_bytes=first.exact_bytes if first else None,
+        rec_params=first.rec_params if first else 0,
         num_blocks=recipe.recalibrator.num_blocks,
         reg={"align": True, "distill": recipe.stages.distill.reg},  # objective.py: align always runs the L_reg pass
         train_projector={"distill": recipe.stages.distill.train_projector},
         probe_items=recipe.train.probe_items if recipe.train.probe_every else 0,
-        teacher_cached=bool(needs_teacher and recipe.teacher.cache),
-        teacher_embeddings=bool(needs_teacher and recipe.teacher.cache and _id_only(recipe)),
+        teacher_cached=bool(first and first.cached),
+        teacher_embeddings=bool(first and first.embeddings),
+        first_name=first.name if first else "",
+        others=tuple(teachers[1:]),
     )
     par = recipe.parallel
     settings = Settings(gpus, par.teacher == "shard", par.student == "shard", par.shard_group,
@@ -145,6 +150,17 @@ def make_plan(recipe, gpus: int, gpu_memory_gib: float, measured: tuple[int, str
     if not plan.fits:
         plan.suggestion = suggest(job, settings, gpu_memory_gib)
     return plan
+
+
+def _teacher_job(view, key: str, student: ModelShape, several: bool) -> TeacherJob:
+    """One teacher's facts for the plan, read from its config (`key`: its table, for errors)."""
+    recipe = view.recipe
+    shape = read_shape(recipe.teacher, key)
+    auto = recipe.teacher.dtype == "auto"
+    return TeacherJob(view.name if several else "", shape, DTYPE_BYTES.get(shape.dtype if auto else recipe.teacher.dtype, 4),
+                      shape.weight_bytes if auto else None, bool(recipe.teacher.cache),
+                      bool(recipe.teacher.cache and _id_only(recipe)),
+                      recalibrator_params(shape, student, recipe.recalibrator.num_blocks) if recipe.uses_recalibrator else 0)
 
 
 def _id_only(recipe) -> bool:
@@ -169,7 +185,8 @@ def _peak(job: Job, s: Settings) -> int:
 
 def _shard_teacher(job, s, gib):
     uses_teacher = any(stage in job.stages for stage in ("align", "distill"))
-    if job.teacher is not None and not s.teacher_shard and s.gpus > 1 and uses_teacher and not job.teacher_cached:
+    online = any(not t.cached for t in job.teachers())
+    if job.teacher is not None and not s.teacher_shard and s.gpus > 1 and uses_teacher and online:
         return replace(s, teacher_shard=True), ["parallel.teacher=shard"]
 
 
@@ -289,13 +306,14 @@ def render(plan: Plan, console) -> None:
     row(f"  (student activations with checkpointing {'off' if s.checkpointing else 'on'})",
         [m.other_checkpointing if m.stage != "align" else 0 for m in plan.stages], style="dim")
     console.print(table)
-    for role, m in (("teacher", plan.job.teacher), ("student", plan.job.student)):
-        if m is not None:
-            console.print(f"{role} [bold]{m.source}[/]: {m.family}, {_count(m.total)} parameters ({m.counted}), "
-                          f"largest unit {_count(m.unit)}" + (f"; {m.note}" if m.note else ""))
-    if plan.job.rec_params:
-        console.print(f"Recalibrator: {_count(plan.job.rec_params)} parameters ({plan.job.num_blocks} student decoder "
-                      "layers + projections)")
+    models = [(f"teacher {t.name}" if t.name else "teacher", t.shape) for t in plan.job.teachers()]
+    for role, m in (*models, ("student", plan.job.student)):
+        console.print(f"{role} [bold]{m.source}[/]: {m.family}, {_count(m.total)} parameters ({m.counted}), "
+                      f"largest unit {_count(m.unit)}" + (f"; {m.note}" if m.note else ""))
+    for t in plan.job.teachers():
+        if t.rec_params:
+            console.print(f"Recalibrator{' of teacher ' + t.name if t.name else ''}: {_count(t.rec_params)} parameters "
+                          f"({plan.job.num_blocks} student decoder layers + projections)")
     for note in plan.notes:
         console.print(f"[yellow]note[/]: {note}")
     peak = plan.peak

@@ -34,39 +34,62 @@ class OnlineTeacher:
     with_question = True
     collate = None
 
-    def __init__(self, teacher, answer_input: str):
-        self.teacher, self.answer_input = teacher, answer_input
+    def __init__(self, teacher, answer_input: str, side: str = "teacher"):
+        self.teacher, self.answer_input, self.side = teacher, answer_input, side
 
     def features(self, batch: dict) -> TeacherFeatures:
-        return teacher_features(self.teacher, batch["teacher"], self.answer_input)
+        return teacher_features(self.teacher, batch[self.side], self.answer_input)
 
 
 class CachedTeacher:
     """Features read from a teacher-feature cache by whoever collates the batch (a loader worker),
     and checked there against the teacher side rendered now: no teacher forward. An id-only
     cache's answer inputs are looked up in `embeddings` (the teacher's input embeddings, on the
-    run's device) at each micro-batch."""
+    run's device) at each micro-batch. `side`: the teacher's side of the batch ("teacher", or
+    "teacher:NAME" with several teachers)."""
 
-    def __init__(self, reader: CacheReader, embeddings: torch.nn.Module | None = None):
+    def __init__(self, reader: CacheReader, embeddings: torch.nn.Module | None = None, side: str = "teacher"):
         if reader.answers == "ids" and embeddings is None:
             raise ValueError(f"{reader.folder}: an id-only cache needs the teacher's input embeddings")
         self.embeddings = embeddings if reader.answers == "ids" else None
         self.with_question = reader.with_question
-        self.collate = ReadCache(reader)  # (the loader's workers get the reader, not the embeddings)
+        self.collate = ReadCache(reader, side)  # (the loader's workers get the reader, not the embeddings)
+        self.side = side
 
     def features(self, batch: dict) -> TeacherFeatures:
-        features = batch["teacher_features"]
+        features = batch[f"{self.side}_features"]
         return features if self.embeddings is None else with_answer_embeddings(features, self.embeddings)
 
 
 class ReadCache:
     """What a loader worker adds to a collated batch: its items' cached features, checked."""
 
-    def __init__(self, reader: CacheReader):
-        self.reader = reader
+    def __init__(self, reader: CacheReader, side: str = "teacher"):
+        self.reader, self.side = reader, side
 
     def __call__(self, batch: dict) -> dict:
         keys = batch["keys"]
         features = join_items(self.reader.items(keys), hidden=self.reader.hidden_size)
-        check_answers(features, batch["teacher"], keys, self.reader.folder)
-        return {"teacher_features": features}
+        check_answers(features, batch[self.side], keys, self.reader.folder)
+        return {f"{self.side}_features": features}
+
+
+class Attach:
+    """Every source's `collate` in turn (several teachers, each from its own cache or none): what
+    the loader adds to a collated batch; None when no source adds anything."""
+
+    def __init__(self, collates: list):
+        self.collates = [c for c in collates if c is not None]
+
+    @classmethod
+    def of(cls, sources: list):
+        attach = cls([s.collate for s in sources])
+        if len(attach.collates) < 2:  # nothing, or the one source's own
+            return attach.collates[0] if attach.collates else None
+        return attach
+
+    def __call__(self, batch: dict) -> dict:
+        out: dict = {}
+        for collate in self.collates:
+            out.update(collate(batch))
+        return out
