@@ -62,6 +62,7 @@ def test_several_teachers_are_drawn_each_under_its_name(tmp_path):
     run.mkdir()
     rows = [{"stage": "distill", "step": s, "loss": 2.0 / s, "sft": 1.0 / s, "A/ar": 0.3, "A/kl": 0.2, "B/ar": 0.6,
              "B/kl": 0.5, "A/top1": 0.7, "B/top1": 0.4, "B/rely_first_top1_real": 0.8} for s in (10, 20)]
+    rows.append({"stage": "teachers[1]/finetune", "step": 5, "loss": 1.0, "sft": 1.0})  # B built first by its recipe
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (run / "student").mkdir()
     (run / "student" / "genrecal.json").write_text(json.dumps(
@@ -70,6 +71,7 @@ def test_several_teachers_are_drawn_each_under_its_name(tmp_path):
                       "student before": {"accuracy": 0.1}, "student after": {"accuracy": 0.5}}}))
     record = read_run(run)
     assert record.teachers == ["A", "B"]
+    assert [s[0] for s in record.stages] == ["teachers[1]/finetune", "distill"]  # the prerequisite ran first
     fig = figure(record)
     losses, _, align, probe, _, acc = fig.axes
     assert list(_line(losses, "B: ar").get_ydata()) == pytest.approx([0.6, 0.6]) and _line(losses, "sft")

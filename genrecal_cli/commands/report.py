@@ -79,7 +79,8 @@ def read_run(folder: str | Path) -> RunRecord:
         except (ValueError, KeyError, TypeError):
             if n < len(lines):  # the last line of a run still going may be half written
                 raise GenrecalError(f"{metrics}: line {n} is not a metrics record") from None
-    names = sorted({s for s, _ in latest}, key=lambda s: (STAGE_ORDER.index(s.split("/")[-1])
+    # a prerequisite run's stages ("teacher/finetune": a model built by its own recipe) ran first
+    names = sorted({s for s, _ in latest}, key=lambda s: ("/" not in s, STAGE_ORDER.index(s.split("/")[-1])
                                                           if s.split("/")[-1] in STAGE_ORDER else 9, s))
     record = RunRecord(folder, [])
     offset = 0

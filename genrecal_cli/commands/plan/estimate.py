@@ -79,6 +79,7 @@ class TeacherJob:
     cached: bool
     embeddings: bool
     rec_params: int
+    num_blocks: int  # its Recalibrator's decoder blocks ([teachers.recalibrator] may differ)
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ class Job:
         if self.teacher is None:
             return []
         first = TeacherJob(self.first_name, self.teacher, self.teacher_bytes, self.teacher_exact_bytes,
-                           self.teacher_cached, self.teacher_embeddings, self.rec_params)
+                           self.teacher_cached, self.teacher_embeddings, self.rec_params, self.num_blocks)
         return [first, *self.others]
 
 
@@ -207,7 +208,7 @@ def estimate(job: Job, s: Settings, stage: str) -> StageMemory:
             forwards.append(forward)
         if t.rec_params:
             paths = 1 + job.reg.get(stage, False)
-            per_token = job.num_blocks * (a_layer + (e * S if e == 2 else 0)) + 4 * S + 2 * d_s + 4 * d_l
+            per_token = t.num_blocks * (a_layer + (e * S if e == 2 else 0)) + 4 * S + 2 * d_s + 4 * d_l
             student["Recalibrator activations"] = student.get("Recalibrator activations", 0) + paths * tokens * per_token
             # every teacher's loss chunks keep their logits for backward; one chunk is worked on at a time
             kept += paths * rows * V_t * te

@@ -112,10 +112,11 @@ def make_plan(recipe, gpus: int, gpu_memory_gib: float, measured: tuple[int, str
         raise GenrecalError(f"--gpu-memory {gpu_memory_gib}: give the memory of one GPU in GiB, e.g. 80")
     stages = tuple(recipe.stages.enabled())
     needs_teacher = any(stage in ("align", "distill") for stage in stages)
-    student = read_shape(recipe.student, "student")
     views = recipe.teacher_views() if needs_teacher else []
     keys = [f"teachers[{i}]" for i in range(len(views))] if recipe.several_teachers else ["teacher"]
-    teachers = [_teacher_job(v, key, student, recipe.several_teachers) for v, key in zip(views, keys)]
+    shapes = [read_shape(v.recipe.teacher, key) for v, key in zip(views, keys)]  # (the teachers' errors first)
+    student = read_shape(recipe.student, "student")
+    teachers = [_teacher_job(v, shape, student, recipe.several_teachers) for v, shape in zip(views, shapes)]
     first = teachers[0] if teachers else None
     job = Job(
         teacher=first.shape if first else None, student=student, stages=stages, max_length=recipe.data.max_length,
@@ -123,7 +124,7 @@ def make_plan(recipe, gpus: int, gpu_memory_gib: float, measured: tuple[int, str
         teacher_bytes=first.bytes if first else DTYPE_BYTES["bfloat16"],
         teacher_exact_bytes=first.exact_bytes if first else None,
         rec_params=first.rec_params if first else 0,
-        num_blocks=recipe.recalibrator.num_blocks,
+        num_blocks=first.num_blocks if first else recipe.recalibrator.num_blocks,
         reg={"align": True, "distill": recipe.stages.distill.reg},  # objective.py: align always runs the L_reg pass
         train_projector={"distill": recipe.stages.distill.train_projector},
         probe_items=recipe.train.probe_items if recipe.train.probe_every else 0,
@@ -152,15 +153,15 @@ def make_plan(recipe, gpus: int, gpu_memory_gib: float, measured: tuple[int, str
     return plan
 
 
-def _teacher_job(view, key: str, student: ModelShape, several: bool) -> TeacherJob:
-    """One teacher's facts for the plan, read from its config (`key`: its table, for errors)."""
+def _teacher_job(view, shape: ModelShape, student: ModelShape, several: bool) -> TeacherJob:
+    """One teacher's facts for the plan (`shape`: read from its config)."""
     recipe = view.recipe
-    shape = read_shape(recipe.teacher, key)
     auto = recipe.teacher.dtype == "auto"
     return TeacherJob(view.name if several else "", shape, DTYPE_BYTES.get(shape.dtype if auto else recipe.teacher.dtype, 4),
                       shape.weight_bytes if auto else None, bool(recipe.teacher.cache),
                       bool(recipe.teacher.cache and _id_only(recipe)),
-                      recalibrator_params(shape, student, recipe.recalibrator.num_blocks) if recipe.uses_recalibrator else 0)
+                      recalibrator_params(shape, student, recipe.recalibrator.num_blocks) if recipe.uses_recalibrator else 0,
+                      recipe.recalibrator.num_blocks)
 
 
 def _id_only(recipe) -> bool:
@@ -313,7 +314,7 @@ def render(plan: Plan, console) -> None:
     for t in plan.job.teachers():
         if t.rec_params:
             console.print(f"Recalibrator{' of teacher ' + t.name if t.name else ''}: {_count(t.rec_params)} parameters "
-                          f"({plan.job.num_blocks} student decoder layers + projections)")
+                          f"({t.num_blocks} student decoder layers + projections)")
     for note in plan.notes:
         console.print(f"[yellow]note[/]: {note}")
     peak = plan.peak
