@@ -17,8 +17,6 @@ transfer set, the budget SFT's ladder chose (2,000 updates of batch 16), GenReca
 3. Arms, 3 seeds each: `A` and `B` (one teacher, a plain [teacher] table) and `both` (two
    [[teachers]] tables, weight 0.5 each). Reference rows: section 8's `sft` and `genrecal`
    (the reference teacher) runs, read from --transfer (trained here only where missing there).
-   Until the engine runs several teachers the recipe is refused; the `both` arm is then left
-   for a later call, and everything else still runs.
 4. Every student on the 300-item test split: `genrecal eval` (overall), and per question kind
    by the engine's greedy accuracy on the same items (the eval report keeps no per-item result).
 5. bench/results/teachers-full.{json,md,png}: arm x (overall, each kind), mean ± sd over seeds,
@@ -52,7 +50,6 @@ from sweep import welch  # noqa: E402
 
 KINDS = ("colour", "shape", "count", "position", "existence")  # genrecal_cli.world.shapes.KINDS
 SHARES = {"A": ("colour", "position"), "B": ("shape", "count", "existence")}  # what each teacher knows
-REFUSED = "teachers in one run are not supported yet"  # the recipe's refusal until the engine runs several
 ARMS = ("sft", "genrecal", "A", "B", "both")  # sft, genrecal: section 8's reference rows
 
 
@@ -296,21 +293,6 @@ def _move(raw: dict, out: Path) -> None:
     raw["train"]["output_dir"] = str(out)
 
 
-def refusal(raw: dict) -> str | None:
-    """The recipe's refusal of several teachers in one run, or None when it is accepted."""
-    from genrecal_cli.errors import RecipeError
-    from genrecal_cli.recipe import recipe_from_dict
-
-    try:
-        recipe_from_dict(raw)
-    except RecipeError as e:
-        refused = [problem for problem in e.problems if REFUSED in problem]
-        if refused:
-            return refused[0]
-        raise
-    return None
-
-
 # ---------------------------------------------------------------------------------------------
 # results
 
@@ -394,8 +376,6 @@ def markdown(result: dict) -> str:
             lines.append(f"| {r['arm']} | {name} ({v['arm']}) | " + " | ".join(_t(v[c]) for c in ("overall", *KINDS)) + " |")
     lines += ["", "Per seed (overall): " + "; ".join(f"{r['arm']} " + " ".join(f"{v:.1f}" for v in r["overall"])
                                                   for r in result["rows"])]
-    if result["both"]["status"] != "trained":
-        lines += ["", f"`both`: {result['both']['status']}: {result['both']['message']}"]
     return "\n".join(lines) + "\n"
 
 
@@ -493,23 +473,10 @@ def main(argv: list[str] | None = None) -> int:
              **{n: (caches[n], teachers[n]) for n in SHARES}}
     flat = first_tokens(views, data, "reference")
 
-    # 3. the arms: every other one first, then `both` unless the recipe is refused
-    both = [j for j in jobs if j.arm == "both"]
-    why = refusal(both[0].recipes[0]) if both else None
-    todo = [j for j in jobs if j.arm != "both" and not (Path(j.final) / "config.json").exists()]
-    log(f"{len(todo)} runs to train (besides `both`), {args.jobs} at a time")
+    # 3. the arms: the single-teacher ones first, then `both`
+    todo = sorted((j for j in jobs if not (Path(j.final) / "config.json").exists()), key=lambda j: j.arm == "both")
+    log(f"{len(todo)} runs to train, {args.jobs} at a time")
     timings.update(replicate.train_all(todo, args.jobs, log))
-    status = {"status": "trained", "message": ""}
-    if why:
-        status = {"status": "refused", "message": why}
-        log(f"the `both` arm is left for a later call: its recipe is refused ({why})")
-    elif both:
-        try:
-            timings.update(replicate.train_all([j for j in both if not (Path(j.final) / "config.json").exists()],
-                                               args.jobs, log))
-        except Exception as e:  # noqa: BLE001  (the engine's first multi-teacher runs: report the rest anyway)
-            status = {"status": "failed", "message": f"{type(e).__name__}: {e}"}
-            log(f"the `both` arm failed: {status['message']}")
 
     # 4. every student (and teacher) on the test split: genrecal eval, then per kind
     done = [j for j in jobs if (Path(j.final) / "config.json").exists()]
@@ -529,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
                             "test": acc["teacher" if name == "reference" else f"teacher {name}"]["acc"],
                             "test_kinds": kinds["teacher" if name == "reference" else f"teacher {name}"]["kinds"]}
                      for name, v in teacher_validation.items()},
-        "first_tokens": flat, "both": status, "runs": {j.name: j.final for j in done}, "accuracy": acc, "per_kind": kinds,
+        "first_tokens": flat, "runs": {j.name: j.final for j in done}, "accuracy": acc, "per_kind": kinds,
         "rows": summarise(done, acc, kinds), "seconds": {**timings, "total": time.perf_counter() - t0},
     }
     replicate.write_results(out, f"teachers-{args.preset}", result, markdown, plot, log)

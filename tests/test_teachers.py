@@ -172,10 +172,11 @@ def test_two_teachers_on_two_ranks_follow_one_process_and_shard(tmp_path):
     a, b, c = _rows(tmp_path / "one"), _rows(tmp_path / "ddp"), _rows(tmp_path / "shard")
     assert [r["processes"] for r in b] == [2] * 5 and [r["global_batch"] for r in a] == [r["global_batch"] for r in b]
     terms = [f"{t}/{k}" for t in ("qwen", "intern") for k in ("ar", "kl", "reg")]
-    # 2 ranks x 4 items: a mean of two 4-item token means, not one 8-item mean (seen: within 0.6%)
+    # 2 ranks x 4 items: a mean of two 4-item token means, not one 8-item mean (seen: the large
+    # terms within 0.6%, the small kl ~0.03 within 0.001)
     for ra, rb, rc in zip(a, b, c):
         for term in terms:
-            assert rb[term] == pytest.approx(ra[term], rel=1.5e-2), (ra["stage"], ra["step"], term)
+            assert rb[term] == pytest.approx(ra[term], rel=1.5e-2, abs=3e-3), (ra["stage"], ra["step"], term)
             assert rc[term] == pytest.approx(rb[term], rel=1e-4, abs=1e-6), (ra["stage"], ra["step"], term)
     x = _weights(tmp_path / "ddp" / "student" / "model.safetensors")
     y = _weights(tmp_path / "shard" / "student" / "model.safetensors")
