@@ -322,3 +322,17 @@ def test_several_teachers_show_each_teachers_terms_alignment_and_probe_under_its
     assert re.search(r"top-1 agreement\s+60%\s+65%", out)  # a column per teacher
     assert "ocr first answer token" in out and "charts first answer token" not in out
     assert max(len(line) for line in out.splitlines()) <= 80
+
+
+def test_the_data_layout_is_recorded_but_not_shown(tmp_path):
+    """Every row carries the stage's data layout (what a resume must match) in metrics.jsonl; the
+    log line does not repeat it at every step."""
+    layout = {"processes": 2, "global_batch": 32, "batch_size": 16, "grad_accum": 1, "seed": 1,
+              "group_by_length": False}
+    console = plain_console()
+    with Reporter(tmp_path, console=console, log_every=1) as r:
+        run_stage(r, "distill", 1, {"loss": 1.0, **layout, "grad_norm": 0.5})
+    line = step_lines(console.file.getvalue(), "distill")[0]
+    assert "grad_norm 0.5" in line and not any(f"{k} " in line for k in layout)
+    row = json.loads((tmp_path / METRICS_FILE).read_text().splitlines()[0])
+    assert {k: row[k] for k in layout} == layout

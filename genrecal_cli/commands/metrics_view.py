@@ -34,8 +34,9 @@ PROBE_VARIANTS = ("real", "other", "zero")
 PROBE_KEYS = tuple(
     f"rely_{part}_{what}_{v}" for what in ("top1", "ar") for part in ("first", "later") for v in PROBE_VARIANTS
 )
-# Written to metrics.jsonl on every row, not shown: how many processes, items per update.
-RUN_KEYS = ("processes", "global_batch")
+# Written to metrics.jsonl on every row, not shown: how many processes, items per update, and the
+# rest of the stage's data layout (what a resume must match: stages.data_layout).
+RUN_KEYS = ("processes", "global_batch", "batch_size", "grad_accum", "seed", "group_by_length", "num_workers")
 # Known keys first, in this order, then any others sorted: every line of metrics.jsonl lists its
 # keys in the same order, so the file reads well with `tail -f` and diffs cleanly.
 KNOWN_KEYS = ("loss", *LOSS_TERMS, *SPEED_KEYS, *DATA_KEYS, *ALIGN_KEYS, *PROBE_KEYS, *RUN_KEYS)
