@@ -249,6 +249,9 @@ def test_one_teachers_table_is_a_teacher_table_and_errors_name_the_teacher(tmp_p
                               "recalibrator": {"num_blocks": 3, "answer_input": "embeddings"},
                               "teacher": {"path": "zoo:tiny-teacher", "dtype": "bfloat16"}})
     assert one == plain and one.to_dict() == plain.to_dict() and "teachers" not in one.to_dict()
+    lone = {"student": {"path": "zoo:tiny-student"}, "stages": stages,
+            "teachers": [{"name": "a", "path": "zoo:tiny-teacher", "weight": 0.5}]}
+    assert any(p.startswith("teachers[0].weight: 0.5 with one teacher would scale nothing") for p in _problems(lone))
     two = {"student": {"path": "zoo:tiny-student"}, "stages": stages,
            "teachers": [{"name": "a", "path": "zoo:tiny-teacher"}, {"name": "b", "path": str(tmp_path / "nowhere")}]}
     found = _problems(two)

@@ -49,6 +49,10 @@ def recipe_from_dict(raw: dict[str, Any], overrides=(), *, source: str = "<memor
         raise RecipeError(source, problems)
     if len(recipe.teachers) == 1:  # one [[teachers]] table is a [teacher] table
         only = recipe.teachers[0]
+        if only.weight != 1.0:
+            raise RecipeError(source, [f"teachers[0].weight: {only.weight:g} with one teacher would scale nothing "
+                                       "(weights share the loss between several teachers); set loss.ar, loss.kl "
+                                       "and loss.reg instead, or leave the weight out"])
         recipe = dataclasses.replace(recipe, teacher=only.as_model(), recalibrator=only.recalibrator, teachers=())
     return dataclasses.replace(recipe, origin=source)
 
