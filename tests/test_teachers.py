@@ -209,3 +209,20 @@ def test_teach_picks_one_teacher_and_the_preflight_measures_every_side(tmp_path)
     report = run_preflight(two, 8)
     assert set(report["sides"]) == {"teacher:qwen", "teacher:intern", "student"}
     assert report["models"]["teacher:intern"] == "zoo:internvl"
+
+
+def test_two_teachers_train_in_bf16_from_a_bf16_cache_and_online(tmp_path):
+    """train.precision = "bf16": one teacher from a bf16 cache, one online; every stage runs and
+    every teacher's terms are finite."""
+    import math
+
+    teachers = [{"name": "qwen", "path": "zoo:tiny-teacher", "cache": str(tmp_path / "cache")},
+                {"name": "intern", "path": "zoo:internvl", "weight": 0.5}]
+    recipe = recipe_from_dict(_raw(tmp_path / "out", teachers, steps=2, precision="bf16"))
+    teach(recipe.teacher_views()[0].recipe, tmp_path / "cache", storage="bf16")
+    rec = Recorder()
+    distill(recipe, reporter=rec)
+    last = [m for stage, _, m in rec.rows if stage == "distill"][-1]
+    terms = [f"{t}/{k}" for t in ("qwen", "intern") for k in ("ar", "kl", "reg")]
+    assert all(math.isfinite(last[k]) for k in [*terms, "sft", "loss"]), last
+    assert (tmp_path / "out" / "student" / "config.json").is_file()

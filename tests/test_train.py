@@ -430,8 +430,7 @@ def test_distill_stage_leaves_the_teacher_bit_identical(tmp_path, tiny_pair):
     before_s = {k: v.clone() for k, v in student.model.state_dict().items()}
     rec = Recalibrator(teacher.hidden_size, student.text_config, student.decoder_layer_class)
     recipe = _recipe(tmp_path, stages=("distill",), steps=2)
-    part = TeacherPart.of(recipe.teacher_views()[0], teacher, OnlineTeacher(teacher, "hidden"), several=False)
-    part.recalibrator = rec
+    part = TeacherPart(recipe.teacher_views()[0], teacher, OnlineTeacher(teacher, "hidden"), recalibrator=rec)
     run_stage(Run(recipe, Accelerator(cpu=True), student, [part], load_rows(recipe.data, "train")), "distill")
     after_t, after_s = teacher.model.state_dict(), student.model.state_dict()
     assert all(torch.equal(before_t[k], after_t[k]) for k in before_t)

@@ -93,11 +93,10 @@ def resolve(recipe: Recipe, reporter=None, accelerator=None, needs_teacher: bool
 
     if needs_teacher is None:
         needs_teacher = any(getattr(recipe.stages, s).enabled for s in ("align", "distill"))
-    teacher, teachers = None, {}
-    if needs_teacher and recipe.several_teachers:  # each [[teachers]] table's model, by name
-        teachers = {t.name: resolve_model(t, f"teachers[{i}]", reporter, accelerator) for i, t in enumerate(recipe.teachers)}
-    elif needs_teacher:
-        teacher = resolve_model(recipe.teacher, "teacher", reporter, accelerator)
+    paths = {v.name: resolve_model(v.recipe.teacher, v.table, reporter, accelerator)
+             for v in (recipe.teacher_views() if needs_teacher else [])}
+    # several [[teachers]]: each one's model by name; one teacher: its model
+    teacher, teachers = (None, paths) if recipe.several_teachers else (paths.get("teacher"), {})
     student = resolve_model(recipe.student, "student", reporter, accelerator)
     data, n_eval = recipe.data, recipe.train.eval_items
     validation, score = None, None

@@ -80,11 +80,7 @@ def _sides(recipe, needs_teacher: bool | None) -> dict[str, tuple[str, object]]:
     teachers "teacher:NAME" for each (table "teachers[i]") and "student"."""
     if needs_teacher is None:
         needs_teacher = any(getattr(recipe.stages, s).enabled for s in ("align", "distill"))
-    teachers = {}
-    if needs_teacher and recipe.several_teachers:
-        teachers = {f"teacher:{t.name}": (f"teachers[{i}]", t) for i, t in enumerate(recipe.teachers)}
-    elif needs_teacher and recipe.teacher is not None:
-        teachers = {"teacher": ("teacher", recipe.teacher)}
+    teachers = {v.side: (v.table, v.recipe.teacher) for v in (recipe.teacher_views() if needs_teacher else [])}
     return {**teachers, "student": ("student", recipe.student)}
 
 

@@ -24,7 +24,7 @@ from ..recipe import Recipe, TeacherView
 from . import checkpoint as ckpt
 from .accuracy import Scorer, accuracy
 from .teacher.cache import CacheReader, fingerprint, read_index
-from .teacher.part import TeacherPart, saved_names, side_of
+from .teacher.part import TeacherPart, recalibrator_files, saved_names
 from .teacher.source import CachedTeacher, OnlineTeacher
 from .faults import StopRequests
 from .objective import TEACHER_STAGES
@@ -96,7 +96,7 @@ def _run(recipe: Recipe, inputs: Inputs, accelerator, out: Path, *, resume: bool
     online = [v for v in views if v.recipe.teacher.cache is None]
     shard_t, shard_s = teacher_sharded(recipe, accelerator) and bool(online), student_sharded(recipe, accelerator)
     mesh = device_mesh(accelerator, recipe.parallel.shard_group) if shard_t or shard_s else None
-    parts = [_load_teacher(v, recipe.several_teachers, inputs, accelerator, student, shard_t, mesh, reporter) for v in views]
+    parts = [_load_teacher(v, inputs, accelerator, student, shard_t, mesh, reporter) for v in views]
     if parts:
         if found is not None:
             check_teachers(found, parts)
@@ -169,15 +169,14 @@ def _load_student(recipe: Recipe, inputs: Inputs, accelerator):
     return student, export_dtype
 
 
-def _load_teacher(view: TeacherView, several: bool, inputs: Inputs, accelerator, student, shard: bool, mesh,
-                  reporter) -> TeacherPart:
+def _load_teacher(view: TeacherView, inputs: Inputs, accelerator, student, shard: bool, mesh, reporter) -> TeacherPart:
     """One frozen teacher in its recipe dtype (only its head where its features come from the
     cache), replicated or sharded, with the source of its features."""
     from ..models import ProcessorSettings, load_head_only, load_vlm
 
     recipe = view.recipe
     spec, path = recipe.teacher, inputs.teachers.get(view.name, inputs.teacher)
-    side, settings = side_of(view.name, several), ProcessorSettings.of(recipe, "teacher")
+    settings = ProcessorSettings.of(recipe, "teacher")
     shard = shard and spec.cache is None
     if spec.cache is not None:
         ids_only = read_index(spec.cache).get("answers") == "ids"  # then the input embeddings are needed too
@@ -188,22 +187,22 @@ def _load_teacher(view: TeacherView, several: bool, inputs: Inputs, accelerator,
         teacher.head.to(accelerator.device)
         if ids_only:
             teacher.input_embeddings.to(accelerator.device)
-        source = CachedTeacher(cache, teacher.input_embeddings if ids_only else None, side)
+        source = CachedTeacher(cache, teacher.input_embeddings if ids_only else None, view.side)
         if reporter is not None:
-            reporter.note(f"{'teacher ' + view.name if several else 'teacher'} features from the cache {spec.cache} (stored as {cache.storage}, "
+            reporter.note(f"{view.title} features from the cache {spec.cache} (stored as {cache.storage}, "
                           f"rows {cache.rows}, answers {cache.answers}"
                           + ("" if cache.with_question else "; without question features: L_reg is off") + ")")
     else:  # sharded: only the main process reads the weights, the others receive their shards
         teacher = load_vlm(path, revision=spec.revision, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
                            empty=shard and not accelerator.is_main_process, settings=settings)
-        source = OnlineTeacher(teacher, recipe.recalibrator.answer_input, side)
+        source = OnlineTeacher(teacher, recipe.recalibrator.answer_input, view.side)
     teacher.model.requires_grad_(False)
     _warn_if_swapped(teacher, student, reporter)
     if shard:
         shard_teacher(teacher, accelerator, mesh)
     elif spec.cache is None:
         teacher.model.to(accelerator.device)
-    return TeacherPart.of(view, teacher, source, several, shard)
+    return TeacherPart(view, teacher, source, shard)
 
 
 def check_teachers(found: ckpt.Found, parts: list[TeacherPart]) -> None:
@@ -296,7 +295,7 @@ def _load_state(folder: Path, student, parts: list[TeacherPart]) -> None:
 
     saved = AutoModelForImageTextToText.from_pretrained(folder / "student", use_safetensors=True, dtype=MASTER_DTYPE)
     student.model.load_state_dict(saved.state_dict())
-    ckpt.load_recalibrators(folder, {p.file: (p.state_prefix, p.recalibrator) for p in parts if p.recalibrator is not None})
+    ckpt.load_recalibrators(folder, recalibrator_files(parts))
 
 
 def _checkpoint_activations(model) -> None:

@@ -29,9 +29,8 @@ from .objective import TEACHER_STAGES, StudentAndRecalibrator
 from .parallel import (after_trainable_changed, gather_objects, gather_rows, is_sharded, stop_together,
                        total_updates)
 from .probe import alignment_stats, probe_batch, run_probe
-from .recalibrator import Recalibrator
 from .teacher import TeacherFeatures, head_fn
-from .teacher.part import TeacherPart, saved_names
+from .teacher.part import TeacherPart, recalibrator_files, saved_names
 from .teacher.source import Attach
 from .trainable import lr_lambda, set_trainable
 
@@ -341,7 +340,7 @@ def _finish(s: Stage, metrics: dict, terms: tuple[str, ...]) -> dict:
                "peak_rss_mb": s.peak.rss_mb(), **s.peak.device()}
     accelerator.wait_for_everyone()
     module = accelerator.unwrap_model(s.module)
-    recs = _recalibrators(s)
+    recs = recalibrator_files(s.teachers)
     states = ckpt.gathered_states(module, recs) if s.sharded else {}
     if accelerator.is_main_process:
         ckpt.save_stage(Path(run.recipe.train.output_dir), s.name, student=module.student,
@@ -353,11 +352,6 @@ def _finish(s: Stage, metrics: dict, terms: tuple[str, ...]) -> dict:
     if run.reporter is not None:
         run.reporter.stage_end(s.label, {k: v for k, v in metrics.items() if k in terms})
     return summary
-
-
-def _recalibrators(s: Stage) -> dict[str, tuple[str, Recalibrator]]:
-    """The stage's Recalibrators as a checkpoint holds them: file -> (state prefix, module)."""
-    return {p.file: (p.state_prefix, p.recalibrator) for p in s.teachers if p.recalibrator is not None}
 
 
 def _padding(batch: dict, sides) -> tuple[float, float]:
@@ -415,7 +409,7 @@ def _save_progress(s: Stage, metrics: dict) -> None:
     module = accelerator.unwrap_model(s.module)
     ckpt.save_checkpoint(
         accelerator, Path(recipe.train.output_dir), s.name, s.step, module=module, student=module.student,
-        processor=run.student.exportable_processor, recalibrators=_recalibrators(s),
+        processor=run.student.exportable_processor, recalibrators=recalibrator_files(s.teachers),
         optimizer=s.optimizer, scheduler=s.scheduler, recipe=recipe.to_dict(),
         meta={"step": s.step, "total_steps": s.total, "finished": False, "metrics": metrics, **s.layout,
               **saved_names(s.teachers)},

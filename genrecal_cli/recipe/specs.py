@@ -363,8 +363,9 @@ class Recipe:
         if not self.several_teachers:
             return [TeacherView("teacher", 1.0, self)] if self.teacher is not None else []
         return [TeacherView(t.name, t.weight, dataclasses.replace(self, teacher=t.as_model(),
-                                                                   recalibrator=t.recalibrator, teachers=()))
-                for t in self.teachers]
+                                                                   recalibrator=t.recalibrator, teachers=()),
+                            f"teachers[{i}]")
+                for i, t in enumerate(self.teachers)]
 
     @property
     def uses_recalibrator(self) -> bool:
@@ -384,11 +385,28 @@ class Recipe:
 
 @dataclass(frozen=True)
 class TeacherView:
-    """One teacher of a run: its name, its loss weight, and the recipe as a run of it alone."""
+    """One teacher of a run: its name, its loss weight, the recipe as a run of it alone, and the
+    recipe table it comes from ("teacher", or "teachers[i]" with several)."""
 
     name: str
     weight: float
     recipe: Recipe
+    table: str = "teacher"
+
+    @property
+    def several(self) -> bool:
+        """One of several teachers (then its names are its own: side, metrics, files)."""
+        return self.table != "teacher"
+
+    @property
+    def side(self) -> str:
+        """Its key in a collated batch and in the data report's reasons."""
+        return f"teacher:{self.name}" if self.several else "teacher"
+
+    @property
+    def title(self) -> str:
+        """How notes and the accuracy table name it."""
+        return f"teacher {self.name}" if self.several else "teacher"
 
 
 def _check_source(source: str, key: str, problems: list[str]) -> None:

@@ -113,10 +113,9 @@ def make_plan(recipe, gpus: int, gpu_memory_gib: float, measured: tuple[int, str
     stages = tuple(recipe.stages.enabled())
     needs_teacher = any(stage in ("align", "distill") for stage in stages)
     views = recipe.teacher_views() if needs_teacher else []
-    keys = [f"teachers[{i}]" for i in range(len(views))] if recipe.several_teachers else ["teacher"]
-    shapes = [read_shape(v.recipe.teacher, key) for v, key in zip(views, keys)]  # (the teachers' errors first)
+    shapes = [read_shape(v.recipe.teacher, v.table) for v in views]  # (the teachers' errors first)
     student = read_shape(recipe.student, "student")
-    teachers = [_teacher_job(v, shape, student, recipe.several_teachers) for v, shape in zip(views, shapes)]
+    teachers = [_teacher_job(v, shape, student) for v, shape in zip(views, shapes)]
     first = teachers[0] if teachers else None
     job = Job(
         teacher=first.shape if first else None, student=student, stages=stages, max_length=recipe.data.max_length,
@@ -153,11 +152,11 @@ def make_plan(recipe, gpus: int, gpu_memory_gib: float, measured: tuple[int, str
     return plan
 
 
-def _teacher_job(view, shape: ModelShape, student: ModelShape, several: bool) -> TeacherJob:
+def _teacher_job(view, shape: ModelShape, student: ModelShape) -> TeacherJob:
     """One teacher's facts for the plan (`shape`: read from its config)."""
     recipe = view.recipe
     auto = recipe.teacher.dtype == "auto"
-    return TeacherJob(view.name if several else "", shape, DTYPE_BYTES.get(shape.dtype if auto else recipe.teacher.dtype, 4),
+    return TeacherJob(view.name if view.several else "", shape, DTYPE_BYTES.get(shape.dtype if auto else recipe.teacher.dtype, 4),
                       shape.weight_bytes if auto else None, bool(recipe.teacher.cache),
                       bool(recipe.teacher.cache and _id_only(recipe)),
                       recalibrator_params(shape, student, recipe.recalibrator.num_blocks) if recipe.uses_recalibrator else 0,

@@ -19,27 +19,37 @@ from .source import TeacherSource
 
 @dataclass
 class TeacherPart:
-    name: str  # "teacher" (one teacher) or its [[teachers]] name
-    weight: float  # of its loss terms (one teacher: 1)
-    recipe: Recipe  # the run as a run of this teacher alone (recipe.TeacherView)
+    view: TeacherView  # its name, weight, recipe table, and the recipe as a run of it alone
     vlm: Any  # models.VLM, frozen, in its recipe dtype (only its head, and embeddings, from a cache)
     source: TeacherSource  # where its features come from
-    several: bool  # one of several teachers
     sharded: bool = False  # its weights split over the processes (an online teacher, parallel.teacher = "shard")
     recalibrator: Recalibrator | None = None
 
-    @classmethod
-    def of(cls, view: TeacherView, vlm, source: TeacherSource, several: bool, sharded: bool = False) -> "TeacherPart":
-        return cls(view.name, view.weight, view.recipe, vlm, source, several, sharded)
+    @property
+    def name(self) -> str:
+        """"teacher" (one teacher) or its [[teachers]] name."""
+        return self.view.name
+
+    @property
+    def weight(self) -> float:
+        """Of its loss terms (one teacher: 1)."""
+        return self.view.weight
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.view.recipe
+
+    @property
+    def several(self) -> bool:
+        return self.view.several
+
+    @property
+    def side(self) -> str:
+        return self.view.side
 
     @property
     def cached(self) -> bool:
         return self.recipe.teacher.cache is not None
-
-    @property
-    def side(self) -> str:
-        """Its key in a collated batch (and in the data report's reasons)."""
-        return side_of(self.name, self.several)
 
     @property
     def key(self) -> str:
@@ -58,12 +68,12 @@ class TeacherPart:
 
     @property
     def title(self) -> str:
-        """How notes and the accuracy table name it."""
-        return f"teacher {self.name}" if self.several else "teacher"
+        return self.view.title
 
 
-def side_of(name: str, several: bool) -> str:
-    return f"teacher:{name}" if several else "teacher"
+def recalibrator_files(parts: list[TeacherPart]) -> dict[str, tuple[str, Recalibrator]]:
+    """The parts' Recalibrators as a checkpoint holds them: file -> (state prefix, module)."""
+    return {p.file: (p.state_prefix, p.recalibrator) for p in parts if p.recalibrator is not None}
 
 
 def saved_names(parts: list[TeacherPart]) -> dict[str, list[str]]:
