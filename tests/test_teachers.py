@@ -212,17 +212,22 @@ def test_teach_picks_one_teacher_and_the_preflight_measures_every_side(tmp_path)
 
 
 def test_two_teachers_train_in_bf16_from_a_bf16_cache_and_online(tmp_path):
-    """train.precision = "bf16": one teacher from a bf16 cache, one online; every stage runs and
+    """train.precision = "bf16" (on the CLI: a process of its own, as accelerate's precision is
+    fixed per process): one teacher from a bf16 cache, one online; align and distill run and
     every teacher's terms are finite."""
     import math
 
-    teachers = [{"name": "qwen", "path": "zoo:tiny-teacher", "cache": str(tmp_path / "cache")},
-                {"name": "intern", "path": "zoo:internvl", "weight": 0.5}]
-    recipe = recipe_from_dict(_raw(tmp_path / "out", teachers, steps=2, precision="bf16"))
-    teach(recipe.teacher_views()[0].recipe, tmp_path / "cache", storage="bf16")
-    rec = Recorder()
-    distill(recipe, reporter=rec)
-    last = [m for stage, _, m in rec.rows if stage == "distill"][-1]
+    recipe = _two_recipe(tmp_path / "r.toml", tmp_path / "out", tmp_path / "cache")
+    recipe_path = tmp_path / "r.toml"
+    recipe_path.write_text(recipe_path.read_text().replace("save_every = 2", 'save_every = 0\nprecision = "bf16"')
+                           .replace("steps = 6", "steps = 2"))
+    written = run_cli("teach", recipe, "--teacher", "qwen", "--storage", "bf16", env=ENV)
+    assert written.returncode == 0, written.stderr[-2000:]
+    done = run_cli("distill", recipe, env=ENV)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if r["stage"] == "distill"][-1]
     terms = [f"{t}/{k}" for t in ("qwen", "intern") for k in ("ar", "kl", "reg")]
-    assert all(math.isfinite(last[k]) for k in [*terms, "sft", "loss"]), last
+    assert all(last.get(k) is not None and math.isfinite(last[k]) for k in [*terms, "sft", "loss"]), last
     assert (tmp_path / "out" / "student" / "config.json").is_file()
+    assert json.loads((tmp_path / "out" / "distill" / "recipe.json").read_text())["train"]["precision"] == "bf16"
